@@ -1,0 +1,154 @@
+"""The functional core: ``forward(...) -> (outputs, residuals)`` and ``backward(...) -> grads``.
+
+No autograd state lives here. The torch ``custom_op`` (``flashfusemoe.ops``) and the JAX
+``custom_vjp`` (``jax_bridge``) both call these two functions, which is what keeps the two
+frameworks bit-identical. Every residual's shape follows from the inputs and the ``Plan``.
+See ``docs/design.md`` for the layout and the launch sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from flashfusemoe.config import MoEOptions
+from flashfusemoe.kernels import activation, grouped_gemm, permute, routing
+
+
+class CapacityOverflowError(RuntimeError):
+    """An expert received more tokens than the padded ``gemm="bmm"`` layout holds."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call lays out rows: ``gemm`` is "grouped" (dropless, R = N*K) or "bmm" (R = E*M)."""
+
+    gemm: str
+    rows_per_expert: int = 0  # M of the padded layout; 0 for grouped
+
+    def num_rows(self, num_tokens: int, top_k: int, num_experts: int) -> int:
+        return self.rows_per_expert * num_experts if self.gemm == "bmm" else num_tokens * top_k
+
+
+class Outputs(NamedTuple):
+    out: torch.Tensor  # [N, D], x.dtype
+    logits: torch.Tensor  # [N, E], routing dtype; differentiable (aux losses)
+    tokens_per_expert: torch.Tensor  # [E] int32, after top-k, before capacity
+    dropped_tokens: torch.Tensor  # [] int32, dropped assignments
+
+
+class Residuals(NamedTuple):
+    topk_ids: torch.Tensor  # [N, K] int32
+    topk_weights: torch.Tensor  # [N, K] routing dtype
+    assign_to_row: torch.Tensor  # [N*K] int32
+    row_to_assign: torch.Tensor  # [R] int32
+    expert_ends: torch.Tensor  # [E] int32
+    h: torch.Tensor  # [R, 2F] pre-activation; [0, 2F] when recompute=True
+
+
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
+    """Per-expert ``a_e @ b[e].T`` (trans_b) or ``a_e @ b[e]``. a [R, K] -> [R, Nout]."""
+    if plan.gemm == "bmm":
+        E = b.shape[0]
+        a3 = a.view(E, plan.rows_per_expert, a.shape[1])
+        return torch.bmm(a3, b.transpose(1, 2) if trans_b else b).view(a.shape[0], -1)
+    return grouped_gemm.grouped_mm(a, b, expert_ends, trans_b)
+
+
+def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int):
+    """Per-expert ``a_e.T @ b_e``: a [R, M], b [R, Nout] -> [E, M, Nout] (zeros for empty experts)."""
+    if plan.gemm == "bmm":
+        M = plan.rows_per_expert
+        return torch.bmm(a.view(num_experts, M, -1).transpose(1, 2), b.view(num_experts, M, -1))
+    return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends)
+
+
+def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions):
+    keep = None
+    if options.capacity_factor is not None:
+        capacity = options.capacity(topk_ids.shape[0], num_experts)
+        keep = permute.capacity_keep(topk_ids, topk_weights, num_experts, capacity)
+    return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
+
+
+def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
+            allow_grow: bool = False) -> tuple[Outputs, Residuals, Plan]:
+    """Fused MoE forward.
+
+    x [N, D]; router_weight [E, D]; w_up [E, 2F, D]; w_down [E, D, F]; expert_bias [E] or None.
+    Returns the outputs, the residuals backward needs, and the plan actually used: with
+    ``gemm="bmm"`` an overflow of the padded layout grows it (one host sync) when
+    ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
+    """
+    K = options.top_k
+    E = router_weight.shape[0]
+    logits, topk_ids, topk_weights = routing.route_forward(
+        x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
+        options.n_group, options.topk_group, float(options.routed_scaling_factor),
+    )
+    assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
+        topk_ids, topk_weights, E, plan, options
+    )
+    if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:
+        overflow = int(num_unplaced.sum())  # the padded layout needs this host sync
+        if overflow:
+            needed = int(tokens_per_expert.max())
+            if not allow_grow:
+                raise CapacityOverflowError(
+                    f"gemm='bmm': an expert received {needed} tokens but max_tokens_per_expert is "
+                    f"{plan.rows_per_expert} ({overflow} assignments overflow). Pass a larger "
+                    "max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'."
+                )
+            plan = Plan("bmm", needed)
+            assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
+                topk_ids, topk_weights, E, plan, options
+            )
+    x_sorted = permute.gather_rows(x, row_to_assign, K)
+    h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+    a = activation.glu_forward(h, options.activation)
+    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
+    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype)
+    if options.recompute:
+        h = h.new_empty((0, h.shape[1]))
+    outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
+    residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
+    return outputs, residuals, plan
+
+
+def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_out, grad_logits,
+             options: MoEOptions, plan: Plan):
+    """Fused MoE backward.
+
+    grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
+    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``.
+    """
+    K = options.top_k
+    E = router_weight.shape[0]
+    r = residuals
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    x_sorted = permute.gather_rows(x, r.row_to_assign, K)
+    h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
+    dy = permute.gather_rows(grad_out.contiguous(), r.row_to_assign, K)
+    da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
+    dh, a_weighted, grad_w_row = activation.glu_backward(
+        h, da, options.activation, r.row_to_assign, r.topk_weights
+    )
+    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
+    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
+    grad_logits = routing.route_backward(
+        logits, r.topk_ids, grad_w_row, r.assign_to_row, grad_logits, options.score_func,
+        options.norm_topk_prob, float(options.routed_scaling_factor),
+    )
+    rdt = grad_logits.dtype
+    router_grad_x = grad_logits @ router_weight.to(rdt)
+    grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, addend=router_grad_x, out_dtype=x.dtype)
+    grad_router = (grad_logits.t() @ x.to(rdt)).to(router_weight.dtype)
+    return grad_x, grad_router, grad_w_up, grad_w_down

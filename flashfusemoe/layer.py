@@ -1,0 +1,143 @@
+"""``MoELayer``: the fused MoE as an ``nn.Module``, with an optional shared expert."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashfusemoe.config import MoEOptions, check_int
+from flashfusemoe.functional import make_aux, moe_outputs
+
+
+def glu_mlp(x, w_up, w_down, activation: str):
+    """Dense GLU MLP: x [N, D], w_up [2F, D], w_down [D, F] -> [N, D]."""
+    gate, up = F.linear(x, w_up).chunk(2, dim=-1)
+    if activation == "swiglu":
+        act = F.silu(gate)
+    elif activation == "geglu":
+        act = F.gelu(gate)
+    else:
+        act = F.relu(gate).square()
+    return F.linear(act * up, w_down)
+
+
+def init_uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """nn.Linear's default scale: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+def routing_stats(tokens_per_expert: torch.Tensor, dropped_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loads [E], their coefficient of variation and the dropped count, as device tensors."""
+    loads = tokens_per_expert.double()
+    return {
+        "tokens_per_expert": tokens_per_expert,
+        "load_cv": loads.std(correction=0) / loads.mean().clamp_min(1e-12),
+        "dropped_tokens": dropped_tokens,
+    }
+
+
+class MoELayer(nn.Module):
+    """Top-k routed GLU experts (+ optional shared expert) on the fused kernels.
+
+    Parameters: ``router_weight [E, D]``, ``w_up [E, 2F, D]``, ``w_down [E, D, F]``; with shared
+    experts ``shared_w_up [2Fs, D]``, ``shared_w_down [D, Fs]`` and, with ``shared_expert_gate``,
+    ``shared_gate_weight [1, D]``. ``use_expert_bias`` adds an fp32 buffer ``expert_bias [E]``
+    (selection only; update it yourself for aux-loss-free balancing).
+
+    ``forward(x, return_aux=False)`` returns ``out`` or ``(out, aux)``. ``last_routing_stats``
+    gives the last call's ``tokens_per_expert [E]``, ``load_cv`` and ``dropped_tokens`` as device
+    tensors; with ``accumulate_routing_stats = True`` the buffers ``accumulated_loads`` and
+    ``accumulated_dropped`` keep running sums. Neither syncs with the host.
+    """
+
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
+                 activation="swiglu", score_func="softmax", norm_topk_prob=True, use_expert_bias=False,
+                 n_group=None, topk_group=None, routed_scaling_factor=1.0, capacity_factor=None,
+                 gemm="auto", max_tokens_per_expert=None, recompute=False, num_shared_experts=0,
+                 shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+            check_int(name, value, minimum=1)
+        check_int("num_shared_experts", num_shared_experts, minimum=0)
+        if shared_ffn_dim is not None:
+            check_int("shared_ffn_dim", shared_ffn_dim, minimum=1)
+        if shared_ffn_dim is not None and num_shared_experts == 0:
+            raise ValueError(f"shared_ffn_dim={shared_ffn_dim} given but num_shared_experts=0")
+        if shared_expert_gate and num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        self.options = MoEOptions(
+            top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
+            n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+            capacity_factor=capacity_factor, gemm=gemm, max_tokens_per_expert=max_tokens_per_expert,
+            recompute=recompute,
+        )
+        self.options.check_num_experts(num_experts)
+        self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
+        kw = {"device": device, "dtype": dtype}
+        self.router_weight = nn.Parameter(torch.empty(num_experts, d_model, **kw))
+        self.w_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, d_model, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim, **kw))
+        if use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        self.shared_ffn_dim = 0
+        if num_shared_experts:
+            self.shared_ffn_dim = shared_ffn_dim or ffn_dim * num_shared_experts
+            self.shared_w_up = nn.Parameter(torch.empty(2 * self.shared_ffn_dim, d_model, **kw))
+            self.shared_w_down = nn.Parameter(torch.empty(d_model, self.shared_ffn_dim, **kw))
+        self.shared_gate_weight = nn.Parameter(torch.empty(1, d_model, **kw)) if shared_expert_gate else None
+        # Routing statistics: the last call's, and running sums when accumulate_routing_stats is on.
+        self._last_loads = self._last_dropped = None
+        self.accumulate_routing_stats = False
+        self.register_buffer("accumulated_loads", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("accumulated_dropped", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init_uniform_(self.router_weight, self.d_model)
+        init_uniform_(self.w_up, self.d_model)
+        init_uniform_(self.w_down, self.ffn_dim)
+        if self.shared_ffn_dim:
+            init_uniform_(self.shared_w_up, self.d_model)
+            init_uniform_(self.shared_w_down, self.shared_ffn_dim)
+        if self.shared_gate_weight is not None:
+            init_uniform_(self.shared_gate_weight, self.d_model)
+
+    def forward(self, x, return_aux: bool = False):
+        out, outputs = moe_outputs(x, self.router_weight, self.w_up, self.w_down, self.options,
+                                   expert_bias=self.expert_bias)
+        self._last_loads = outputs.tokens_per_expert.detach()
+        self._last_dropped = outputs.dropped_tokens.detach()
+        if self.accumulate_routing_stats:
+            self.accumulated_loads += self._last_loads
+            self.accumulated_dropped += self._last_dropped
+        if self.shared_ffn_dim:
+            shared = glu_mlp(x, self.shared_w_up, self.shared_w_down, self.options.activation)
+            if self.shared_gate_weight is not None:
+                shared = shared * torch.sigmoid(F.linear(x, self.shared_gate_weight))
+            out = out + shared
+        return (out, make_aux(outputs, self.options)) if return_aux else out
+
+    @property
+    def last_routing_stats(self) -> dict[str, torch.Tensor]:
+        """Routing of the last call, as device tensors (reading them is what syncs, not the step)."""
+        if self._last_loads is None:
+            return {}
+        return routing_stats(self._last_loads, self._last_dropped)
+
+    def reset_accumulated_routing_stats(self):
+        self.accumulated_loads.zero_()
+        self.accumulated_dropped.zero_()
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+                f"top_k={o.top_k}, activation={o.activation}, score_func={o.score_func}, "
+                f"shared_ffn_dim={self.shared_ffn_dim}")

@@ -1,0 +1,40 @@
+"""Measurement helpers shared by the demo, the benchmarks and the GPU tests."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def count_cuda_kernels(fn) -> int:
+    """Kernels (and memset/memcpy operations) launched on the GPU by one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

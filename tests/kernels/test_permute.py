@@ -1,0 +1,229 @@
+"""expert_layout, capacity_keep, gather_rows, combine_rows against plain references.
+
+Each test runs the Triton kernel (the interpreter on CPU) and the torch fallback.
+"""
+
+import pytest
+import torch
+
+from flashfusemoe.kernels import permute
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(permute, "use_triton", lambda t: False)
+    return request.param
+
+
+def random_ids(n, k, e, device):
+    """Top-k style ids: k distinct experts per token, in random order."""
+    return torch.rand(n, e).argsort(dim=1)[:, :k].to(torch.int32).to(device)
+
+
+def ref_layout(ids, e_total, m, keep):
+    """Python-loop layout, straight from the definition in docs/design.md."""
+    flat = ids.reshape(-1).tolist()
+    a_total = len(flat)
+    kept = [True] * a_total if keep is None else keep.reshape(-1).tolist()
+    kept_counts = [0] * e_total
+    all_counts = [0] * e_total
+    for a, ex in enumerate(flat):
+        all_counts[ex] += 1
+        kept_counts[ex] += kept[a]
+    r_total = e_total * m if m > 0 else a_total
+    starts = [sum(kept_counts[:ex]) for ex in range(e_total)]
+    assign_to_row = [-1] * a_total
+    row_to_assign = [-1] * r_total
+    rank = [0] * e_total
+    for a, ex in enumerate(flat):
+        if not kept[a]:
+            continue
+        q = rank[ex]
+        rank[ex] += 1
+        if m > 0:
+            if q >= m:
+                continue
+            row = ex * m + q
+        else:
+            row = starts[ex] + q
+        assign_to_row[a] = row
+        row_to_assign[row] = a
+    if m > 0:
+        ends = [ex * m + min(kept_counts[ex], m) for ex in range(e_total)]
+    else:
+        ends = [starts[ex] + kept_counts[ex] for ex in range(e_total)]
+    placed = sum(r >= 0 for r in assign_to_row)
+    return assign_to_row, row_to_assign, ends, all_counts, [a_total - placed]
+
+
+def check_layout(ids, e_total, m, keep):
+    got = permute.expert_layout(ids, e_total, m, keep)
+    want = ref_layout(ids, e_total, m, keep)
+    names = ("assign_to_row", "row_to_assign", "expert_ends", "tokens_per_expert", "num_unplaced")
+    for name, g, w in zip(names, got, want, strict=True):
+        assert g.dtype == torch.int32, name
+        # Exact comparison of the whole tensor: every element must have been written.
+        assert g.cpu().tolist() == w, name
+    return got
+
+
+# The second shape has A > the kernel block: ranks carry across blocks.
+@pytest.mark.parametrize("n,k,e", [(53, 3, 7), (permute._LAYOUT_BLOCK // 2 + 77, 2, 5)])
+@pytest.mark.parametrize("m", [0, 4, 1000])
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_layout_random(backend, device, n, k, e, m, with_keep):
+    ids = random_ids(n, k, e, device)
+    keep = (torch.rand(n * k) < 0.7).to(device) if with_keep else None
+    got = check_layout(ids, e, m, keep)
+    if m == 4:
+        assert got[4].item() > 0  # the test exercises padded overflow
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_layout_edge_cases(backend, device, m):
+    # All assignments on one expert (others empty), the rest edge shapes.
+    check_layout(torch.full((40, 1), 2, dtype=torch.int32, device=device), 5, m, None)
+    check_layout(torch.full((40, 2), 3, dtype=torch.int32, device=device), 4, m, None)
+    sparse = torch.randint(0, 2, (30, 1), device=device).to(torch.int32) * 5  # only experts 0 and 5
+    check_layout(sparse, 8, m, torch.rand(30, device=device) < 0.5)
+    check_layout(torch.zeros(17, 1, dtype=torch.int32, device=device), 1, m, None)  # E = 1
+    check_layout(random_ids(9, 4, 4, device), 4, m, None)  # K = E
+    check_layout(random_ids(1, 2, 6, device), 6, m, None)  # N = 1
+    check_layout(random_ids(5, 2, 3, device), 3, m, torch.zeros(10, dtype=torch.bool, device=device))
+    check_layout(torch.zeros(0, 2, dtype=torch.int32, device=device), 3, m, None)  # N = 0
+
+
+def ref_capacity_keep(ids, weights, e_total, capacity):
+    flat_ids = ids.reshape(-1).tolist()
+    flat_w = weights.reshape(-1).double().tolist()
+    keep = [False] * len(flat_ids)
+    for ex in range(e_total):
+        mine = [a for a, i in enumerate(flat_ids) if i == ex]
+        mine.sort(key=lambda a: (-flat_w[a], a))
+        for a in mine[:capacity]:
+            keep[a] = True
+    return keep
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_capacity_keep(device, tied):
+    n, k, e = 70, 2, 5
+    ids = random_ids(n, k, e, device)
+    if tied:  # few distinct values: ties decide most of the choices
+        w = torch.randint(0, 3, (n, k)).float() / 2
+    else:
+        w = torch.rand(n, k)
+    w = w.to(device)
+    for capacity in (0, 1, 7, 28, 200):
+        keep = permute.capacity_keep(ids, w, e, capacity)
+        assert keep.dtype == torch.bool and keep.shape == (n * k,)
+        assert keep.cpu().tolist() == ref_capacity_keep(ids, w, e, capacity), capacity
+    empty = permute.capacity_keep(ids[:0], w[:0], e, 3)
+    assert empty.shape == (0,)
+
+
+def layout_for(n, k, e, m, device, drop=True):
+    ids = random_ids(n, k, e, device)
+    keep = (torch.rand(n * k) < 0.8).to(device) if drop else None
+    return permute.expert_layout(ids, e, m, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [0, 6])
+def test_gather_rows(backend, device, dtype, m):
+    n, k, e, d = 37, 2, 5, 300  # d spans two 256-wide blocks, the second one partial
+    _, row_to_assign, *_ = layout_for(n, k, e, m, device)
+    src = torch.randn(n, d, dtype=torch.float64).to(dtype).to(device)
+    out = permute.gather_rows(src, row_to_assign, k)
+    r2a = row_to_assign.cpu().tolist()
+    want = torch.stack([src[a // k].cpu() if a >= 0 else torch.zeros(d, dtype=dtype) for a in r2a])
+    assert out.dtype == dtype and out.shape == (len(r2a), d)
+    assert torch.equal(out.cpu(), want)  # a pure copy: exact
+
+
+def test_gather_rows_empty(backend, device):
+    src = torch.randn(0, 8, device=device)
+    out = permute.gather_rows(src, torch.full((6,), -1, dtype=torch.int32, device=device), 2)
+    assert torch.equal(out.cpu(), torch.zeros(6, 8))
+    out = permute.gather_rows(src, torch.zeros(0, dtype=torch.int32, device=device), 2)
+    assert out.shape == (0, 8)
+
+
+def ref_combine(rows, assign_to_row, k, weights, addend):
+    """Float64 result and the sum of the absolute values of its terms (error scale)."""
+    n = assign_to_row.numel() // k
+    rows64 = rows.cpu().double()
+    out = torch.zeros(n, rows.shape[1], dtype=torch.float64)
+    scale = torch.zeros_like(out)
+    a2r = assign_to_row.cpu().tolist()
+    for tok in range(n):
+        for j in range(k):
+            r = a2r[tok * k + j]
+            if r >= 0:
+                w = 1.0 if weights is None else weights[tok, j].item()
+                out[tok] += w * rows64[r]
+                scale[tok] += abs(w) * rows64[r].abs()
+        if addend is not None:
+            out[tok] += addend[tok].cpu().double()
+            scale[tok] += addend[tok].cpu().double().abs()
+    return out, scale
+
+
+def check_combine(out, want, scale, acc_dtype):
+    """Accumulating K products and an addend costs at most about (2K + 2) roundings of the
+    accumulator (eps each) relative to the sum of |terms|: 8 eps covers K <= 3. A bf16 output
+    adds one final rounding below one ulp (truncation in the interpreter), 2^-7 relative."""
+    eps = torch.finfo(acc_dtype).eps
+    rel_out = 2.0**-7 if out.dtype == torch.bfloat16 else 0.0
+    err = (out.cpu().double() - want).abs()
+    bound = 8 * eps * scale + rel_out * want.abs()
+    assert bool((err <= bound).all()), (err - bound).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [0, 8])
+@pytest.mark.parametrize("with_weights,with_addend", [(True, False), (False, True), (True, True)])
+def test_combine_rows(backend, device, dtype, m, with_weights, with_addend):
+    n, k, e, d = 41, 3, 6, 300
+    assign_to_row, row_to_assign, *_ = layout_for(n, k, e, m, device)
+    rows = torch.randn(row_to_assign.numel(), d, dtype=torch.float64).to(dtype).to(device)
+    rows[row_to_assign < 0] = float("nan")  # unused rows are never read
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.rand(n, k, dtype=acc, device=device) if with_weights else None
+    addend = torch.randn(n, d, dtype=acc, device=device) if with_addend else None
+    out = permute.combine_rows(rows, assign_to_row, k, weights=weights, addend=addend)
+    assert out.dtype == dtype and out.shape == (n, d)
+    check_combine(out, *ref_combine(rows, assign_to_row, k, weights, addend), acc)
+    again = permute.combine_rows(rows, assign_to_row, k, weights=weights, addend=addend)
+    assert torch.equal(out, again)  # deterministic
+
+
+def test_combine_rows_out_dtype_and_empty(backend, device):
+    n, k, e, d = 23, 2, 4, 70
+    assign_to_row, row_to_assign, *_ = layout_for(n, k, e, 0, device)
+    rows = torch.randn(row_to_assign.numel(), d).to(torch.bfloat16).to(device)
+    weights = torch.rand(n, k, device=device)
+    out = permute.combine_rows(rows, assign_to_row, k, weights=weights, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    check_combine(out, *ref_combine(rows, assign_to_row, k, weights, None), torch.float32)
+    empty = permute.combine_rows(rows[:0], assign_to_row[:0], k, weights=weights[:0])
+    assert empty.shape == (0, d) and empty.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_no_host_sync(device):
+    n, k, e = 300, 2, 8
+    ids = random_ids(n, k, e, device)
+    w = torch.rand(n, k, device=device)
+    x = torch.randn(n, 64, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        keep = permute.capacity_keep(ids, w, e, 60)
+        for m in (0, 40):
+            a2r, r2a, *_ = permute.expert_layout(ids, e, m, keep)
+            rows = permute.gather_rows(x, r2a, k)
+            permute.combine_rows(rows, a2r, k, weights=w, addend=x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,84 @@
+"""MoELayer: parameters, shared expert, routing statistics, calibration, autocast."""
+
+import pytest
+import torch
+from moe_cases import rel_err
+
+import flashfusemoe
+from flashfusemoe.reference import moe_reference
+
+
+def _reference_of(layer, x, **extra):
+    shared = {}
+    if layer.shared_ffn_dim:
+        shared = dict(shared_w_up=layer.shared_w_up, shared_w_down=layer.shared_w_down,
+                      shared_gate_weight=layer.shared_gate_weight)
+    o = layer.options
+    return moe_reference(x, layer.router_weight, layer.w_up, layer.w_down, o.top_k,
+                         activation=o.activation, score_func=o.score_func,
+                         norm_topk_prob=o.norm_topk_prob, expert_bias=layer.expert_bias,
+                         n_group=o.n_group, topk_group=o.topk_group,
+                         routed_scaling_factor=o.routed_scaling_factor, capacity_factor=o.capacity_factor,
+                         **shared, **extra)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_layer_with_shared_expert_matches_reference(gate):
+    layer = flashfusemoe.MoELayer(16, 8, 4, 2, num_shared_experts=1, shared_ffn_dim=12,
+                                  shared_expert_gate=gate, dtype=torch.float64)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    out = layer(x)
+    ref = _reference_of(layer, x)
+    assert rel_err(out, ref) < 1e-9
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    grads_ref = torch.autograd.grad(ref.square().sum(), list(layer.parameters()))
+    for (name, _), g, gr in zip(layer.named_parameters(), grads, grads_ref):
+        assert rel_err(g, gr) < 1e-9, name
+
+
+def test_parameter_layouts_and_init_scale():
+    layer = flashfusemoe.MoELayer(32, 24, 6, 2)
+    assert layer.router_weight.shape == (6, 32)
+    assert layer.w_up.shape == (6, 48, 32)
+    assert layer.w_down.shape == (6, 32, 24)
+    bound = 1 / 32 ** 0.5
+    assert layer.w_up.abs().max() <= bound and layer.w_up.abs().max() > 0.9 * bound
+
+
+def test_routing_stats_without_sync():
+    layer = flashfusemoe.MoELayer(16, 8, 4, 2, capacity_factor=0.5, dtype=torch.float64)
+    layer.accumulate_routing_stats = True
+    x = torch.randn(20, 16, dtype=torch.float64)
+    layer(x)
+    layer(x)
+    stats = layer.last_routing_stats
+    assert int(stats["tokens_per_expert"].sum()) == 40
+    loads = stats["tokens_per_expert"].double()
+    assert abs(float(stats["load_cv"]) - float(loads.std(correction=0) / loads.mean())) < 1e-12
+    assert int(layer.accumulated_loads.sum()) == 80
+    assert int(layer.accumulated_dropped) == 2 * int(stats["dropped_tokens"])
+
+
+def test_calibrate_max_tokens_covers_the_peak():
+    torch.manual_seed(0)
+    layer = flashfusemoe.MoELayer(16, 8, 4, 2, dtype=torch.float64)
+    batches = [torch.randn(30, 16, dtype=torch.float64) for _ in range(3)]
+    m = flashfusemoe.calibrate_max_tokens(batches, layer.router_weight, 2, margin=0.0, multiple=1)
+    peak = 0
+    for b in batches:
+        _, aux = flashfusemoe.fused_moe(b, layer.router_weight, layer.w_up, layer.w_down, 2, return_aux=True)
+        peak = max(peak, int(aux["tokens_per_expert"].max()))
+    assert m == peak
+    with pytest.raises(ValueError, match="margin"):
+        flashfusemoe.calibrate_max_tokens(batches, layer.router_weight, 2, margin=-1)
+
+
+def test_autocast_bf16_cpu():
+    layer = flashfusemoe.MoELayer(32, 16, 4, 2)
+    x = torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    exact = flashfusemoe.fused_moe(x.double(), layer.router_weight.double(), layer.w_up.double(),
+                                   layer.w_down.double(), 2)
+    assert rel_err(out, exact) < 5e-2  # bf16 operands: ~4e-3 per rounding, two GEMMs
