@@ -1,0 +1,510 @@
+"""Router: logits GEMM, scores, (bias, group-limited) top-k selection and routing weights.
+
+Semantics are those of ``docs/design.md`` (Routing semantics). Routing math runs in fp32
+for bf16/fp16/fp32 inputs and in fp64 for fp64 inputs.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from flashfusemoe import kernels
+from flashfusemoe.kernels import triton_dtype, use_triton
+
+INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+# Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
+_NEG = tl.constexpr(-1.0e30)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_e(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def _block_n(N: int, block_e: int, interpret: bool) -> int:
+    if interpret:
+        # The interpreter pays per program: one wide program is cheapest.
+        return max(16, min(128, triton.next_power_of_2(N)))
+    return max(16, min(64, 4096 // block_e))
+
+
+def _block_d(block_e: int, dtype: torch.dtype, interpret: bool) -> int:
+    if interpret:
+        return 32
+    # Keep the router-weight tile within 32 KiB of shared memory per pipeline stage.
+    return max(16, min(64, 32768 // (block_e * dtype.itemsize)))
+
+
+@triton.jit
+def _scores(logits, col_mask, SIGMOID: tl.constexpr):
+    """softmax over the real experts (``col_mask``) or sigmoid of ``logits [BN, BE]``."""
+    if SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-logits))
+    else:
+        z = tl.where(col_mask, logits, _NEG)
+        m = tl.max(z, axis=1)
+        p = tl.where(col_mask, tl.exp(z - m[:, None]), 0.0)
+        s = p / tl.sum(p, axis=1)[:, None]
+    return s
+
+
+@triton.jit
+def _argmax_low(vals, cols, BLOCK_E: tl.constexpr):
+    """Per row, the index of the largest value; ties go to the lowest column."""
+    mx = tl.max(vals, axis=1)
+    return tl.min(tl.where(vals == mx[:, None], cols[None, :], BLOCK_E), axis=1)
+
+
+@triton.jit
+def _route_fwd_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    logits_ptr,
+    ids_ptr,
+    weights_ptr,
+    N,
+    D,
+    E,
+    group_size,
+    scale: tl.float64,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    NORM: tl.constexpr,
+    DOT_IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """One program routes ``BLOCK_N`` tokens. ``N_GROUP == 0`` disables group limiting."""
+    acc_ty = logits_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    dd = tl.arange(0, BLOCK_D)
+
+    # Router GEMM: logits[BLOCK_N, BLOCK_E] = x[rows] @ w.T
+    acc = tl.zeros([BLOCK_N, BLOCK_E], dtype=acc_ty)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + dd
+        d_mask = d < D
+        xt = tl.load(
+            x_ptr + rows64[:, None] * D + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        wt = tl.load(
+            w_ptr + cols.to(tl.int64)[None, :] * D + d[:, None],
+            mask=col_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )
+        if INTERP:
+            # bf16 tl.dot is wrong in the interpreter; fp32 is exact enough.
+            acc = tl.dot(xt.to(acc_ty), wt.to(acc_ty), acc, input_precision="ieee", out_dtype=acc_ty)
+        elif DOT_IEEE:
+            acc = tl.dot(xt, wt, acc, input_precision="ieee", out_dtype=acc_ty)
+        else:
+            acc = tl.dot(xt, wt, acc)
+
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(logits_ptr + rows64[:, None] * E + cols[None, :], acc, mask=out_mask)
+
+    s = _scores(acc, col_mask[None, :], SIGMOID)
+    sel = s
+    if HAS_BIAS:
+        sel = sel + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_ty)[None, :]
+    allowed = col_mask[None, :] & (rows >= 0)[:, None]
+
+    if N_GROUP > 0:
+        # Group score: sum of the two largest selection scores of the group (largest if size 1).
+        gcols = tl.arange(0, BLOCK_G)
+        gscore = tl.zeros([BLOCK_N, BLOCK_G], dtype=acc_ty)
+        for g in range(N_GROUP):
+            in_g = (cols >= g * group_size) & (cols < (g + 1) * group_size)
+            v = tl.where(in_g[None, :], sel, _NEG)
+            i1 = _argmax_low(v, cols, BLOCK_E)
+            m1 = tl.max(v, axis=1)
+            m2 = tl.max(tl.where(cols[None, :] == i1[:, None], _NEG, v), axis=1)
+            gs = m1 + tl.where(group_size > 1, m2, 0.0)
+            gscore = tl.where(gcols[None, :] == g, gs[:, None], gscore)
+        # Group g is kept when fewer than TOPK_GROUP groups beat it (higher, or equal and lower index).
+        gvalid = gcols < N_GROUP
+        allowed = (rows < 0)[:, None] & col_mask[None, :]
+        for g in range(N_GROUP):
+            gs = tl.sum(tl.where(gcols[None, :] == g, gscore, 0.0), axis=1)
+            beats = (gscore > gs[:, None]) | ((gscore == gs[:, None]) & (gcols[None, :] < g))
+            rank = tl.sum((beats & gvalid[None, :]).to(tl.int32), axis=1)
+            in_g = (cols >= g * group_size) & (cols < (g + 1) * group_size)
+            allowed = allowed | (in_g[None, :] & (rank < TOPK_GROUP)[:, None])
+
+    kcols = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+    wts = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_ty)
+    for k in range(K):
+        idx = _argmax_low(tl.where(allowed, sel, _NEG), cols, BLOCK_E)
+        hit = cols[None, :] == idx[:, None]
+        r = tl.sum(tl.where(hit, s, 0.0), axis=1)
+        allowed = allowed & (~hit)
+        ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
+        wts = tl.where(kcols[None, :] == k, r[:, None], wts)
+    if NORM:
+        wts = wts / tl.sum(wts, axis=1)[:, None]
+    wts = (wts * scale).to(acc_ty)
+
+    k_mask = row_mask[:, None] & (kcols < K)[None, :]
+    k_offs = rows64[:, None] * K + kcols[None, :]
+    tl.store(ids_ptr + k_offs, ids, mask=k_mask)
+    tl.store(weights_ptr + k_offs, wts, mask=k_mask)
+
+
+@triton.jit
+def _route_bwd_kernel(
+    logits_ptr,
+    ids_ptr,
+    grad_w_row_ptr,
+    assign_to_row_ptr,
+    grad_ext_ptr,
+    grad_logits_ptr,
+    N,
+    E,
+    scale: tl.float64,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_EXT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """grad_logits for ``BLOCK_N`` tokens from the weight gradients of their assignments."""
+    acc_ty = logits_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_mask = cols < E
+    mask = row_mask[:, None] & col_mask[None, :]
+    offs = rows64[:, None] * E + cols[None, :]
+    logits = tl.load(logits_ptr + offs, mask=mask, other=0.0)
+    s = _scores(logits, col_mask[None, :], SIGMOID)
+
+    kcols = tl.arange(0, BLOCK_K)
+    k_mask = row_mask[:, None] & (kcols < K)[None, :]
+    k_offs = rows64[:, None] * K + kcols[None, :]
+    ids = tl.load(ids_ptr + k_offs, mask=k_mask, other=0)
+    arow = tl.load(assign_to_row_ptr + k_offs, mask=k_mask, other=-1)
+    g = tl.load(grad_w_row_ptr + arow.to(tl.int64), mask=k_mask & (arow >= 0), other=0.0).to(acc_ty)
+
+    # r[n, k] = scores[n, ids[n, k]]; w = scale * r / sum(r) (NORM) or scale * r.
+    if NORM:
+        r = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_ty)
+        for k in range(K):
+            idk = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)
+            rk = tl.sum(tl.where(cols[None, :] == idk[:, None], s, 0.0), axis=1)
+            r = tl.where(kcols[None, :] == k, rk[:, None], r)
+        denom = tl.sum(r, axis=1)
+        gr = tl.sum(g * r, axis=1) / denom
+        dr = (scale * (g - gr[:, None]) / denom[:, None]).to(acc_ty)
+    else:
+        dr = (scale * g).to(acc_ty)
+
+    ds = tl.zeros([BLOCK_N, BLOCK_E], dtype=acc_ty)
+    for k in range(K):
+        idk = tl.sum(tl.where(kcols[None, :] == k, ids, 0), axis=1)
+        drk = tl.sum(tl.where(kcols[None, :] == k, dr, 0.0), axis=1)
+        ds = tl.where(cols[None, :] == idk[:, None], drk[:, None], ds)
+
+    if SIGMOID:
+        dl = ds * s * (1.0 - s)
+    else:
+        dl = s * (ds - tl.sum(ds * s, axis=1)[:, None])
+    if HAS_EXT:
+        dl += tl.load(grad_ext_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    tl.store(grad_logits_ptr + offs, dl, mask=mask)
+
+
+def _scores_torch(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+def _check_groups(E: int, top_k: int, n_group, topk_group) -> None:
+    if (n_group is None) != (topk_group is None):
+        raise ValueError("n_group and topk_group must be both given or both None")
+    if n_group is not None:
+        if n_group < 1 or E % n_group != 0:
+            raise ValueError(f"n_group={n_group} must divide the number of experts {E}")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+        if topk_group * (E // n_group) < top_k:
+            raise ValueError(f"topk_group={topk_group} groups of {E // n_group} hold fewer than {top_k}")
+
+
+def _route_forward_torch(
+    x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group, scaling
+):
+    cdt = _compute_dtype(x.dtype)
+    N, E = x.shape[0], router_weight.shape[0]
+    logits = x.to(cdt) @ router_weight.to(cdt).T
+    scores = _scores_torch(logits, score_func)
+    sel = scores if expert_bias is None else scores + expert_bias.to(cdt)
+    if n_group is not None:
+        G = E // n_group
+        grouped = sel.view(N, n_group, G)
+        top2 = torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., : min(2, G)]
+        gscore = top2.sum(-1)
+        keep = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        gmask = torch.zeros(N, n_group, dtype=torch.bool, device=x.device).scatter_(1, keep, True)
+        sel = sel.masked_fill(~gmask.repeat_interleave(G, dim=1), float("-inf"))
+    ids = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    w = scores.gather(1, ids)
+    if norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    return logits, ids.to(torch.int32), w * scaling
+
+
+def route_forward(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    top_k: int,
+    score_func: str,
+    norm_topk_prob: bool,
+    n_group: int | None,
+    topk_group: int | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route ``x [N, D]`` with ``router_weight [E, D]`` (and selection bias ``[E]``).
+
+    Returns ``logits [N, E]``, ``topk_ids [N, K]`` int32 in selection order and
+    ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32.
+    """
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    N, D = x.shape
+    E = router_weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} must be in [1, {E}]")
+    _check_groups(E, top_k, n_group, topk_group)
+    cdt = _compute_dtype(x.dtype)
+    if not use_triton(x):
+        return _route_forward_torch(
+            x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group,
+            routed_scaling_factor,
+        )  # fmt: skip
+    logits = torch.empty(N, E, dtype=cdt, device=x.device)
+    ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(N, top_k, dtype=cdt, device=x.device)
+    if N == 0:
+        return logits, ids, weights
+    x = x.contiguous()
+    router_weight = router_weight.contiguous()
+    block_e = _block_e(E)
+    block_n = _block_n(N, block_e, kernels.INTERPRET)
+    ng = 0 if n_group is None else n_group
+    _route_fwd_kernel[(triton.cdiv(N, block_n),)](
+        x,
+        router_weight,
+        expert_bias if expert_bias is not None else logits,
+        logits,
+        ids,
+        weights,
+        N,
+        D,
+        E,
+        E // max(ng, 1),
+        float(routed_scaling_factor),
+        K=top_k,
+        SIGMOID=score_func == "sigmoid",
+        HAS_BIAS=expert_bias is not None,
+        N_GROUP=ng,
+        TOPK_GROUP=0 if topk_group is None else topk_group,
+        NORM=bool(norm_topk_prob),
+        DOT_IEEE=x.dtype in (torch.float32, torch.float64),
+        BLOCK_N=block_n,
+        BLOCK_D=_block_d(block_e, x.dtype, kernels.INTERPRET),
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_G=triton.next_power_of_2(max(ng, 1)),
+        num_warps=4,
+    )
+    return logits, ids, weights
+
+
+def _route_backward_torch(
+    logits, topk_ids, grad_w_row, assign_to_row, grad_logits_ext, score_func, norm_topk_prob, scaling
+):
+    N, K = topk_ids.shape
+    ids = topk_ids.long()
+    arow = assign_to_row.long().view(N, K)
+    g = torch.where(arow >= 0, grad_w_row.to(logits.dtype)[arow.clamp(min=0)], 0.0)
+    s = _scores_torch(logits, score_func)
+    if norm_topk_prob:
+        r = s.gather(1, ids)
+        denom = r.sum(-1, keepdim=True)
+        dr = scaling * (g - (g * r).sum(-1, keepdim=True) / denom) / denom
+    else:
+        dr = scaling * g
+    ds = torch.zeros_like(s).scatter_(1, ids, dr)
+    if score_func == "sigmoid":
+        dl = ds * s * (1.0 - s)
+    else:
+        dl = s * (ds - (ds * s).sum(-1, keepdim=True))
+    if grad_logits_ext is not None:
+        dl = dl + grad_logits_ext.to(logits.dtype)
+    return dl
+
+
+def route_backward(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    grad_w_row: torch.Tensor,
+    assign_to_row: torch.Tensor,
+    grad_logits_ext: torch.Tensor | None,
+    score_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> torch.Tensor:
+    """``grad_logits [N, E]`` from the routing-weight gradient of each row ``grad_w_row [R]``.
+
+    ``assign_to_row [N*K]`` maps assignment ``n*K + k`` to its row (``-1``: dropped, no
+    gradient); ``grad_logits_ext [N, E]`` (aux losses) is added when given.
+    """
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    if not use_triton(logits):
+        return _route_backward_torch(
+            logits, topk_ids, grad_w_row, assign_to_row, grad_logits_ext, score_func, norm_topk_prob,
+            routed_scaling_factor,
+        )  # fmt: skip
+    N, E = logits.shape
+    K = topk_ids.shape[1]
+    grad_logits = torch.empty_like(logits)
+    if N == 0:
+        return grad_logits
+    logits = logits.contiguous()
+    topk_ids = topk_ids.contiguous()
+    assign_to_row = assign_to_row.contiguous()
+    if grad_logits_ext is not None:
+        grad_logits_ext = grad_logits_ext.contiguous()
+    block_e = _block_e(E)
+    block_n = _block_n(N, block_e, kernels.INTERPRET)
+    _route_bwd_kernel[(triton.cdiv(N, block_n),)](
+        logits,
+        topk_ids,
+        grad_w_row,
+        assign_to_row,
+        grad_logits_ext if grad_logits_ext is not None else logits,
+        grad_logits,
+        N,
+        E,
+        float(routed_scaling_factor),
+        K=K,
+        SIGMOID=score_func == "sigmoid",
+        NORM=bool(norm_topk_prob),
+        HAS_EXT=grad_logits_ext is not None,
+        BLOCK_N=block_n,
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(K),
+        num_warps=4,
+    )
+    return grad_logits
+
+
+def _aot_specs():
+    specs = []
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
+        xt, ct = triton_dtype(dt), triton_dtype(_compute_dtype(dt))
+        fwd_sig = {
+            "x_ptr": f"*{xt}",
+            "w_ptr": f"*{xt}",
+            "bias_ptr": f"*{ct}",
+            "logits_ptr": f"*{ct}",
+            "ids_ptr": "*i32",
+            "weights_ptr": f"*{ct}",
+            "N": "i32",
+            "D": "i32",
+            "E": "i32",
+            "group_size": "i32",
+            "scale": "fp64",
+        }
+        fwd_sig.update(
+            {k: "constexpr" for k in ("K", "SIGMOID", "HAS_BIAS", "N_GROUP", "TOPK_GROUP", "NORM")}
+        )
+        fwd_sig.update({k: "constexpr" for k in ("DOT_IEEE", "BLOCK_N", "BLOCK_D", "BLOCK_E")})
+        fwd_sig.update({"BLOCK_K": "constexpr", "BLOCK_G": "constexpr"})
+        # (sigmoid, bias, groups): softmax plain (Mixtral/Qwen), sigmoid + bias + groups (DeepSeek-V3).
+        for sigmoid, bias, n_group, topk_group, E, K in (
+            (False, False, 0, 0, 64, 8),
+            (True, True, 8, 4, 256, 8),
+            (True, False, 0, 0, 16, 2),
+            (False, True, 4, 2, 12, 3),
+        ):
+            block_e = _block_e(E)
+            specs.append(
+                (
+                    _route_fwd_kernel,
+                    fwd_sig,
+                    {
+                        "K": K,
+                        "SIGMOID": sigmoid,
+                        "HAS_BIAS": bias,
+                        "N_GROUP": n_group,
+                        "TOPK_GROUP": topk_group,
+                        "NORM": True,
+                        "DOT_IEEE": dt != torch.bfloat16,
+                        "BLOCK_N": _block_n(0, block_e, False),
+                        "BLOCK_D": _block_d(block_e, dt, False),
+                        "BLOCK_E": block_e,
+                        "BLOCK_K": triton.next_power_of_2(K),
+                        "BLOCK_G": triton.next_power_of_2(max(n_group, 1)),
+                    },
+                )
+            )
+        bwd_sig = {
+            "logits_ptr": f"*{ct}",
+            "ids_ptr": "*i32",
+            "grad_w_row_ptr": f"*{ct}",
+            "assign_to_row_ptr": "*i32",
+            "grad_ext_ptr": f"*{ct}",
+            "grad_logits_ptr": f"*{ct}",
+            "N": "i32",
+            "E": "i32",
+            "scale": "fp64",
+        }
+        bwd_sig.update(
+            {k: "constexpr" for k in ("K", "SIGMOID", "NORM", "HAS_EXT", "BLOCK_N", "BLOCK_E", "BLOCK_K")}
+        )
+        for sigmoid, norm, ext, E, K in ((False, True, True, 64, 8), (True, False, False, 256, 8)):
+            block_e = _block_e(E)
+            specs.append(
+                (
+                    _route_bwd_kernel,
+                    bwd_sig,
+                    {
+                        "K": K,
+                        "SIGMOID": sigmoid,
+                        "NORM": norm,
+                        "HAS_EXT": ext,
+                        "BLOCK_N": _block_n(0, block_e, False),
+                        "BLOCK_E": block_e,
+                        "BLOCK_K": triton.next_power_of_2(K),
+                    },
+                )
+            )
+    return specs
+
+
+AOT_SPECS = _aot_specs()
