@@ -147,8 +147,8 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         logits, r.topk_ids, grad_w_row, r.assign_to_row, grad_logits, options.score_func,
         options.norm_topk_prob, float(options.routed_scaling_factor),
     )
-    rdt = grad_logits.dtype
-    router_grad_x = grad_logits @ router_weight.to(rdt)
-    grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, addend=router_grad_x, out_dtype=x.dtype)
-    grad_router = (grad_logits.t() @ x.to(rdt)).to(router_weight.dtype)
+    grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, logit_grad=grad_logits,
+                                  router_weight=router_weight, out_dtype=x.dtype)
+    # In x's dtype, like any autocast linear layer's weight gradient (fp32 accumulation).
+    grad_router = grad_logits.t().to(x.dtype) @ x
     return grad_x, grad_router, grad_w_up, grad_w_down

@@ -112,6 +112,10 @@ def _setup_context(ctx, inputs, output):
     x, router_weight, w_up, w_down = inputs[:4]
     ctx.option_args = inputs[5:15]  # top_k .. gemm: moe_backward's trailing arguments, in order
     ctx.save_for_backward(x, router_weight, w_up, w_down, output[1], *output[4:])
+    # Residuals carry no gradient, and unused outputs must not be materialised as zero tensors
+    # (a zero [R, 2F] gradient for h would cost a full memset).
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_logits, *unused):

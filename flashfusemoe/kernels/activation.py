@@ -237,7 +237,10 @@ def glu_backward(
         g = torch.where(v, h[:, :f].to(cdt), 0.0)
         u = torch.where(v, h[:, f:].to(cdt), 0.0)
         dav = torch.where(v, da.to(cdt), 0.0)
-        w = torch.where(valid, weights[row_to_assign.long().clamp(min=0)].to(cdt), 0.0)[:, None]
+        if weights.numel():
+            w = torch.where(valid, weights[row_to_assign.long().clamp(min=0)].to(cdt), 0.0)[:, None]
+        else:  # no tokens: every (padding) row is invalid
+            w = torch.zeros(r_total, 1, device=dev, dtype=cdt)
         act = _act_torch(g, activation)
         a = act * u
         dh = torch.cat([w * dav * u * _act_grad_torch(g, activation), w * dav * act], dim=1)

@@ -13,6 +13,7 @@ from flashfusemoe.kernels import triton_dtype, use_triton
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
 _COMBINE_ELEMS = 4096  # output elements per combine program
+_LAYOUT_PROGRAMS = 128  # layout_and_gather programs; each reads the whole block_counts table
 
 
 @triton.jit
@@ -215,6 +216,127 @@ def _expert_layout_torch(ids, e_total, m, keep):
     )
 
 
+@triton.jit
+def _layout_gather_kernel(
+    x_ptr,
+    ids_ptr,
+    block_counts_ptr,
+    x_sorted_ptr,
+    assign_to_row_ptr,
+    row_to_assign_ptr,
+    expert_ends_ptr,
+    tokens_per_expert_ptr,
+    num_unplaced_ptr,
+    N,
+    D,
+    E,
+    NUM_BLOCKS,
+    stride_x,
+    K: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TABLE_ROWS: tl.constexpr,
+):
+    # Dropless layout and row gather in one pass. block_counts[b, e] (written by the routing
+    # kernel) counts assignments of token block b to expert e. Program p owns token blocks
+    # [p*BPP, (p+1)*BPP): expert e's rows start at sum(totals[<e]); within the expert, its
+    # blocks' assignments follow the assignments of all earlier blocks, in token order.
+    pid = tl.program_id(0)
+    e_offs = tl.arange(0, BLOCK_E)
+    emask = e_offs < E
+    first_block = pid * BLOCKS_PER_PROGRAM
+    totals = tl.zeros([BLOCK_E], tl.int32)
+    before = tl.zeros([BLOCK_E], tl.int32)
+    for t0 in range(0, NUM_BLOCKS, TABLE_ROWS):
+        trow = t0 + tl.arange(0, TABLE_ROWS)
+        tile = tl.load(block_counts_ptr + trow[:, None] * E + e_offs[None, :],
+                       mask=(trow < NUM_BLOCKS)[:, None] & emask[None, :], other=0)
+        totals += tl.sum(tile, axis=0)
+        before += tl.sum(tl.where((trow < first_block)[:, None], tile, 0), axis=0)
+    ends = tl.cumsum(totals, axis=0)
+    base = ends - totals + before  # next free row of each expert
+    if pid == 0:
+        tl.store(expert_ends_ptr + e_offs, ends, mask=emask)
+        tl.store(tokens_per_expert_ptr + e_offs, totals, mask=emask)
+        tl.store(num_unplaced_ptr, 0)
+
+    k_offs = tl.arange(0, BLOCK_K)
+    kmask = k_offs < K
+    for blk in range(BLOCKS_PER_PROGRAM):
+        tok = (first_block + blk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = tok < N
+        t64 = tok.to(tl.int64)
+        ids = tl.load(ids_ptr + t64[:, None] * K + k_offs[None, :], mask=nmask[:, None] & kmask[None, :],
+                      other=-1)  # [BLOCK_N, BLOCK_K]
+        # hits[n, e] = 1 if token n picked expert e (at most once: top-k experts are distinct).
+        hits = tl.zeros([BLOCK_N, BLOCK_E], tl.int32)
+        for k in tl.static_range(K):
+            ids_k = tl.sum(tl.where(k_offs[None, :] == k, ids, 0), axis=1)
+            ids_k = tl.where(nmask, ids_k, -1)
+            hits += (ids_k[:, None] == e_offs[None, :]).to(tl.int32)
+        row_of = base[None, :] + tl.cumsum(hits, axis=0) - hits  # [BLOCK_N, BLOCK_E]
+        rows = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+        for k in tl.static_range(K):
+            ids_k = tl.sum(tl.where(k_offs[None, :] == k, ids, 0), axis=1)
+            row_k = tl.sum(tl.where(ids_k[:, None] == e_offs[None, :], row_of, 0), axis=1)
+            rows = tl.where(k_offs[None, :] == k, row_k[:, None], rows)
+        base += tl.sum(hits, axis=0)
+        amask = nmask[:, None] & kmask[None, :]
+        asg = t64[:, None] * K + k_offs[None, :]
+        tl.store(assign_to_row_ptr + asg, rows, mask=amask)
+        tl.store(row_to_assign_ptr + rows, asg.to(tl.int32), mask=amask)
+        rows64 = rows.to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            xt = tl.load(x_ptr + t64[:, None] * stride_x + cols[None, :], mask=nmask[:, None] & cmask[None, :])
+            dst = x_sorted_ptr + rows64[:, :, None] * D + cols[None, None, :]
+            tl.store(dst, tl.broadcast_to(xt[:, None, :], [BLOCK_N, BLOCK_K, BLOCK_D]),
+                     mask=amask[:, :, None] & cmask[None, None, :])
+
+
+def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Token-block size of the routing kernel's ``block_counts`` table for ``layout_and_gather``."""
+    block_e = triton.next_power_of_2(max(num_experts, 1))
+    return max(16, min(64, 8192 // (block_e * triton.next_power_of_2(top_k))))
+
+
+def layout_and_gather(x, topk_ids, block_counts, block_n: int):
+    """Dropless layout fused with the row gather (the default forward path, one launch).
+
+    ``x`` ``[N, D]``, ``topk_ids`` ``[N, K]`` int32, ``block_counts`` ``[cdiv(N, block_n), E]``
+    int32 (assignments of each token block per expert). Returns ``x_sorted [A, D]`` and the
+    five maps of ``expert_layout(topk_ids, E)``.
+    """
+    n, k = topk_ids.shape
+    num_experts = block_counts.shape[1]
+    if not use_triton(x) or n == 0:
+        maps = expert_layout(topk_ids, num_experts)
+        return (gather_rows(x, maps[1], k), *maps)
+    d = x.shape[1]
+    dev, i32 = x.device, torch.int32
+    num_blocks = block_counts.shape[0]
+    blocks_per_program = max(1, num_blocks // _LAYOUT_PROGRAMS)
+    x_sorted = torch.empty(n * k, d, device=dev, dtype=x.dtype)
+    assign_to_row = torch.empty(n * k, device=dev, dtype=i32)
+    row_to_assign = torch.empty(n * k, device=dev, dtype=i32)
+    expert_ends = torch.empty(num_experts, device=dev, dtype=i32)
+    tokens_per_expert = torch.empty(num_experts, device=dev, dtype=i32)
+    num_unplaced = torch.empty(1, device=dev, dtype=i32)
+    block_k = triton.next_power_of_2(k)
+    block_d = max(16, min(256, triton.next_power_of_2(d), 8192 // (block_n * block_k)))
+    _layout_gather_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
+        x, topk_ids, block_counts, x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert,
+        num_unplaced, n, d, num_experts, num_blocks, x.stride(0), K=k,
+        BLOCKS_PER_PROGRAM=blocks_per_program, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_D=block_d, TABLE_ROWS=64,
+    )
+    return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
+
+
 def capacity_keep(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int
 ) -> torch.Tensor:
@@ -306,15 +428,16 @@ def _combine_rows_kernel(
     rows_ptr,
     assign_to_row_ptr,
     weights_ptr,
-    addend_ptr,
+    logit_grad_ptr,
+    router_weight_ptr,
     out_ptr,
     N,
     D,
     K,
+    E,
     stride_rows,
-    stride_addend,
     HAS_W: tl.constexpr,
-    HAS_ADDEND: tl.constexpr,
+    HAS_ROUTER: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -342,9 +465,11 @@ def _combine_rows_kernel(
             y = y * w[:, None]
         acc += y
     mask2 = nmask[:, None] & cmask[None, :]
-    if HAS_ADDEND:
-        add = tl.load(addend_ptr + t64[:, None] * stride_addend + cols[None, :], mask=mask2, other=0.0)
-        acc += add.to(acc.dtype)
+    if HAS_ROUTER:  # + logit_grad[n] @ router_weight, the router's share of grad_x
+        for e in range(E):
+            g = tl.load(logit_grad_ptr + t64 * E + e, mask=nmask, other=0.0).to(acc.dtype)
+            w = tl.load(router_weight_ptr + e * D + cols, mask=cmask, other=0.0).to(acc.dtype)
+            acc += g[:, None] * w[None, :]
     out_off = t64[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
@@ -354,28 +479,28 @@ def combine_rows(
     assign_to_row: torch.Tensor,
     top_k: int,
     weights: torch.Tensor | None = None,
-    addend: torch.Tensor | None = None,
+    logit_grad: torch.Tensor | None = None,
+    router_weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``out[n] = sum_k weights[n, k] * rows[assign_to_row[n*K + k]] + addend[n]``.
+    """``out[n] = sum_k weights[n, k] * rows[assign_to_row[n*K + k]] + logit_grad[n] @ router_weight``.
 
     ``rows`` ``[R, D]``, ``assign_to_row`` ``[N*K]`` int32 (``-1`` skipped), ``weights``
-    ``[N, K]`` or None (factor 1), ``addend`` ``[N, D]`` or None. Accumulates in fp32 (fp64
-    when any input is fp64) in a fixed k order; returns ``[N, D]`` of ``out_dtype``
-    (default ``rows.dtype``).
+    ``[N, K]`` or None (factor 1), ``logit_grad`` ``[N, E]`` and ``router_weight`` ``[E, D]``
+    or None (the backward's router term). Accumulates in fp32 (fp64 when any input is fp64)
+    in a fixed order; returns ``[N, D]`` of ``out_dtype`` (default ``rows.dtype``).
     """
+    addend = None if logit_grad is None else (logit_grad, router_weight.contiguous())
     out_dtype = rows.dtype if out_dtype is None else out_dtype
     d = rows.shape[1]
     n = assign_to_row.numel() // top_k if top_k > 0 else 0
     dev = rows.device
-    fp64 = any(t is not None and t.dtype == torch.float64 for t in (rows, weights, addend))
+    fp64 = any(t is not None and t.dtype == torch.float64 for t in (rows, weights, logit_grad))
     acc_dtype = torch.float64 if fp64 else torch.float32
     if n == 0 or d == 0:
         return torch.zeros(n, d, device=dev, dtype=out_dtype)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    if addend is not None and addend.stride(1) != 1:
-        addend = addend.contiguous()
     if weights is not None:
         weights = weights.reshape(-1).contiguous()
     if not use_triton(rows):
@@ -388,7 +513,7 @@ def combine_rows(
                 y = y * weights.view(n, top_k)[:, k, None].to(acc_dtype)
             acc += torch.where(valid[:, None], y, 0.0)
         if addend is not None:
-            acc += addend.to(acc_dtype)
+            acc += addend[0].to(acc_dtype) @ addend[1].to(acc_dtype)
         return acc.to(out_dtype)
     out = torch.empty(n, d, device=dev, dtype=out_dtype)
     block_n, block_d = _blocks(d, _COMBINE_ELEMS)
@@ -397,15 +522,16 @@ def combine_rows(
         rows,
         assign_to_row,
         rows if weights is None else weights,
-        rows if addend is None else addend,
+        rows if addend is None else addend[0].contiguous(),
+        rows if addend is None else addend[1],
         out,
         n,
         d,
         top_k,
+        0 if addend is None else addend[0].shape[1],
         rows.stride(0),
-        0 if addend is None else addend.stride(0),
         HAS_W=weights is not None,
-        HAS_ADDEND=addend is not None,
+        HAS_ROUTER=addend is not None,
         FP64=fp64,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -461,32 +587,44 @@ def _aot_specs() -> list:
         t = triton_dtype(dtype)
         fp64 = dtype == torch.float64
         acc_t = "fp64" if fp64 else "fp32"
-        for has_w, has_add in ((True, False), (False, True), (False, False), (True, True)):
+        for has_w, has_router in ((True, False), (False, True), (False, False), (True, True)):
             sig = {
                 "rows_ptr": f"*{t}",
                 "assign_to_row_ptr": "*i32",
                 "weights_ptr": f"*{acc_t}" if has_w else f"*{t}",
-                "addend_ptr": f"*{acc_t}" if has_add else f"*{t}",
+                "logit_grad_ptr": f"*{acc_t}" if has_router else f"*{t}",
+                "router_weight_ptr": f"*{t}",
                 "out_ptr": f"*{t}",
                 "N": i32,
                 "D": i32,
                 "K": i32,
+                "E": i32,
                 "stride_rows": i32,
-                "stride_addend": i32,
                 "HAS_W": "constexpr",
-                "HAS_ADDEND": "constexpr",
+                "HAS_ROUTER": "constexpr",
                 "FP64": "constexpr",
                 "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
             }
             consts = {
                 "HAS_W": has_w,
-                "HAS_ADDEND": has_add,
+                "HAS_ROUTER": has_router,
                 "FP64": fp64,
                 "BLOCK_N": block_n,
                 "BLOCK_D": block_d,
             }
             specs.append((_combine_rows_kernel, sig, consts))
+    for dtype, e_total, k in ((torch.bfloat16, 8, 2), (torch.float32, 128, 8), (torch.float64, 64, 6)):
+        t = triton_dtype(dtype)
+        sig = {name: "*i32" for name in ("ids_ptr", "block_counts_ptr", "assign_to_row_ptr",
+                                          "row_to_assign_ptr", "expert_ends_ptr", "tokens_per_expert_ptr",
+                                          "num_unplaced_ptr")}
+        sig.update({"x_ptr": f"*{t}", "x_sorted_ptr": f"*{t}"})
+        sig.update({name: i32 for name in ("N", "D", "E", "NUM_BLOCKS", "stride_x")})
+        consts = {"K": k, "BLOCKS_PER_PROGRAM": 2, "BLOCK_N": 16, "BLOCK_K": triton.next_power_of_2(k),
+                  "BLOCK_E": e_total, "BLOCK_D": 64, "TABLE_ROWS": 64}
+        sig.update({name: "constexpr" for name in consts})
+        specs.append((_layout_gather_kernel, sig, consts))
     return specs
 
 
