@@ -292,7 +292,8 @@ def _layout_gather_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < D
-            xt = tl.load(x_ptr + t64[:, None] * stride_x + cols[None, :], mask=nmask[:, None] & cmask[None, :])
+            xmask = nmask[:, None] & cmask[None, :]
+            xt = tl.load(x_ptr + t64[:, None] * stride_x + cols[None, :], mask=xmask)
             dst = x_sorted_ptr + rows64[:, :, None] * D + cols[None, None, :]
             tl.store(dst, tl.broadcast_to(xt[:, None, :], [BLOCK_N, BLOCK_K, BLOCK_D]),
                      mask=amask[:, :, None] & cmask[None, None, :])

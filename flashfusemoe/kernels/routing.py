@@ -27,18 +27,24 @@ def _block_e(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
 
 
-def _block_n(N: int, block_e: int, interpret: bool) -> int:
+def _block_n(N: int, block_e: int, interpret: bool, max_tile: int) -> int:
     if interpret:
         # The interpreter pays per program: one wide program is cheapest.
         return max(16, min(128, triton.next_power_of_2(N)))
-    return max(16, min(64, 4096 // block_e))
+    return max(16, min(64, max_tile // block_e))
 
 
-def _block_d(block_e: int, dtype: torch.dtype, interpret: bool) -> int:
+def _fwd_config(N: int, block_e: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes and launch options of the forward kernel (tuned on H200, bf16, E in 64..256)."""
+    block_n = _block_n(N, block_e, interpret, 16384)
     if interpret:
-        return 32
+        return dict(BLOCK_N=block_n, BLOCK_D=32, num_warps=4, num_stages=1)
     # Keep the router-weight tile within 32 KiB of shared memory per pipeline stage.
-    return max(16, min(64, 32768 // (block_e * dtype.itemsize)))
+    block_d = max(16, min(64, 32768 // (block_e * dtype.itemsize)))
+    stage_bytes = (block_n + block_e) * block_d * dtype.itemsize
+    num_stages = 4 if 4 * stage_bytes <= 160 * 1024 else 3
+    num_warps = 8 if block_n * block_e >= 16384 else 4
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
@@ -312,9 +318,9 @@ def route_forward(
     x = x.contiguous()
     router_weight = router_weight.contiguous()
     block_e = _block_e(E)
-    block_n = _block_n(N, block_e, kernels.INTERPRET)
+    cfg = _fwd_config(N, block_e, x.dtype, kernels.INTERPRET)
     ng = 0 if n_group is None else n_group
-    _route_fwd_kernel[(triton.cdiv(N, block_n),)](
+    _route_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x,
         router_weight,
         expert_bias if expert_bias is not None else logits,
@@ -333,12 +339,10 @@ def route_forward(
         TOPK_GROUP=0 if topk_group is None else topk_group,
         NORM=bool(norm_topk_prob),
         DOT_IEEE=x.dtype in (torch.float32, torch.float64),
-        BLOCK_N=block_n,
-        BLOCK_D=_block_d(block_e, x.dtype, kernels.INTERPRET),
         BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(max(ng, 1)),
-        num_warps=4,
+        **cfg,
     )
     return logits, ids, weights
 
@@ -400,7 +404,7 @@ def route_backward(
     if grad_logits_ext is not None:
         grad_logits_ext = grad_logits_ext.contiguous()
     block_e = _block_e(E)
-    block_n = _block_n(N, block_e, kernels.INTERPRET)
+    block_n = _block_n(N, block_e, kernels.INTERPRET, 4096)
     _route_bwd_kernel[(triton.cdiv(N, block_n),)](
         logits,
         topk_ids,
@@ -453,6 +457,7 @@ def _aot_specs():
             (False, True, 4, 2, 12, 3),
         ):
             block_e = _block_e(E)
+            cfg = _fwd_config(0, block_e, dt, False)
             specs.append(
                 (
                     _route_fwd_kernel,
@@ -465,8 +470,8 @@ def _aot_specs():
                         "TOPK_GROUP": topk_group,
                         "NORM": True,
                         "DOT_IEEE": dt != torch.bfloat16,
-                        "BLOCK_N": _block_n(0, block_e, False),
-                        "BLOCK_D": _block_d(block_e, dt, False),
+                        "BLOCK_N": cfg["BLOCK_N"],
+                        "BLOCK_D": cfg["BLOCK_D"],
                         "BLOCK_E": block_e,
                         "BLOCK_K": triton.next_power_of_2(K),
                         "BLOCK_G": triton.next_power_of_2(max(n_group, 1)),
@@ -498,7 +503,7 @@ def _aot_specs():
                         "SIGMOID": sigmoid,
                         "NORM": norm,
                         "HAS_EXT": ext,
-                        "BLOCK_N": _block_n(0, block_e, False),
+                        "BLOCK_N": _block_n(0, block_e, False, 4096),
                         "BLOCK_E": block_e,
                         "BLOCK_K": triton.next_power_of_2(K),
                     },
