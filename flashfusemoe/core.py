@@ -88,28 +88,33 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
     """
     K = options.top_k
     E = router_weight.shape[0]
-    logits, topk_ids, topk_weights = routing.route_forward(
-        x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
-        options.n_group, options.topk_group, float(options.routed_scaling_factor),
-    )
-    assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
-        topk_ids, topk_weights, E, plan, options
-    )
-    if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:
-        overflow = int(num_unplaced.sum())  # the padded layout needs this host sync
-        if overflow:
-            needed = int(tokens_per_expert.max())
-            if not allow_grow:
-                raise CapacityOverflowError(
-                    f"gemm='bmm': an expert received {needed} tokens but max_tokens_per_expert is "
-                    f"{plan.rows_per_expert} ({overflow} assignments overflow). Pass a larger "
-                    "max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'."
-                )
-            plan = Plan("bmm", needed)
-            assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
-                topk_ids, topk_weights, E, plan, options
-            )
-    x_sorted = permute.gather_rows(x, row_to_assign, K)
+    route_args = (x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
+                  options.n_group, options.topk_group, float(options.routed_scaling_factor))
+    if plan.gemm == "grouped" and options.capacity_factor is None:
+        # Default path: the routing kernel counts tokens per block and expert, so the layout and
+        # the row gather take one launch.
+        logits, topk_ids, topk_weights, block_counts, block_n = routing.route_forward(
+            *route_args, with_block_counts=True)
+        x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = (
+            permute.layout_and_gather(x, topk_ids, E, block_counts, block_n))
+    else:
+        logits, topk_ids, topk_weights = routing.route_forward(*route_args)
+        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
+            topk_ids, topk_weights, E, plan, options)
+        if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:
+            overflow = int(num_unplaced.sum())  # the padded layout needs this host sync
+            if overflow:
+                needed = int(tokens_per_expert.max())
+                if not allow_grow:
+                    raise CapacityOverflowError(
+                        f"gemm='bmm': an expert received {needed} tokens but max_tokens_per_expert is "
+                        f"{plan.rows_per_expert} ({overflow} assignments overflow). Pass a larger "
+                        "max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'."
+                    )
+                plan = Plan("bmm", needed)
+                assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
+                    topk_ids, topk_weights, E, plan, options)
+        x_sorted = permute.gather_rows(x, row_to_assign, K)
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
     a = activation.glu_forward(h, options.activation)
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)

@@ -305,16 +305,15 @@ def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
     return max(16, min(64, 8192 // (block_e * triton.next_power_of_2(top_k))))
 
 
-def layout_and_gather(x, topk_ids, block_counts, block_n: int):
+def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int):
     """Dropless layout fused with the row gather (the default forward path, one launch).
 
     ``x`` ``[N, D]``, ``topk_ids`` ``[N, K]`` int32, ``block_counts`` ``[cdiv(N, block_n), E]``
-    int32 (assignments of each token block per expert). Returns ``x_sorted [A, D]`` and the
-    five maps of ``expert_layout(topk_ids, E)``.
+    int32 (assignments of each token block per expert, from ``routing.route_forward``) or None.
+    Returns ``x_sorted [A, D]`` and the five maps of ``expert_layout(topk_ids, E)``.
     """
     n, k = topk_ids.shape
-    num_experts = block_counts.shape[1]
-    if not use_triton(x) or n == 0:
+    if block_counts is None or not use_triton(x) or n == 0:
         maps = expert_layout(topk_ids, num_experts)
         return (gather_rows(x, maps[1], k), *maps)
     d = x.shape[1]

@@ -34,15 +34,20 @@ def _block_n(N: int, block_e: int, interpret: bool, max_tile: int) -> int:
     return max(16, min(64, max_tile // block_e))
 
 
-def _fwd_config(N: int, block_e: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Block sizes and launch options of the forward kernel (tuned on H200, bf16, E in 64..256)."""
+def _fwd_config(N: int, block_e: int, dtype: torch.dtype, interpret: bool) -> dict | None:
+    """Block sizes and launch options of the forward kernel (tuned on H200, bf16, E in 64..256).
+
+    None when one pipeline stage cannot fit in shared memory (e.g. fp64 with E > 1024).
+    """
     block_n = _block_n(N, block_e, interpret, 16384)
     if interpret:
         return dict(BLOCK_N=block_n, BLOCK_D=32, num_warps=4, num_stages=1)
     # Keep the router-weight tile within 32 KiB of shared memory per pipeline stage.
     block_d = max(16, min(64, 32768 // (block_e * dtype.itemsize)))
     stage_bytes = (block_n + block_e) * block_d * dtype.itemsize
-    num_stages = 4 if 4 * stage_bytes <= 160 * 1024 else 3
+    if stage_bytes > 192 * 1024:
+        return None
+    num_stages = max(1, min(4, 160 * 1024 // stage_bytes))
     num_warps = 8 if block_n * block_e >= 16384 else 4
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
@@ -75,12 +80,14 @@ def _route_fwd_kernel(
     logits_ptr,
     ids_ptr,
     weights_ptr,
+    counts_ptr,
     N,
     D,
     E,
     group_size,
     scale: tl.float64,
     K: tl.constexpr,
+    COUNTS: tl.constexpr,
     SIGMOID: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr,
@@ -158,9 +165,12 @@ def _route_fwd_kernel(
     kcols = tl.arange(0, BLOCK_K)
     ids = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     wts = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_ty)
+    block_counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for k in range(K):
         idx = _argmax_low(tl.where(allowed, sel, _NEG), cols, BLOCK_E)
         hit = cols[None, :] == idx[:, None]
+        if COUNTS:
+            block_counts += tl.sum((hit & row_mask[:, None]).to(tl.int32), axis=0)
         r = tl.sum(tl.where(hit, s, 0.0), axis=1)
         allowed = allowed & (~hit)
         ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
@@ -173,6 +183,8 @@ def _route_fwd_kernel(
     k_offs = rows64[:, None] * K + kcols[None, :]
     tl.store(ids_ptr + k_offs, ids, mask=k_mask)
     tl.store(weights_ptr + k_offs, wts, mask=k_mask)
+    if COUNTS:  # this token block's assignments per expert, for permute.layout_and_gather
+        tl.store(counts_ptr + pid * E + cols, block_counts, mask=cols < E)
 
 
 @triton.jit
@@ -291,11 +303,14 @@ def route_forward(
     n_group: int | None,
     topk_group: int | None,
     routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_block_counts: bool = False,
+):
     """Route ``x [N, D]`` with ``router_weight [E, D]`` (and selection bias ``[E]``).
 
     Returns ``logits [N, E]``, ``topk_ids [N, K]`` int32 in selection order and
     ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32.
+    ``with_block_counts`` adds ``block_counts [cdiv(N, block_n), E]`` int32 (assignments of
+    each block of ``block_n`` tokens per expert) and ``block_n``; ``(None, 0)`` on the torch path.
     """
     if score_func not in ("softmax", "sigmoid"):
         raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
@@ -305,34 +320,37 @@ def route_forward(
         raise ValueError(f"top_k={top_k} must be in [1, {E}]")
     _check_groups(E, top_k, n_group, topk_group)
     cdt = _compute_dtype(x.dtype)
-    if not use_triton(x):
-        return _route_forward_torch(
+    block_e = _block_e(E)
+    cfg = _fwd_config(N, block_e, x.dtype, kernels.INTERPRET)
+    if not use_triton(x) or cfg is None or N == 0:
+        routed = _route_forward_torch(
             x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group,
             routed_scaling_factor,
         )  # fmt: skip
+        return (*routed, None, 0) if with_block_counts else routed
     logits = torch.empty(N, E, dtype=cdt, device=x.device)
     ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(N, top_k, dtype=cdt, device=x.device)
-    if N == 0:
-        return logits, ids, weights
+    num_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    counts = torch.empty(num_blocks if with_block_counts else 0, E, dtype=torch.int32, device=x.device)
     x = x.contiguous()
     router_weight = router_weight.contiguous()
-    block_e = _block_e(E)
-    cfg = _fwd_config(N, block_e, x.dtype, kernels.INTERPRET)
     ng = 0 if n_group is None else n_group
-    _route_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+    _route_fwd_kernel[(num_blocks,)](
         x,
         router_weight,
-        expert_bias if expert_bias is not None else logits,
+        expert_bias.contiguous() if expert_bias is not None else logits,
         logits,
         ids,
         weights,
+        counts,
         N,
         D,
         E,
         E // max(ng, 1),
         float(routed_scaling_factor),
         K=top_k,
+        COUNTS=with_block_counts,
         SIGMOID=score_func == "sigmoid",
         HAS_BIAS=expert_bias is not None,
         N_GROUP=ng,
@@ -344,6 +362,8 @@ def route_forward(
         BLOCK_G=triton.next_power_of_2(max(ng, 1)),
         **cfg,
     )
+    if with_block_counts:
+        return logits, ids, weights, counts, cfg["BLOCK_N"]
     return logits, ids, weights
 
 
@@ -438,6 +458,7 @@ def _aot_specs():
             "logits_ptr": f"*{ct}",
             "ids_ptr": "*i32",
             "weights_ptr": f"*{ct}",
+            "counts_ptr": "*i32",
             "N": "i32",
             "D": "i32",
             "E": "i32",
@@ -445,7 +466,7 @@ def _aot_specs():
             "scale": "fp64",
         }
         fwd_sig.update(
-            {k: "constexpr" for k in ("K", "SIGMOID", "HAS_BIAS", "N_GROUP", "TOPK_GROUP", "NORM")}
+            {k: "constexpr" for k in ("K", "COUNTS", "SIGMOID", "HAS_BIAS", "N_GROUP", "TOPK_GROUP", "NORM")}
         )
         fwd_sig.update({k: "constexpr" for k in ("DOT_IEEE", "BLOCK_N", "BLOCK_D", "BLOCK_E")})
         fwd_sig.update({"BLOCK_K": "constexpr", "BLOCK_G": "constexpr"})
@@ -464,6 +485,7 @@ def _aot_specs():
                     fwd_sig,
                     {
                         "K": K,
+                        "COUNTS": not bias,
                         "SIGMOID": sigmoid,
                         "HAS_BIAS": bias,
                         "N_GROUP": n_group,
@@ -500,6 +522,7 @@ def _aot_specs():
                     bwd_sig,
                     {
                         "K": K,
+                        "COUNTS": not bias,
                         "SIGMOID": sigmoid,
                         "NORM": norm,
                         "HAS_EXT": ext,

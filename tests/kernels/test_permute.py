@@ -256,7 +256,7 @@ def test_layout_and_gather_equals_layout_then_gather(backend, device, n, k, e, b
     if n == 300:
         ids[:] = 2  # every token on one expert, the others empty
     x = torch.randn(n, 24, device=device).to(torch.bfloat16)
-    got = permute.layout_and_gather(x, ids, block_counts_of(ids, e, block_n), block_n)
+    got = permute.layout_and_gather(x, ids, e, block_counts_of(ids, e, block_n), block_n)
     maps = permute.expert_layout(ids, e)
     want = (permute.gather_rows(x, maps[1], k), *maps)
     for name, g, w in zip(["x_sorted", "assign_to_row", "row_to_assign", "expert_ends", "tokens", "unplaced"],
