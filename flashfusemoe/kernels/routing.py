@@ -522,7 +522,6 @@ def _aot_specs():
                     bwd_sig,
                     {
                         "K": K,
-                        "COUNTS": not bias,
                         "SIGMOID": sigmoid,
                         "NORM": norm,
                         "HAS_EXT": ext,
