@@ -26,7 +26,9 @@ def main():
     args = parser.parse_args()
     N, D, F, E, K = args.shape
     g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda *s, scale: (torch.randn(*s, device="cuda", generator=g) * scale).bfloat16().requires_grad_(True)
+    def mk(*shape, scale):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().requires_grad_(True)
+
     leaves = [mk(N, D, scale=1), mk(E, D, scale=D ** -0.5), mk(E, 2 * F, D, scale=D ** -0.5),
               mk(E, D, F, scale=F ** -0.5)]
     grad_out = torch.randn(N, D, device="cuda", generator=g).bfloat16()

@@ -1,0 +1,413 @@
+"""``fused_moe`` on JAX arrays: the torch functional core run inside XLA buffer callbacks.
+
+The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.core``
+(``forward`` / ``backward``, the code torch's custom op runs) through
+``jax.experimental.buffer_callback``. Inside a callback XLA's buffers are viewed as torch
+tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
+(``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
+allocates its results, which are copied into XLA's output buffers (one device-to-device
+copy each, stream-ordered; the core has no ``out=`` to write them in place). Residuals leave
+the forward as extra JAX outputs and come back to the backward as inputs: nothing
+torch-side outlives a callback. ``jax.export`` cannot serialize the callbacks.
+
+Shapes are static, so the row layout (``core.Plan``) is fixed on the host from shapes:
+``gemm="auto"`` means ``"grouped"`` (no timing inside a trace). With ``gemm="bmm"`` the padded
+layout cannot grow inside a trace: an expert receiving more than ``max_tokens_per_expert``
+tokens raises ``flashfusemoe.CapacityOverflowError`` in the callback, which JAX reports as
+a ``JaxRuntimeError`` naming it. ``gemm="bmm"`` also syncs XLA's stream with the host once
+per forward (the overflow check).
+
+GPU: JAX preallocates 75% of GPU memory by default, leaving torch little. Set
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (or a small ``XLA_PYTHON_CLIENT_MEM_FRACTION``)
+before JAX starts; the first GPU call warns otherwise.
+
+Transformations: ``jit``, ``grad``/``vjp``, ``checkpoint``, ``lax.scan``, ``vmap`` and
+``shard_map``. Under ``vmap`` without differentiation and with shared (unbatched) weights,
+the batch is folded into tokens: one call (``gemm="grouped"`` without ``capacity_factor``;
+capacity and the padded layout are per call). Every other batched call runs once per batch
+element (``vmap_method="sequential"``), differentiated ones included: a batching rule cannot
+tell a gradient of a vmapped loss (summed weight gradients) from a vmapped gradient
+(per-example ones), and a folded call yields only the sum. To train on a batch, pass it as
+leading dims of ``x`` rather than vmapping. Under ``shard_map`` (``check_vma=True``) with
+replicated weights, the weight gradients are summed over the devices that vary ``x``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax.custom_batching import custom_vmap
+from jax.experimental.buffer_callback import buffer_callback
+
+from flashfusemoe import core
+from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, validate_inputs
+from flashfusemoe.functional import make_plan
+from flashfusemoe.kernels import INTERPRET
+
+__all__ = ["aux_losses", "fused_moe"]
+
+_DL_CUDA, _DL_ROCM = 2, 10
+# The Triton interpreter patches module state while it runs a kernel; shard_map on CPU
+# runs one callback per device in parallel threads.
+_INTERPRETER_LOCK = threading.Lock()
+_PREALLOCATION_CHECKED = False
+
+
+def fused_moe(
+    x,
+    router_weight,
+    w_up,
+    w_down,
+    top_k,
+    *,
+    activation="swiglu",
+    score_func="softmax",
+    norm_topk_prob=True,
+    expert_bias=None,
+    n_group=None,
+    topk_group=None,
+    routed_scaling_factor=1.0,
+    capacity_factor=None,
+    gemm="auto",
+    max_tokens_per_expert=None,
+    recompute=False,
+    return_aux=False,
+):
+    """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
+
+    x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
+    expert_bias [E] float32/float64 (selection only, zero gradient). Returns ``out`` shaped like x,
+    or ``(out, aux)`` with ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32,
+    dropped_tokens [] int32}``; the losses are differentiable. ``gemm="auto"`` runs "grouped".
+    """
+    options = MoEOptions(
+        top_k=top_k,
+        activation=activation,
+        score_func=score_func,
+        norm_topk_prob=norm_topk_prob,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+        capacity_factor=capacity_factor,
+        gemm=gemm,
+        max_tokens_per_expert=max_tokens_per_expert,
+        recompute=recompute,
+    )
+    x, router_weight, w_up, w_down, expert_bias, plan = _validate_and_plan(
+        x, router_weight, w_up, w_down, expert_bias, options
+    )
+    lead_shape, D = x.shape[:-1], x.shape[-1]
+    args = _align_varying(x.reshape(-1, D), router_weight, w_up, w_down, expert_bias)
+    out, logits, tokens_per_expert, dropped = _moe(options, plan, *args)
+    out = out.reshape(*lead_shape, D)
+    if not return_aux:
+        return out
+    aux = aux_losses(logits, tokens_per_expert, options.score_func)
+    aux["tokens_per_expert"] = tokens_per_expert
+    aux["dropped_tokens"] = dropped
+    return out, aux
+
+
+def aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
+    """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
+    N, E = logits.shape
+    if N == 0:
+        zero = logits.sum() * 0
+        return {"load_balance_loss": zero, "z_loss": zero}
+    if score_func == "softmax":
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        scores = jax.nn.sigmoid(logits)
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+    fraction = tokens_per_expert.astype(probs.dtype) / N
+    load_balance = E * jnp.sum(fraction * probs.mean(axis=0))
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    return {"load_balance_loss": load_balance, "z_loss": z_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and plan: torch's own checks, run on shape-only stand-ins
+# ---------------------------------------------------------------------------------------------
+
+
+def _standin(name: str, a) -> torch.Tensor:
+    """A storage-less ``meta`` tensor with ``a``'s shape and dtype."""
+    if not isinstance(a, (jax.Array, np.ndarray)):
+        raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
+    dtype = getattr(torch, jnp.dtype(a.dtype).name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {a.dtype}")
+    return torch.empty(a.shape, dtype=dtype, device="meta")
+
+
+def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions):
+    """Same checks and messages as ``flashfusemoe.fused_moe``; returns jnp arrays and the plan."""
+    named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
+    if expert_bias is not None:
+        named["expert_bias"] = expert_bias
+    standins = {name: _standin(name, a) for name, a in named.items()}
+    try:
+        D, _, _ = validate_inputs(
+            *(standins[n] for n in ("x", "router_weight", "w_up", "w_down")),
+            standins.get("expert_bias"),
+            options,
+        )
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace(", device meta", "")) from None
+    x2d = standins["x"].reshape(-1, D)
+    # "auto" would time both layouts on real tensors; inside a trace there are only shapes.
+    if options.gemm == "auto":
+        options = dataclasses.replace(options, gemm="grouped")
+    plan = make_plan(
+        options,
+        x2d,
+        standins["router_weight"],
+        standins["w_up"],
+        standins["w_down"],
+        standins.get("expert_bias"),
+    )
+    arrays = [None if a is None else jnp.asarray(a) for a in (x, router_weight, w_up, w_down, expert_bias)]
+    return (*arrays, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_map: varying-manual-axes types
+# ---------------------------------------------------------------------------------------------
+
+
+def _vma(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(a)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def _vary(a, axes: frozenset):
+    """``a`` typed as varying over ``axes`` (a type cast, no data movement)."""
+    missing = tuple(sorted(axes - _vma(a), key=str))
+    if not missing:
+        return a
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(a, missing, to="varying")
+    return jax.lax.pvary(a, missing)
+
+
+def _align_varying(*arrays):
+    """Casts all inputs to their union of varying axes, outside the custom_vjp.
+
+    A replicated weight used with a sharded ``x`` is cast to varying here; JAX transposes that
+    cast into the ``psum`` that sums the weight gradient over devices.
+    """
+    axes = frozenset().union(*(_vma(a) for a in arrays if a is not None))
+    return [None if a is None else _vary(a, axes) for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------
+
+
+def _warn_if_xla_preallocates() -> None:
+    """Warns once when JAX's GPU allocator would take most of the memory torch needs."""
+    global _PREALLOCATION_CHECKED
+    if _PREALLOCATION_CHECKED:
+        return
+    _PREALLOCATION_CHECKED = True
+    env = os.environ
+    if (
+        env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() in ("false", "0")
+        or env.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform"
+        or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env
+    ):
+        return
+    warnings.warn(
+        "JAX preallocates 75% of GPU memory, and the torch kernels behind jax_bridge.fused_moe "
+        "allocate their workspace outside it, so they may run out of memory. Set "
+        "XLA_PYTHON_CLIENT_PREALLOCATE=false (or a small XLA_PYTHON_CLIENT_MEM_FRACTION) before "
+        "JAX starts.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+@contextlib.contextmanager
+def _torch_scope(ctx, buffer):
+    """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast."""
+    kind, index = buffer.__dlpack_device__()
+    with contextlib.ExitStack() as stack:
+        if kind in (_DL_CUDA, _DL_ROCM):
+            _warn_if_xla_preallocates()
+            device = torch.device("cuda", index)
+            stack.enter_context(torch.cuda.device(device))
+            stack.enter_context(torch.cuda.stream(torch.cuda.ExternalStream(ctx.stream, device=device)))
+        elif INTERPRET:
+            stack.enter_context(_INTERPRETER_LOCK)
+        # The caller's torch modes would leak in: the callback runs on the caller's thread.
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast("cuda" if kind in (_DL_CUDA, _DL_ROCM) else "cpu", enabled=False))
+        yield
+
+
+def _as_torch(buffer) -> torch.Tensor:
+    """A zero-copy torch view of an XLA buffer (compact row-major; valid during the callback only).
+
+    The plain (unversioned) capsule skips the DLPack 1.0 read-only flag, whose handling differs
+    across torch versions, and the stream handshake, which the buffer ignores anyway.
+    """
+    return torch.from_dlpack(buffer.__dlpack__())
+
+
+def _write(out_buffers, results) -> None:
+    for buffer, result in zip(out_buffers, results, strict=True):
+        dst = _as_torch(buffer)
+        if dst.shape != result.shape or dst.dtype != result.dtype:
+            raise TypeError(
+                f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
+                f"declared {tuple(dst.shape)} {dst.dtype}"
+            )
+        dst.copy_(result)
+
+
+def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
+    with _torch_scope(ctx, x):
+        tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
+        bias = None if expert_bias is None else _as_torch(expert_bias)
+        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False)
+        _write(outs, (*outputs, *residuals))
+
+
+def _backward_callback(
+    options, plan, ctx, outs, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits
+):
+    with _torch_scope(ctx, x):
+        tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
+        saved = core.Residuals(*(_as_torch(b) for b in residuals))
+        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan)
+        _write(outs, grads)
+
+
+def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):
+    """``(*core.Outputs, *core.Residuals)`` shapes, as ``flashfusemoe.ops``'s fake forward."""
+    N, D = x.shape
+    E, F2 = w_up.shape[0], w_up.shape[1]
+    K = options.top_k
+    R = plan.num_rows(N, K, E)
+    rdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    i32 = jnp.int32
+    S = jax.ShapeDtypeStruct
+    return (
+        S((N, D), x.dtype),
+        S((N, E), rdt),
+        S((E,), i32),
+        S((), i32),
+        S((N, K), i32),
+        S((N, K), rdt),
+        S((N * K,), i32),
+        S((R,), i32),
+        S((E,), i32),
+        S((0 if options.recompute else R, F2), x.dtype),
+    )
+
+
+def _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias):
+    """Runs the core forward. Returns ``(*core.Outputs, *core.Residuals)`` as JAX arrays."""
+    call = buffer_callback(
+        functools.partial(_forward_callback, options, plan),
+        _forward_shapes(x, router_weight, w_up, options, plan),
+        vmap_method="sequential",
+    )
+    results = call(x, router_weight, w_up, w_down, expert_bias)
+    axes = frozenset().union(*(_vma(a) for a in (x, router_weight, w_up, w_down)))
+    return tuple(_vary(r, axes) for r in results)
+
+
+def _backward_call(options, plan, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits):
+    primals = (x, router_weight, w_up, w_down)
+    call = buffer_callback(
+        functools.partial(_backward_callback, options, plan),
+        tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in primals),
+        vmap_method="sequential",
+    )
+    grads = call(x, router_weight, w_up, w_down, logits, tuple(residuals), grad_out, grad_logits)
+    return tuple(_vary(g, _vma(p)) for g, p in zip(grads, primals))
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp (outside) over a custom_vmap primal (folds a shared-weight batch into tokens)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _primal(options: MoEOptions, plan: core.Plan):
+    """``(x, rw, w_up, w_down, bias) -> (out, logits, tokens_per_expert, dropped, topk_ids)``."""
+
+    def unbatched(x, router_weight, w_up, w_down, expert_bias):
+        results = _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias)
+        return results[:5]
+
+    @custom_vmap
+    def primal(x, router_weight, w_up, w_down, expert_bias):
+        return unbatched(x, router_weight, w_up, w_down, expert_bias)
+
+    @primal.def_vmap
+    def _(axis_size, in_batched, x, router_weight, w_up, w_down, expert_bias):
+        x_batched = in_batched[0]
+        weights_batched = any(jax.tree.leaves(in_batched[1:]))
+        # Capacity competes across a call's tokens and the padded layout is sized per call,
+        # so only the dropless grouped layout folds exactly.
+        if not x_batched or weights_batched or plan.gemm != "grouped" or options.capacity_factor is not None:
+            in_axes = [jax.tree.map(lambda b: 0 if b else None, flag) for flag in in_batched]
+            outs = jax.vmap(unbatched, in_axes=in_axes)(x, router_weight, w_up, w_down, expert_bias)
+            return outs, (True,) * 5
+        B, N, D = x.shape
+        E, K = router_weight.shape[0], options.top_k
+        out, logits, _, _, topk_ids = primal(x.reshape(B * N, D), router_weight, w_up, w_down, expert_bias)
+        ids = topk_ids.reshape(B, N * K)
+        tokens_per_expert = jnp.zeros((B, E), jnp.int32).at[jnp.arange(B)[:, None], ids].add(1)
+        dropped = jnp.zeros((B,), jnp.int32)  # dropless: no capacity, the grouped layout never overflows
+        outs = (
+            out.reshape(B, N, D),
+            logits.reshape(B, N, E),
+            tokens_per_expert,
+            dropped,
+            topk_ids.reshape(B, N, K),
+        )
+        return outs, (True,) * 5
+
+    return primal
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _moe(options, plan, x, router_weight, w_up, w_down, expert_bias):
+    """``(out [N, D], logits [N, E], tokens_per_expert [E], dropped [])``, differentiable."""
+    return _primal(options, plan)(x, router_weight, w_up, w_down, expert_bias)[:4]
+
+
+def _moe_fwd(options, plan, x, router_weight, w_up, w_down, expert_bias):
+    results = _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias)
+    saved = (x, router_weight, w_up, w_down, expert_bias, results[1], results[4:])
+    return results[:4], saved
+
+
+def _moe_bwd(options, plan, saved, cotangents):
+    x, router_weight, w_up, w_down, expert_bias, logits, residuals = saved
+    grad_out, grad_logits = cotangents[:2]  # tokens_per_expert and dropped are integers
+    grads = _backward_call(
+        options, plan, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits
+    )
+    return (*grads, None if expert_bias is None else jnp.zeros_like(expert_bias))
+
+
+_moe.defvjp(_moe_fwd, _moe_bwd)

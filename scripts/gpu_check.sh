@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, on a machine with a CUDA GPU:
+#
+#   scripts/gpu_check.sh [OUT_DIR]                          # every stage, logs in OUT_DIR
+#   STAGES="gpu-tests demo" scripts/gpu_check.sh "$OUT"     # a subset, in the order given
+#
+# Stages (default: all, in this order):
+#   gpu-tests   pytest -q -m gpu tests      the real kernels on CUDA
+#   tests       pytest -q -m "not gpu" tests the rest; with CUDA present conftest leaves the Triton
+#                                           interpreter off, so CPU tests exercise the torch path
+#   demo        python -m flashfusemoe.demo
+#   layer       python -m benchmarks.layer --shape all
+#   layer-skew  python -m benchmarks.layer --shape all --skew
+#   train       python -m benchmarks.train
+#   plots       python -m benchmarks.plot OUT_DIR --out OUT_DIR/plots
+# Each stage logs to OUT_DIR/<stage>.log; benchmark JSON/markdown land in OUT_DIR/<stage>/.
+# A failing stage does not stop the others; the exit status is non-zero if any stage failed.
+# Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, PYTEST_ARGS (e.g. PYTEST_ARGS="-x").
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
+STAGES=${STAGES:-"gpu-tests tests demo layer layer-skew train plots"}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+mkdir -p "$OUT_DIR"
+
+failed=()
+run_stage() {  # run_stage NAME CMD...
+  local name=$1
+  shift
+  echo
+  echo "=== [$name] $* ($(date +%H:%M:%S))"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  local rc=$?
+  echo "=== [$name] exit $rc after $((SECONDS - t0)) s"
+  if [ "$rc" -ne 0 ]; then
+    failed+=("$name")
+  fi
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "$PYTHON" - <<'EOF'
+import platform
+import torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+for mod in ("triton", "jax", "jaxlib", "flax", "numpy", "matplotlib"):
+    try:
+        print(mod, __import__(mod).__version__)
+    except Exception as exc:
+        print(mod, "not importable:", exc)
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        print(f"gpu {i}: {torch.cuda.get_device_name(i)}, capability {torch.cuda.get_device_capability(i)}")
+else:
+    print("NO CUDA DEVICE: GPU tests will be skipped and benchmarks fall back to --tiny")
+try:
+    import jax
+    print("jax devices", jax.devices())
+except Exception as exc:
+    print("jax devices: unavailable:", exc)
+EOF
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+} 2>&1 | tee "$OUT_DIR/versions.log"
+
+for stage in $STAGES; do
+  case $stage in
+    gpu-tests) run_stage "$stage" "$PYTHON" -m pytest -q -m gpu ${PYTEST_ARGS:-} tests ;;
+    tests) run_stage "$stage" "$PYTHON" -m pytest -q -m "not gpu" ${PYTEST_ARGS:-} tests ;;
+    demo) run_stage "$stage" "$PYTHON" -m flashfusemoe.demo ;;
+    layer) run_stage "$stage" "$PYTHON" -m benchmarks.layer --shape all --out "$OUT_DIR/$stage" ${LAYER_ARGS:-} ;;
+    layer-skew)
+      run_stage "$stage" "$PYTHON" -m benchmarks.layer --shape all --skew --out "$OUT_DIR/$stage" ${LAYER_ARGS:-} ;;
+    train) run_stage "$stage" "$PYTHON" -m benchmarks.train --out "$OUT_DIR/$stage" ${TRAIN_ARGS:-} ;;
+    plots) run_stage "$stage" "$PYTHON" -m benchmarks.plot "$OUT_DIR" --out "$OUT_DIR/plots" ;;
+    *)
+      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train plots)"
+      failed+=("$stage")
+      ;;
+  esac
+done
+
+echo
+echo "logs and results in $OUT_DIR"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed: $STAGES"
