@@ -126,9 +126,39 @@ def _backward(ctx, grad_out, grad_logits, *unused):
 
 torch.library.register_autograd("flashfusemoe::moe_forward", _backward, setup_context=_setup_context)
 
+class _EagerMoE(torch.autograd.Function):
+    """The same core without the custom-op dispatch, whose Python overhead (~1 ms per call on
+    an H200 host) exceeds the whole layer's GPU time at the seed shape. Used outside tracing."""
+
+    @staticmethod
+    def forward(ctx, x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow):
+        with _no_autocast(x.device.type):
+            outputs, residuals, plan = core.forward(x, router_weight, w_up, w_down, expert_bias, options,
+                                                    plan, allow_grow=allow_grow)
+        ctx.options, ctx.plan = options, plan
+        ctx.save_for_backward(x, router_weight, w_up, w_down, outputs.logits, *residuals)
+        ctx.mark_non_differentiable(*outputs[2:], *residuals)
+        ctx.set_materialize_grads(False)
+        return (*outputs, *residuals)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_logits, *unused):
+        x, router_weight, w_up, w_down, logits, *residuals = ctx.saved_tensors
+        with _no_autocast(x.device.type):
+            grads = core.backward(x, router_weight, w_up, w_down, logits, core.Residuals(*residuals),
+                                  grad_out, grad_logits, ctx.options, ctx.plan)
+        return (*grads, None, None, None, None)
+
+
 def moe_forward_call(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: core.Plan,
                      allow_grow: bool):
-    """Calls the custom op with options. Returns ``(core.Outputs, core.Residuals)``."""
-    results = moe_forward(x, router_weight, w_up, w_down, expert_bias, **_options_to_args(options),
-                          gemm=plan.gemm, rows_per_expert=plan.rows_per_expert, allow_grow=allow_grow)
+    """Runs the fused MoE: the custom op when traced by torch.compile, else ``_EagerMoE``.
+
+    Both call ``core.forward``/``core.backward``. Returns ``(core.Outputs, core.Residuals)``.
+    """
+    if torch.compiler.is_compiling():
+        results = moe_forward(x, router_weight, w_up, w_down, expert_bias, **_options_to_args(options),
+                              gemm=plan.gemm, rows_per_expert=plan.rows_per_expert, allow_grow=allow_grow)
+    else:
+        results = _EagerMoE.apply(x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow)
     return core.Outputs(*results[:4]), core.Residuals(*results[4:])

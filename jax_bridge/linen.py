@@ -1,0 +1,65 @@
+"""``FusedMoE``: ``flashfusemoe.MoELayer`` as a Flax Linen module, on the JAX bridge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_bridge.convert import LINEN_BUFFERS, LayerConfig, apply_layer, uniform_init
+
+__all__ = ["FusedMoE"]
+
+
+class FusedMoE(nn.Module):
+    """Top-k routed GLU experts (+ optional shared expert), the Linen twin of ``MoELayer``.
+
+    Same hyperparameters as ``flashfusemoe.MoELayer``, plus ``param_dtype`` (storage) and
+    ``dtype`` (compute; ``None`` promotes the input's and the parameters' dtypes). The
+    ``"params"`` collection holds ``router_weight [E, D]``, ``w_up [E, 2F, D]``,
+    ``w_down [E, D, F]`` and, with shared experts, ``shared_w_up [2Fs, D]``,
+    ``shared_w_down [D, Fs]`` and (``shared_expert_gate``) ``shared_gate_weight [1, D]``, all
+    initialised ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. ``use_expert_bias`` adds an fp32 zero
+    ``expert_bias [E]`` in the non-trainable ``"buffers"`` collection.
+
+    ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
+    ``flashfusemoe.fused_moe``'s.
+    """
+
+    d_model: int
+    ffn_dim: int
+    num_experts: int
+    top_k: int
+    activation: str = "swiglu"
+    score_func: str = "softmax"
+    norm_topk_prob: bool = True
+    use_expert_bias: bool = False
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    capacity_factor: float | None = None
+    gemm: str = "auto"
+    max_tokens_per_expert: int | None = None
+    recompute: bool = False
+    num_shared_experts: int = 0
+    shared_ffn_dim: int | None = None
+    shared_expert_gate: bool = False
+    param_dtype: Any = jnp.float32
+    dtype: Any = None
+
+    @property
+    def config(self) -> LayerConfig:
+        return LayerConfig(**{name: getattr(self, name) for name in LayerConfig.__dataclass_fields__})
+
+    @nn.compact
+    def __call__(self, x, return_aux: bool = False):
+        config = self.config
+        params = {
+            name: self.param(name, uniform_init(fan_in), shape, self.param_dtype)
+            for name, (shape, fan_in) in config.param_specs().items()
+        }
+        if config.use_expert_bias:
+            bias = self.variable(LINEN_BUFFERS, "expert_bias", jnp.zeros, (self.num_experts,), jnp.float32)
+            params["expert_bias"] = bias.value
+        return apply_layer(params, x, config, dtype=self.dtype, return_aux=return_aux)

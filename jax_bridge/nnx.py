@@ -1,0 +1,121 @@
+"""``FusedMoE``: ``flashfusemoe.MoELayer`` as a Flax NNX module, on the JAX bridge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_bridge.convert import (
+    LayerConfig,
+    apply_layer,
+    init_params,
+    layer_kwargs_from_torch,
+    torch_state_dict_to_jax,
+)
+
+__all__ = ["ExpertBias", "FusedMoE"]
+
+
+class ExpertBias(nnx.Variable):
+    """The selection-only routing bias ``[E]`` (fp32): state, not a trainable ``nnx.Param``."""
+
+
+class FusedMoE(nnx.Module):
+    """Top-k routed GLU experts (+ optional shared expert), the NNX twin of ``MoELayer``.
+
+    Same hyperparameters as ``flashfusemoe.MoELayer``, plus ``param_dtype`` (storage) and
+    ``dtype`` (compute; ``None`` promotes the input's and the parameters' dtypes). Parameters,
+    with the torch names and layouts: ``router_weight [E, D]``, ``w_up [E, 2F, D]``,
+    ``w_down [E, D, F]``; with shared experts ``shared_w_up [2Fs, D]``, ``shared_w_down [D, Fs]``
+    and, with ``shared_expert_gate``, ``shared_gate_weight [1, D]``, all ``nnx.Param``
+    initialised ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. ``use_expert_bias`` adds
+    ``expert_bias``, an fp32 ``ExpertBias [E]`` of zeros (not trained; update it yourself).
+
+    ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
+    ``flashfusemoe.fused_moe``'s.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        activation="swiglu",
+        score_func="softmax",
+        norm_topk_prob=True,
+        use_expert_bias=False,
+        n_group=None,
+        topk_group=None,
+        routed_scaling_factor=1.0,
+        capacity_factor=None,
+        gemm="auto",
+        max_tokens_per_expert=None,
+        recompute=False,
+        num_shared_experts=0,
+        shared_ffn_dim=None,
+        shared_expert_gate=False,
+        param_dtype=jnp.float32,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.config = LayerConfig(
+            d_model=d_model,
+            ffn_dim=ffn_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            activation=activation,
+            score_func=score_func,
+            norm_topk_prob=norm_topk_prob,
+            use_expert_bias=use_expert_bias,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+            capacity_factor=capacity_factor,
+            gemm=gemm,
+            max_tokens_per_expert=max_tokens_per_expert,
+            recompute=recompute,
+            num_shared_experts=num_shared_experts,
+            shared_ffn_dim=shared_ffn_dim,
+            shared_expert_gate=shared_expert_gate,
+        )
+        self.param_dtype, self.dtype = param_dtype, dtype
+        params = init_params(rngs.params(), self.config, param_dtype)
+        for name in ("router_weight", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate_weight"):
+            setattr(self, name, nnx.Param(params[name]) if name in params else None)
+        self.expert_bias = ExpertBias(params["expert_bias"]) if use_expert_bias else None
+
+    @classmethod
+    def from_torch(cls, layer, *, dtype=None) -> FusedMoE:
+        """The NNX twin of a torch ``MoELayer``: same hyperparameters, exact copies of its weights
+        (``param_dtype`` is the layer's dtype), compute ``dtype`` as given."""
+        params = torch_state_dict_to_jax(layer.state_dict())
+        param_dtype = params["router_weight"].dtype
+        module = cls(**layer_kwargs_from_torch(layer), param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0))
+        module.load_params_dict(params)
+        return module
+
+    def params_dict(self) -> dict:
+        """``{torch name: array}`` of the parameters and ``expert_bias`` this module has."""
+        names = (*self.config.param_specs(), *(("expert_bias",) if self.config.use_expert_bias else ()))
+        return {name: getattr(self, name)[...] for name in names}
+
+    def load_params_dict(self, params: Mapping) -> None:
+        """Sets every variable from ``{torch name: array}``, cast to the variable's dtype.
+
+        The names must be exactly ``params_dict()``'s and the shapes must match.
+        """
+        current = self.params_dict()
+        if set(params) != set(current):
+            raise ValueError(f"expected entries {sorted(current)}, got {sorted(params)}")
+        for name, value in params.items():
+            if tuple(jnp.shape(value)) != current[name].shape:
+                raise ValueError(f"{name} must have shape {current[name].shape}, got {jnp.shape(value)}")
+        for name, value in params.items():
+            getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
+
+    def __call__(self, x, return_aux: bool = False):
+        return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux)
