@@ -1,5 +1,8 @@
 """Forward+backward time of each routing variant relative to default softmax routing (GPU, bf16).
 
+Each step is timed twice: as called from Python (host overhead included) and replayed as a
+CUDA graph (device time only, the steady state under CUDA graphs or a fast host).
+
     PYTHONPATH=. python -m benchmarks.routing_variants [--shape N D F E K]
 """
 
@@ -10,7 +13,7 @@ import argparse
 import torch
 
 import flashfusemoe
-from flashfusemoe.profiling import median_ms
+from flashfusemoe.profiling import graph_median_ms, median_ms
 
 VARIANTS = {
     "softmax (default)": {},
@@ -60,8 +63,10 @@ def main(argv=None) -> int:
             return torch.autograd.grad(res, leaves, grad_out)
 
         ms = median_ms(step, warmup=5, iters=30)
-        base = base or ms
-        print(f"  {name:34s} {ms:8.3f} ms   {ms / base:5.2f}x of default")
+        graph_ms = graph_median_ms(step) if cuda else ms
+        base = base or (ms, graph_ms)
+        print(f"  {name:34s} eager {ms:8.3f} ms {ms / base[0]:5.2f}x   "
+              f"CUDA graph {graph_ms:8.3f} ms {graph_ms / base[1]:5.2f}x of default")
     return 0
 
 

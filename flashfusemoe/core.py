@@ -90,13 +90,16 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
     E = router_weight.shape[0]
     route_args = (x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
                   options.n_group, options.topk_group, float(options.routed_scaling_factor))
-    if plan.gemm == "grouped" and options.capacity_factor is None:
+    if plan.gemm == "grouped":
         # Default path: the routing kernel counts tokens per block and expert, so the layout and
-        # the row gather take one launch.
+        # the row gather take one launch. Capacity then drops rows in place (zeros, -1 maps).
         logits, topk_ids, topk_weights, block_counts, block_n = routing.route_forward(
             *route_args, with_block_counts=True)
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = (
             permute.layout_and_gather(x, topk_ids, E, block_counts, block_n))
+        if options.capacity_factor is not None:
+            num_unplaced = permute.capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign,
+                                                 expert_ends, options.capacity(x.shape[0], E))
     else:
         logits, topk_ids, topk_weights = routing.route_forward(*route_args)
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(

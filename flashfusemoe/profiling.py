@@ -38,3 +38,20 @@ def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_median_ms(fn, warmup: int = 3, iters: int = 20) -> float:
+    """Median GPU time of ``fn`` replayed as a CUDA graph: device time without host overhead.
+
+    ``fn`` must be capturable (no host sync); tensors it allocates are reused across replays.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, warmup=warmup, iters=iters)

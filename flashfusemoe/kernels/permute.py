@@ -337,6 +337,115 @@ def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int)
     return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
 
 
+@triton.jit
+def _capacity_drop_kernel(
+    weights_ptr,
+    assign_to_row_ptr,
+    row_to_assign_ptr,
+    expert_ends_ptr,
+    x_sorted_ptr,
+    dropped_ptr,
+    D,
+    E,
+    capacity,
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    # Program e keeps the `capacity` highest-weight rows of expert e (ties: lower row, i.e.
+    # token order) and drops the rest in place. The capacity-th largest weight is found by
+    # bisection on the bit patterns of the (non-negative) weights, which order like the values.
+    e = tl.program_id(0)
+    if FP64:
+        bits_ty = tl.int64
+        n_iter = 64
+        hi0 = 0x7FF0000000000001
+    else:
+        bits_ty = tl.int32
+        n_iter = 32
+        hi0 = 0x7F800001
+    if e == 0:
+        ev = tl.arange(0, BLOCK_E)
+        ends = tl.load(expert_ends_ptr + ev, mask=ev < E, other=0)
+        prev = tl.load(expert_ends_ptr + ev - 1, mask=(ev > 0) & (ev < E), other=0)
+        tl.store(dropped_ptr, tl.sum(tl.maximum(ends - prev - capacity, 0), axis=0))
+    end = tl.load(expert_ends_ptr + e)
+    start = tl.load(expert_ends_ptr + e - 1, mask=e > 0, other=0)
+    if end - start > capacity:
+        lo = tl.zeros([], bits_ty)
+        hi = tl.full([], hi0, bits_ty)
+        for _ in range(n_iter):
+            mid = lo + (hi - lo) // 2
+            n_ge = tl.zeros([], tl.int32)
+            for r0 in range(start, end, BLOCK):
+                r = r0 + tl.arange(0, BLOCK)
+                m = r < end
+                a = tl.load(row_to_assign_ptr + r, mask=m, other=0)
+                bits = tl.load(weights_ptr + a, mask=m, other=0.0).to(bits_ty, bitcast=True)
+                n_ge += tl.sum((m & (bits >= mid)).to(tl.int32), axis=0)
+            lo = tl.where(n_ge >= capacity, mid, lo)
+            hi = tl.where(n_ge >= capacity, hi, mid)
+        n_gt = tl.zeros([], tl.int32)
+        for r0 in range(start, end, BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            m = r < end
+            a = tl.load(row_to_assign_ptr + r, mask=m, other=0)
+            bits = tl.load(weights_ptr + a, mask=m, other=0.0).to(bits_ty, bitcast=True)
+            n_gt += tl.sum((m & (bits > lo)).to(tl.int32), axis=0)
+        n_eq_before = tl.zeros([], tl.int32)
+        for r0 in range(start, end, BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            m = r < end
+            a = tl.load(row_to_assign_ptr + r, mask=m, other=0)
+            bits = tl.load(weights_ptr + a, mask=m, other=0.0).to(bits_ty, bitcast=True)
+            eq = (m & (bits == lo)).to(tl.int32)
+            tie_rank = n_eq_before + tl.cumsum(eq, axis=0) - eq
+            keep = (bits > lo) | ((eq != 0) & (n_gt + tie_rank < capacity))
+            drop = m & ~keep
+            n_eq_before += tl.sum(eq, axis=0)
+            tl.store(assign_to_row_ptr + a, tl.full([BLOCK], -1, tl.int32), mask=drop)
+            tl.store(row_to_assign_ptr + r, tl.full([BLOCK], -1, tl.int32), mask=drop)
+            r64 = r.to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                zero = tl.zeros([BLOCK, BLOCK_D], x_sorted_ptr.dtype.element_ty)
+                tl.store(x_sorted_ptr + r64[:, None] * D + cols[None, :], zero,
+                         mask=drop[:, None] & (cols < D)[None, :])
+
+
+def capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_ends, capacity: int):
+    """Capacity on a dropless layout, in place: each expert keeps its ``capacity`` highest-weight
+    rows (ties: token order); dropped rows get ``-1`` in both maps and zeros in ``x_sorted``.
+
+    ``x_sorted`` ``[A, D]``, ``topk_weights`` ``[N, K]`` (non-negative), maps and ``expert_ends``
+    as from ``layout_and_gather``. Returns ``dropped`` ``[1]`` int32. One launch, no host sync.
+    """
+    num_experts = expert_ends.numel()
+    n, k = topk_weights.shape
+    weights = topk_weights.reshape(-1).contiguous()
+    if n == 0:
+        return torch.zeros(1, dtype=torch.int32, device=x_sorted.device)
+    if not use_triton(x_sorted):
+        valid = assign_to_row >= 0
+        experts = torch.searchsorted(expert_ends.long(), assign_to_row.long(), right=True)
+        keep = capacity_keep(experts.view(n, k), topk_weights, num_experts, capacity)
+        drop = valid & ~keep
+        rows = assign_to_row.long()[drop]
+        row_to_assign[rows] = -1
+        x_sorted[rows] = 0
+        assign_to_row[drop] = -1
+        return drop.sum().reshape(1).to(torch.int32)
+    dropped = torch.empty(1, dtype=torch.int32, device=x_sorted.device)
+    d = x_sorted.shape[1]
+    _capacity_drop_kernel[(num_experts,)](
+        weights, assign_to_row, row_to_assign, expert_ends, x_sorted, dropped, d, num_experts, capacity,
+        FP64=weights.dtype == torch.float64, BLOCK=1024, BLOCK_D=min(64, triton.next_power_of_2(max(d, 1))),
+        BLOCK_E=triton.next_power_of_2(num_experts),
+    )
+    return dropped
+
+
 def capacity_keep(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int
 ) -> torch.Tensor:
@@ -625,6 +734,14 @@ def _aot_specs() -> list:
                   "BLOCK_E": e_total, "BLOCK_D": 64, "TABLE_ROWS": 64}
         sig.update({name: "constexpr" for name in consts})
         specs.append((_layout_gather_kernel, sig, consts))
+    for dtype, wdt in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
+        sig = {"weights_ptr": f"*{triton_dtype(wdt)}", "x_sorted_ptr": f"*{triton_dtype(dtype)}"}
+        sig.update({name: "*i32" for name in ("assign_to_row_ptr", "row_to_assign_ptr", "expert_ends_ptr",
+                                              "dropped_ptr")})
+        sig.update({"D": i32, "E": i32, "capacity": i32})
+        consts = {"FP64": wdt == torch.float64, "BLOCK": 1024, "BLOCK_D": 64, "BLOCK_E": 64}
+        sig.update({name: "constexpr" for name in consts})
+        specs.append((_capacity_drop_kernel, sig, consts))
     return specs
 
 

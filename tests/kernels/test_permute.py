@@ -263,3 +263,27 @@ def test_layout_and_gather_equals_layout_then_gather(backend, device, n, k, e, b
                           got, want):
         assert torch.equal(g.cpu(), w.cpu()), name
     assert torch.equal(got[0].cpu(), x.cpu()[got[2].long().cpu() // k])  # and it is the gather
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("capacity", [0, 1, 5, 40])
+def test_capacity_drop_matches_capacity_keep(backend, device, wdtype, capacity):
+    n, k, e = 60, 2, 4
+    ids = random_ids(n, k, e, device)
+    ids[: n // 2, 0] = 1  # overload expert 1
+    # few distinct values: many exact ties, which must go to the lower token
+    weights = (torch.randint(0, 4, (n, k)).to(wdtype) / 4).to(device)
+    x = torch.randn(n, 20, dtype=torch.float64, device=device)
+    x_sorted, a2r, r2a, ends, tokens, _ = permute.layout_and_gather(x, ids, e, None, 0)
+    dropped = permute.capacity_drop(x_sorted, weights, a2r, r2a, ends, capacity)
+    keep = permute.capacity_keep(ids, weights, e, capacity)
+    assert torch.equal((a2r >= 0).cpu(), keep.cpu())
+    assert int(dropped) == int((~keep).sum())
+    want_maps = permute.expert_layout(ids, e)  # rows stay where the dropless layout put them
+    kept_rows = want_maps[0][keep]
+    assert torch.equal(a2r[keep].cpu(), kept_rows.cpu())
+    assert torch.equal(r2a[kept_rows.long()].cpu(), torch.nonzero(keep.cpu()).flatten().to(torch.int32))
+    dropped_rows = want_maps[0][~keep].long()
+    assert bool((r2a[dropped_rows] == -1).all()) and torch.count_nonzero(x_sorted[dropped_rows]) == 0
+    kept_assignments = torch.nonzero(keep.cpu()).flatten()
+    assert torch.equal(x_sorted[kept_rows.long()].cpu(), x.cpu()[kept_assignments // k])
