@@ -141,9 +141,8 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     r = residuals
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    x_sorted = permute.gather_rows(x, r.row_to_assign, K)
+    x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
     h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
-    dy = permute.gather_rows(grad_out.contiguous(), r.row_to_assign, K)
     da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
     dh, a_weighted, grad_w_row = activation.glu_backward(
         h, da, options.activation, r.row_to_assign, r.topk_weights

@@ -51,7 +51,7 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     plan = make_plan(options, x2d, router_weight, w_up, w_down, expert_bias)
     # Growing an overflowing padded layout changes residual shapes, which a traced graph can't follow.
     allow_grow = not torch.compiler.is_compiling()
-    outputs, _ = ops.moe_forward_call(
+    outputs = ops.moe_forward_call(
         x2d, router_weight.contiguous(), w_up.contiguous(), w_down.contiguous(), expert_bias, options,
         plan, allow_grow,
     )

@@ -137,9 +137,9 @@ class _EagerMoE(torch.autograd.Function):
                                                     plan, allow_grow=allow_grow)
         ctx.options, ctx.plan = options, plan
         ctx.save_for_backward(x, router_weight, w_up, w_down, outputs.logits, *residuals)
-        ctx.mark_non_differentiable(*outputs[2:], *residuals)
+        ctx.mark_non_differentiable(*outputs[2:])
         ctx.set_materialize_grads(False)
-        return (*outputs, *residuals)
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, *unused):
@@ -154,11 +154,11 @@ def moe_forward_call(x, router_weight, w_up, w_down, expert_bias, options: MoEOp
                      allow_grow: bool):
     """Runs the fused MoE: the custom op when traced by torch.compile, else ``_EagerMoE``.
 
-    Both call ``core.forward``/``core.backward``. Returns ``(core.Outputs, core.Residuals)``.
+    Both call ``core.forward``/``core.backward``. Returns ``core.Outputs``.
     """
     if torch.compiler.is_compiling():
         results = moe_forward(x, router_weight, w_up, w_down, expert_bias, **_options_to_args(options),
                               gemm=plan.gemm, rows_per_expert=plan.rows_per_expert, allow_grow=allow_grow)
     else:
         results = _EagerMoE.apply(x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow)
-    return core.Outputs(*results[:4]), core.Residuals(*results[4:])
+    return core.Outputs(*results[:4])

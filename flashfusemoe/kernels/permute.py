@@ -478,12 +478,16 @@ def capacity_keep(
 @triton.jit
 def _gather_rows_kernel(
     src_ptr,
+    src2_ptr,
     row_to_assign_ptr,
     out_ptr,
+    out2_ptr,
     R,
     D,
     top_k,
     stride_src,
+    stride_src2,
+    TWO: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -494,13 +498,14 @@ def _gather_rows_kernel(
     asg = tl.load(row_to_assign_ptr + rows, mask=rmask, other=-1)
     valid = asg >= 0
     tok = tl.where(valid, asg // top_k, 0).to(tl.int64)
-    x = tl.load(
-        src_ptr + tok[:, None] * stride_src + cols[None, :],
-        mask=valid[:, None] & cmask[None, :],
-        other=0.0,
-    )
+    in_mask = valid[:, None] & cmask[None, :]
     out_off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    tl.store(out_ptr + out_off, x, mask=rmask[:, None] & cmask[None, :])
+    out_mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(src_ptr + tok[:, None] * stride_src + cols[None, :], mask=in_mask, other=0.0)
+    tl.store(out_ptr + out_off, x, mask=out_mask)
+    if TWO:  # a second source with the same rows (backward: x and grad_out in one pass)
+        x2 = tl.load(src2_ptr + tok[:, None] * stride_src2 + cols[None, :], mask=in_mask, other=0.0)
+        tl.store(out2_ptr + out_off, x2, mask=out_mask)
 
 
 def _blocks(d: int, target: int) -> tuple[int, int]:
@@ -508,28 +513,38 @@ def _blocks(d: int, target: int) -> tuple[int, int]:
     return max(1, target // block_d), block_d
 
 
-def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int) -> torch.Tensor:
+def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
+                second: torch.Tensor | None = None):
     """``out[r] = src[row_to_assign[r] // top_k]``, zeros where ``row_to_assign[r] == -1``.
 
-    ``src`` ``[N, D]``, ``row_to_assign`` ``[R]`` int32; returns ``[R, D]`` like ``src``.
+    ``src`` ``[N, D]``, ``row_to_assign`` ``[R]`` int32; returns ``[R, D]`` like ``src``. With
+    ``second`` (``[N, D]``, same dtype) both are gathered in one launch: returns ``(out, out2)``.
     """
+    if second is not None and (second.dtype != src.dtype or second.shape != src.shape or not use_triton(src)):
+        return gather_rows(src, row_to_assign, top_k), gather_rows(second, row_to_assign, top_k)
     r_total = row_to_assign.numel()
     n, d = src.shape
     if r_total == 0 or d == 0 or n == 0:
-        return torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
+        out = torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
+        return out if second is None else (out, out.clone())
     if src.stride(1) != 1:
         src = src.contiguous()
     if not use_triton(src):
         valid = row_to_assign >= 0
         tok = torch.where(valid, row_to_assign.long() // top_k, 0)
         return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
+    if second is not None and second.stride(1) != 1:
+        second = second.contiguous()
     out = torch.empty(r_total, d, device=src.device, dtype=src.dtype)
+    out2 = out if second is None else torch.empty_like(out)
     block_r, block_d = _blocks(d, _GATHER_ELEMS)
     grid = (triton.cdiv(r_total, block_r), triton.cdiv(d, block_d))
     _gather_rows_kernel[grid](
-        src, row_to_assign, out, r_total, d, top_k, src.stride(0), BLOCK_R=block_r, BLOCK_D=block_d
+        src, src if second is None else second, row_to_assign, out, out2, r_total, d, top_k, src.stride(0),
+        src.stride(0) if second is None else second.stride(0), TWO=second is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d,
     )
-    return out
+    return out if second is None else (out, out2)
 
 
 @triton.jit
@@ -681,16 +696,21 @@ def _aot_specs() -> list:
         block_r, block_d = _blocks(4096, _GATHER_ELEMS)
         sig = {
             "src_ptr": f"*{t}",
+            "src2_ptr": f"*{t}",
             "row_to_assign_ptr": "*i32",
             "out_ptr": f"*{t}",
+            "out2_ptr": f"*{t}",
             "R": i32,
             "D": i32,
             "top_k": i32,
             "stride_src": i32,
+            "stride_src2": i32,
+            "TWO": "constexpr",
             "BLOCK_R": "constexpr",
             "BLOCK_D": "constexpr",
         }
-        specs.append((_gather_rows_kernel, sig, {"BLOCK_R": block_r, "BLOCK_D": block_d}))
+        for two in (False, True):
+            specs.append((_gather_rows_kernel, sig, {"TWO": two, "BLOCK_R": block_r, "BLOCK_D": block_d}))
     block_n, block_d = _blocks(4096, _COMBINE_ELEMS)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = triton_dtype(dtype)

@@ -287,3 +287,13 @@ def test_capacity_drop_matches_capacity_keep(backend, device, wdtype, capacity):
     assert bool((r2a[dropped_rows] == -1).all()) and torch.count_nonzero(x_sorted[dropped_rows]) == 0
     kept_assignments = torch.nonzero(keep.cpu()).flatten()
     assert torch.equal(x_sorted[kept_rows.long()].cpu(), x.cpu()[kept_assignments // k])
+
+
+@pytest.mark.parametrize("m", [0, 5])
+def test_gather_rows_two_sources_in_one_launch(backend, device, m):
+    n, k, e, d = 33, 2, 4, 40
+    _, row_to_assign, *_ = layout_for(n, k, e, m, device)
+    x, g = torch.randn(n, d, device=device), torch.randn(n, d, device=device)
+    out, out2 = permute.gather_rows(x, row_to_assign, k, second=g)
+    assert torch.equal(out, permute.gather_rows(x, row_to_assign, k))
+    assert torch.equal(out2, permute.gather_rows(g, row_to_assign, k))
