@@ -254,19 +254,20 @@ def test_state_dict_round_trips_exactly(dtype):
     for result in (back, via_nnx, via_linen):
         assert set(result) == set(sd)
         for name, t in sd.items():
-            assert result[name].dtype == t.dtype and torch.equal(result[name], t), name
+            # the converters return host tensors; the layer may live on the GPU
+            assert result[name].dtype == t.dtype and torch.equal(result[name].cpu(), t.cpu()), name
 
     # Inside a model's state_dict: only the prefixed entries, and back under the same prefix.
     model_sd = {"embed.weight": torch.randn(3, D), **{f"blocks.0.moe.{k}": v for k, v in sd.items()}}
     flat = convert.torch_state_dict_to_jax(model_sd, prefix="blocks.0.moe.")
     assert set(flat) == set(sd)
     again = convert.jax_params_to_torch_state_dict(flat, prefix="blocks.0.moe.")
-    assert all(torch.equal(again[f"blocks.0.moe.{k}"], v) for k, v in sd.items())
+    assert all(torch.equal(again[f"blocks.0.moe.{k}"].cpu(), v.cpu()) for k, v in sd.items())
     fresh = flashfusemoe.MoELayer(
         D, F, E, K, num_shared_experts=1, shared_expert_gate=True, use_expert_bias=True, dtype=dtype
     )
     fresh.load_state_dict(convert.jax_params_to_torch_state_dict(convert.torch_state_dict_to_jax(sd)))
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    assert all(torch.equal(fresh.state_dict()[k].cpu(), v.cpu()) for k, v in sd.items())
 
 
 def test_converters_reject_mismatches():
