@@ -288,15 +288,13 @@ def _layout_gather_kernel(
         asg = t64[:, None] * K + k_offs[None, :]
         tl.store(assign_to_row_ptr + asg, rows, mask=amask)
         tl.store(row_to_assign_ptr + rows, asg.to(tl.int32), mask=amask)
-        rows64 = rows.to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < D
-            xmask = nmask[:, None] & cmask[None, :]
+            xmask = nmask[:, None] & (cols < D)[None, :]
             xt = tl.load(x_ptr + t64[:, None] * stride_x + cols[None, :], mask=xmask)
-            dst = x_sorted_ptr + rows64[:, :, None] * D + cols[None, None, :]
-            tl.store(dst, tl.broadcast_to(xt[:, None, :], [BLOCK_N, BLOCK_K, BLOCK_D]),
-                     mask=amask[:, :, None] & cmask[None, None, :])
+            for k in tl.static_range(K):  # each token row goes to its K expert rows
+                dst = tl.sum(tl.where(k_offs[None, :] == k, rows, 0), axis=1).to(tl.int64)
+                tl.store(x_sorted_ptr + dst[:, None] * D + cols[None, :], xt, mask=xmask)
 
 
 def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
@@ -327,7 +325,7 @@ def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int)
     tokens_per_expert = torch.empty(num_experts, device=dev, dtype=i32)
     num_unplaced = torch.empty(1, device=dev, dtype=i32)
     block_k = triton.next_power_of_2(k)
-    block_d = max(16, min(256, triton.next_power_of_2(d), 8192 // (block_n * block_k)))
+    block_d = max(16, min(256, triton.next_power_of_2(d), 8192 // block_n))
     _layout_gather_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
         x, topk_ids, block_counts, x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert,
         num_unplaced, n, d, num_experts, num_blocks, x.stride(0), K=k,
