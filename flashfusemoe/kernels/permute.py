@@ -561,8 +561,10 @@ def _combine_rows_kernel(
     HAS_W: tl.constexpr,
     HAS_ROUTER: tl.constexpr,
     FP64: tl.constexpr,
+    ROUTER_TF32: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -588,10 +590,18 @@ def _combine_rows_kernel(
         acc += y
     mask2 = nmask[:, None] & cmask[None, :]
     if HAS_ROUTER:  # + logit_grad[n] @ router_weight, the router's share of grad_x
-        for e in range(E):
-            g = tl.load(logit_grad_ptr + t64 * E + e, mask=nmask, other=0.0).to(acc.dtype)
-            w = tl.load(router_weight_ptr + e * D + cols, mask=cmask, other=0.0).to(acc.dtype)
-            acc += g[:, None] * w[None, :]
+        for e0 in range(0, E, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            emask = e < E
+            gmask = nmask[:, None] & emask[None, :]
+            g = tl.load(logit_grad_ptr + t64[:, None] * E + e[None, :], mask=gmask, other=0.0).to(acc.dtype)
+            wmask = emask[:, None] & cmask[None, :]
+            w = tl.load(router_weight_ptr + e[:, None] * D + cols[None, :], mask=wmask, other=0.0)
+            w = w.to(acc.dtype)
+            if ROUTER_TF32:  # 16-bit output: tf32 products are far below its rounding
+                acc += tl.dot(g, w, input_precision="tf32")
+            else:
+                acc += tl.dot(g, w, input_precision="ieee")
     out_off = t64[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
@@ -639,6 +649,9 @@ def combine_rows(
         return acc.to(out_dtype)
     out = torch.empty(n, d, device=dev, dtype=out_dtype)
     block_n, block_d = _blocks(d, _COMBINE_ELEMS)
+    num_experts = 0 if addend is None else addend[0].shape[1]
+    if addend is not None:  # tl.dot tiles are at least 16 wide
+        block_n, block_d = max(block_n, 16), max(block_d, 16)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     _combine_rows_kernel[grid](
         rows,
@@ -650,13 +663,15 @@ def combine_rows(
         n,
         d,
         top_k,
-        0 if addend is None else addend[0].shape[1],
+        num_experts,
         rows.stride(0),
         HAS_W=weights is not None,
         HAS_ROUTER=addend is not None,
         FP64=fp64,
+        ROUTER_TF32=out_dtype in (torch.bfloat16, torch.float16),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        BLOCK_E=min(64, max(16, triton.next_power_of_2(max(num_experts, 1)))),
     )
     return out
 
@@ -730,15 +745,19 @@ def _aot_specs() -> list:
                 "HAS_W": "constexpr",
                 "HAS_ROUTER": "constexpr",
                 "FP64": "constexpr",
+                "ROUTER_TF32": "constexpr",
                 "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
+                "BLOCK_E": "constexpr",
             }
             consts = {
                 "HAS_W": has_w,
                 "HAS_ROUTER": has_router,
                 "FP64": fp64,
-                "BLOCK_N": block_n,
+                "ROUTER_TF32": dtype in (torch.bfloat16, torch.float16),
+                "BLOCK_N": max(block_n, 16),
                 "BLOCK_D": block_d,
+                "BLOCK_E": 64,
             }
             specs.append((_combine_rows_kernel, sig, consts))
     for dtype, e_total, k in ((torch.bfloat16, 8, 2), (torch.float32, 128, 8), (torch.float64, 64, 6)):
