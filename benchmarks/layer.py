@@ -682,12 +682,17 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def run_restoring_threads(main_fn, argv) -> int:
+    """``main_fn(argv)``, then torch's thread count as it was (``--tiny`` lowers it)."""
     threads = torch.get_num_threads()
     try:
-        return _main(argv)
+        return main_fn(argv)
     finally:
         torch.set_num_threads(threads)
+
+
+def main(argv=None) -> int:
+    return run_restoring_threads(_main, argv)
 
 
 def _main(argv=None) -> int:

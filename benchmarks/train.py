@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flashfusemoe
-from benchmarks.layer import environment, log
+from benchmarks.layer import environment, log, run_restoring_threads
 from flashfusemoe.layer import init_uniform_
 from flashfusemoe.reference import moe_reference
 
@@ -407,11 +407,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    return run_restoring_threads(_main, argv)
 
 
 def _main(argv=None) -> int:
