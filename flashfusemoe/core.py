@@ -152,12 +152,10 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
     # grad_logits_x: the same in x's dtype, for the router-weight GEMM (fp32 accumulation), like
     # any autocast linear layer's weight gradient.
-    routed = routing.route_backward(
+    grad_logits, grad_logits_x = routing.route_backward(
         logits, r.topk_ids, grad_w_row, r.assign_to_row, grad_logits, options.score_func,
-        options.norm_topk_prob, float(options.routed_scaling_factor),
-        copy_dtype=x.dtype if x.dtype != logits.dtype else None,
+        options.norm_topk_prob, float(options.routed_scaling_factor), copy_dtype=x.dtype,
     )
-    grad_logits, grad_logits_x = routed if isinstance(routed, tuple) else (routed, routed)
     grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, logit_grad=grad_logits,
                                   router_weight=router_weight, out_dtype=x.dtype)
     grad_router = grad_logits_x.t() @ x

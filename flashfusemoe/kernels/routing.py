@@ -410,7 +410,8 @@ def route_backward(
 
     ``assign_to_row [N*K]`` maps assignment ``n*K + k`` to its row (``-1``: dropped, no
     gradient); ``grad_logits_ext [N, E]`` (aux losses) is added when given. With ``copy_dtype``
-    returns ``(grad_logits, grad_logits.to(copy_dtype))``, both written by the one launch.
+    returns ``(grad_logits, grad_logits.to(copy_dtype))``, both written by the one launch (the
+    same tensor twice when ``copy_dtype`` is already ``logits.dtype``).
     """
     if score_func not in ("softmax", "sigmoid"):
         raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
@@ -423,9 +424,10 @@ def route_backward(
     N, E = logits.shape
     K = topk_ids.shape[1]
     grad_logits = torch.empty_like(logits)
-    copy = None if copy_dtype is None else torch.empty_like(logits, dtype=copy_dtype)
+    copy = None if copy_dtype in (None, logits.dtype) else torch.empty_like(logits, dtype=copy_dtype)
+    wants_copy = copy_dtype is not None
     if N == 0:
-        return grad_logits if copy is None else (grad_logits, copy)
+        return (grad_logits, grad_logits if copy is None else copy) if wants_copy else grad_logits
     logits = logits.contiguous()
     topk_ids = topk_ids.contiguous()
     assign_to_row = assign_to_row.contiguous()
@@ -454,7 +456,7 @@ def route_backward(
         BLOCK_K=triton.next_power_of_2(K),
         num_warps=4,
     )
-    return grad_logits if copy is None else (grad_logits, copy)
+    return (grad_logits, grad_logits if copy is None else copy) if wants_copy else grad_logits
 
 
 def _aot_specs():
