@@ -30,18 +30,24 @@ VARIANTS = {
 }
 
 
-def _options(name, E, dtype=torch.float64):
+def _options(name, E, dtype=torch.float64, device="cpu"):
     options = dict(VARIANTS[name])
     if options.get("expert_bias") == "random":
-        options["expert_bias"] = 0.1 * torch.randn(E, dtype=dtype)
+        options["expert_bias"] = 0.1 * torch.randn(E, dtype=dtype, device=device)
     return options
 
 
+# "cuda": the Triton kernels on the GPU in float64 (on a GPU machine "cpu" runs the torch path)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variant_matches_reference(variant, gemm):
-    tensors = random_moe(N=40, D=16, F=8, E=8)
-    fused, ref = fused_and_reference(tensors, top_k=3, gemm=gemm, return_aux=True, **_options(variant, 8))
+def test_variant_matches_reference(variant, gemm, dev):
+    tensors = random_moe(N=40, D=16, F=8, E=8, device=dev)
+    fused, ref = fused_and_reference(tensors, top_k=3, gemm=gemm, return_aux=True,
+                                     **_options(variant, 8, device=dev))
     assert_close(fused, ref, TOL64, variant)
     assert torch.equal(fused[1]["tokens_per_expert"].long(), ref[1]["tokens_per_expert"].long())
     assert int(fused[1]["dropped_tokens"]) == int(ref[1]["dropped_tokens"])
