@@ -27,9 +27,9 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from synthetic_data import markov_chain, sample_batches  # noqa: E402
 
 from jax_bridge.convert import load_torch_state_dict_into_nnx, torch_to_numpy  # noqa: E402
 from jax_bridge.nnx import FusedMoE  # noqa: E402
@@ -60,39 +60,6 @@ def parse_args(argv=None):
         help="start from the initial weights of examples/torch_train.py (same --seed)",
     )
     return p.parse_args(argv)
-
-
-# ---- data (identical in torch_train.py) --------------------------------------------------------
-
-
-def markov_chain(vocab: int, branching: int, seed: int):
-    """Transition matrix [V, V] with ``branching`` random successors per token, and its entropy rate."""
-    rng = np.random.default_rng(seed)
-    probs = np.zeros((vocab, vocab))
-    for token in range(vocab):
-        successors = rng.choice(vocab, size=branching, replace=False)
-        probs[token, successors] = rng.dirichlet(np.ones(branching))
-    # Stationary distribution: the eigenvector of probs.T for eigenvalue 1.
-    values, vectors = np.linalg.eig(probs.T)
-    pi = np.abs(np.real(vectors[:, np.argmin(np.abs(values - 1))]))
-    pi /= pi.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        row_entropy = -np.nansum(np.where(probs > 0, probs * np.log(probs), 0.0), axis=1)
-    return probs, float(pi @ row_entropy)
-
-
-def sample_batches(probs, batch_size: int, seq_len: int, seed: int):
-    """Endless int32 batches [B, seq_len + 1] of chain walks from uniform random starts."""
-    rng = np.random.default_rng(seed)
-    cumulative = np.cumsum(probs, axis=1)
-    vocab = probs.shape[0]
-    while True:
-        seq = np.empty((batch_size, seq_len + 1), np.int32)
-        seq[:, 0] = rng.integers(vocab, size=batch_size)
-        for t in range(seq_len):
-            u = rng.random(batch_size)[:, None]
-            seq[:, t + 1] = np.minimum((cumulative[seq[:, t]] < u).sum(axis=1), vocab - 1)
-        yield seq
 
 
 # ---- model -------------------------------------------------------------------------------------
