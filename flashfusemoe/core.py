@@ -141,7 +141,10 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     r = residuals
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
+    if plan.gemm == "grouped" and options.capacity_factor is None:  # every row has its assignment
+        x_sorted, dy = permute.scatter_rows(x, r.assign_to_row, K, second=grad_out)
+    else:
+        x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
     h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
     da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
     dh, a_weighted, grad_w_row = activation.glu_backward(

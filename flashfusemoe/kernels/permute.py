@@ -13,6 +13,10 @@ from flashfusemoe.kernels import triton_dtype, use_triton
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
 _COMBINE_ELEMS = 4096  # output elements per combine program
+_SCATTER_ELEMS = 4096  # source elements per scatter program
+_SCATTER_WARPS = 4
+_COMBINE_WARPS = 4
+_LAYOUT_WARPS = 4
 _LAYOUT_PROGRAMS = 128  # layout_and_gather programs; each reads the whole block_counts table
 
 
@@ -331,6 +335,7 @@ def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int)
         num_unplaced, n, d, num_experts, num_blocks, x.stride(0), K=k,
         BLOCKS_PER_PROGRAM=blocks_per_program, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_D=block_d, TABLE_ROWS=64,
+        num_warps=_LAYOUT_WARPS,
     )
     return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
 
@@ -546,6 +551,80 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
 
 
 @triton.jit
+def _scatter_rows_kernel(
+    src_ptr,
+    src2_ptr,
+    assign_to_row_ptr,
+    out_ptr,
+    out2_ptr,
+    N,
+    D,
+    K,
+    stride_src,
+    stride_src2,
+    TWO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Token-major: each source row is read once and written to its K rows (a row-major gather
+    # reads it K times, from HBM once x outgrows L2).
+    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    nmask = tokens < N
+    cmask = cols < D
+    t64 = tokens.to(tl.int64)
+    in_mask = nmask[:, None] & cmask[None, :]
+    x = tl.load(src_ptr + t64[:, None] * stride_src + cols[None, :], mask=in_mask)
+    if TWO:
+        x2 = tl.load(src2_ptr + t64[:, None] * stride_src2 + cols[None, :], mask=in_mask)
+    for k in range(K):
+        row = tl.load(assign_to_row_ptr + t64 * K + k, mask=nmask, other=-1)
+        out_mask = (row >= 0)[:, None] & cmask[None, :]
+        out_off = row.to(tl.int64)[:, None] * D + cols[None, :]
+        tl.store(out_ptr + out_off, x, mask=out_mask)
+        if TWO:
+            tl.store(out2_ptr + out_off, x2, mask=out_mask)
+
+
+def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
+                 second: torch.Tensor | None = None):
+    """``out[assign_to_row[n*K + k]] = src[n]`` for a layout in which every row has an assignment.
+
+    The token-major twin of ``gather_rows`` for the dropless layout (``R = N*K``, ``assign_to_row``
+    a permutation): each source row is read once. ``src`` ``[N, D]``, ``assign_to_row`` ``[N*K]``
+    int32; returns ``[N*K, D]`` (and the same for ``second`` when given, in the same launch).
+    """
+    if second is not None and (second.dtype != src.dtype or second.shape != src.shape):
+        return scatter_rows(src, assign_to_row, top_k), scatter_rows(second, assign_to_row, top_k)
+    n, d = src.shape
+    r_total = assign_to_row.numel()
+    if r_total != n * top_k:
+        raise ValueError(f"assign_to_row has {r_total} entries, expected N*K = {n}*{top_k}")
+    if not use_triton(src) or r_total == 0 or d == 0:
+        out = src.new_zeros(r_total, d)
+        out2 = None if second is None else src.new_zeros(r_total, d)
+        valid = assign_to_row >= 0
+        rows = assign_to_row[valid].long()
+        out[rows] = src.repeat_interleave(top_k, dim=0)[valid]
+        if second is not None:
+            out2[rows] = second.repeat_interleave(top_k, dim=0)[valid]
+        return out if second is None else (out, out2)
+    if src.stride(1) != 1:
+        src = src.contiguous()
+    if second is not None and second.stride(1) != 1:
+        second = second.contiguous()
+    out = torch.empty(r_total, d, device=src.device, dtype=src.dtype)
+    out2 = out if second is None else torch.empty_like(out)
+    block_n, block_d = _blocks(d, _SCATTER_ELEMS)
+    _scatter_rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+        src, src if second is None else second, assign_to_row, out, out2, n, d, top_k, src.stride(0),
+        src.stride(0) if second is None else second.stride(0), TWO=second is not None,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=_SCATTER_WARPS,
+    )
+    return out if second is None else (out, out2)
+
+
+@triton.jit
 def _combine_rows_kernel(
     rows_ptr,
     assign_to_row_ptr,
@@ -672,6 +751,7 @@ def combine_rows(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_E=min(64, max(16, triton.next_power_of_2(max(num_experts, 1)))),
+        num_warps=_COMBINE_WARPS,
     )
     return out
 
@@ -724,6 +804,15 @@ def _aot_specs() -> list:
         }
         for two in (False, True):
             specs.append((_gather_rows_kernel, sig, {"TWO": two, "BLOCK_R": block_r, "BLOCK_D": block_d}))
+    block_n, block_d = _blocks(4096, _SCATTER_ELEMS)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        t = triton_dtype(dtype)
+        sig = {"src_ptr": f"*{t}", "src2_ptr": f"*{t}", "assign_to_row_ptr": "*i32", "out_ptr": f"*{t}",
+               "out2_ptr": f"*{t}"}
+        sig.update({name: i32 for name in ("N", "D", "K", "stride_src", "stride_src2")})
+        sig.update({name: "constexpr" for name in ("TWO", "BLOCK_N", "BLOCK_D")})
+        for two in (False, True):
+            specs.append((_scatter_rows_kernel, sig, {"TWO": two, "BLOCK_N": block_n, "BLOCK_D": block_d}))
     block_n, block_d = _blocks(4096, _COMBINE_ELEMS)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = triton_dtype(dtype)

@@ -302,3 +302,23 @@ def test_gather_rows_two_sources_in_one_launch(backend, device, m):
     out, out2 = permute.gather_rows(x, row_to_assign, k, second=g)
     assert torch.equal(out, permute.gather_rows(x, row_to_assign, k))
     assert torch.equal(out2, permute.gather_rows(g, row_to_assign, k))
+
+
+@pytest.mark.parametrize("n,k,e", [(37, 2, 5), (40, 8, 8), (1, 1, 1)])
+def test_scatter_rows_equals_gather_rows(backend, device, n, k, e):
+    d = 300  # two 256-wide column blocks, the second partial
+    a2r, r2a, *_ = layout_for(n, k, e, 0, device, drop=False)
+    x = torch.randn(n, d, device=device).to(torch.bfloat16)
+    g = torch.randn(n, d, device=device).to(torch.bfloat16)
+    assert torch.equal(permute.scatter_rows(x, a2r, k).cpu(), permute.gather_rows(x, r2a, k).cpu())
+    out, out2 = permute.scatter_rows(x, a2r, k, second=g)
+    assert torch.equal(out.cpu(), x.cpu()[r2a.long().cpu() // k])
+    assert torch.equal(out2.cpu(), g.cpu()[r2a.long().cpu() // k])
+
+
+def test_scatter_rows_empty_and_bad_map(backend, device):
+    x = torch.randn(0, 8, device=device)
+    assert permute.scatter_rows(x, torch.zeros(0, dtype=torch.int32, device=device), 2).shape == (0, 8)
+    with pytest.raises(ValueError, match="assign_to_row has 3 entries"):
+        bad_map = torch.zeros(3, dtype=torch.int32, device=device)
+        permute.scatter_rows(torch.randn(2, 8, device=device), bad_map, 2)
