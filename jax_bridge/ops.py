@@ -270,6 +270,7 @@ def _as_torch(buffer) -> torch.Tensor:
 
 
 def _write(out_buffers, results) -> None:
+    dsts = []
     for buffer, result in zip(out_buffers, results, strict=True):
         dst = _as_torch(buffer)
         if dst.shape != result.shape or dst.dtype != result.dtype:
@@ -277,7 +278,8 @@ def _write(out_buffers, results) -> None:
                 f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
                 f"declared {tuple(dst.shape)} {dst.dtype}"
             )
-        dst.copy_(result)
+        dsts.append(dst)
+    torch._foreach_copy_(dsts, list(results))  # one call (and few launches) for all of them
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
