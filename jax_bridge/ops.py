@@ -241,23 +241,39 @@ def _warn_if_xla_preallocates() -> None:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _external_stream(stream: int, index: int) -> torch.cuda.ExternalStream:
+    return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
+
+
 @contextlib.contextmanager
 def _torch_scope(ctx, buffer):
-    """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast."""
+    """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast.
+
+    The callback runs on the caller's thread, so the caller's torch modes would leak in. The
+    modes are switched with the low-level setters: this runs twice per training step.
+    """
     kind, index = buffer.__dlpack_device__()
+    on_gpu = kind in (_DL_CUDA, _DL_ROCM)
+    device_type = "cuda" if on_gpu else "cpu"
+    grad_enabled = torch.is_grad_enabled()
+    autocast_enabled = torch.is_autocast_enabled(device_type)
     with contextlib.ExitStack() as stack:
-        if kind in (_DL_CUDA, _DL_ROCM):
+        if on_gpu:
             _warn_if_xla_preallocates()
-            device = torch.device("cuda", index)
-            stack.enter_context(torch.cuda.device(device))
-            stack.enter_context(torch.cuda.stream(torch.cuda.ExternalStream(ctx.stream, device=device)))
+            stack.enter_context(torch.cuda.device(index))
+            stack.enter_context(torch.cuda.stream(_external_stream(ctx.stream, index)))
         elif INTERPRET:
             stack.enter_context(_INTERPRETER_LOCK)
-        # The caller's torch modes would leak in: the callback runs on the caller's thread.
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(torch.autocast("cuda" if kind in (_DL_CUDA, _DL_ROCM) else "cpu", enabled=False))
-        yield
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        torch.set_grad_enabled(False)
+        torch.set_autocast_enabled(device_type, False)
+        try:
+            yield
+        finally:
+            torch.set_autocast_enabled(device_type, autocast_enabled)
+            torch.set_grad_enabled(grad_enabled)
 
 
 def _as_torch(buffer) -> torch.Tensor:
