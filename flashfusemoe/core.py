@@ -153,13 +153,13 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
     grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
-    # grad_logits_x: the same in x's dtype, for the router-weight GEMM (fp32 accumulation), like
-    # any autocast linear layer's weight gradient.
-    grad_logits, grad_logits_x = routing.route_backward(
+    # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
+    # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
+    grad_logits = routing.route_backward(
         logits, r.topk_ids, grad_w_row, r.assign_to_row, grad_logits, options.score_func,
-        options.norm_topk_prob, float(options.routed_scaling_factor), copy_dtype=x.dtype,
+        options.norm_topk_prob, float(options.routed_scaling_factor), out_dtype=x.dtype,
     )
     grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, logit_grad=grad_logits,
                                   router_weight=router_weight, out_dtype=x.dtype)
-    grad_router = grad_logits_x.t() @ x
+    grad_router = grad_logits.t() @ x
     return grad_x, grad_router, grad_w_up, grad_w_down

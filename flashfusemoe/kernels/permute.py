@@ -4,12 +4,15 @@ Names follow ``docs/design.md``: ``A = N*K`` assignments ``a = n*K + k``, ``R`` 
 expert-sorted layout (``R = A`` dropless, ``R = E*M`` padded).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from flashfusemoe.kernels import triton_dtype, use_triton
 
+INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
 _COMBINE_ELEMS = 4096  # output elements per combine program
@@ -637,6 +640,7 @@ def _combine_rows_kernel(
     HAS_ROUTER: tl.constexpr,
     FP64: tl.constexpr,
     ROUTER_TF32: tl.constexpr,
+    ROUTER_16BIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -669,14 +673,17 @@ def _combine_rows_kernel(
             e = e0 + tl.arange(0, BLOCK_E)
             emask = e < E
             gmask = nmask[:, None] & emask[None, :]
-            g = tl.load(logit_grad_ptr + t64[:, None] * E + e[None, :], mask=gmask, other=0.0).to(acc.dtype)
+            g = tl.load(logit_grad_ptr + t64[:, None] * E + e[None, :], mask=gmask, other=0.0)
             wmask = emask[:, None] & cmask[None, :]
             w = tl.load(router_weight_ptr + e[:, None] * D + cols[None, :], mask=wmask, other=0.0)
-            w = w.to(acc.dtype)
-            if ROUTER_TF32:  # 16-bit output: tf32 products are far below its rounding
-                acc += tl.dot(g, w, input_precision="tf32")
+            if INTERP:  # 16-bit tl.dot is wrong in the interpreter
+                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="ieee")
+            elif ROUTER_16BIT:  # 16-bit operands (as an autocast linear's grad_input): tensor cores
+                acc += tl.dot(g, w)
+            elif ROUTER_TF32:  # 16-bit output: tf32 products are far below its rounding
+                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="tf32")
             else:
-                acc += tl.dot(g, w, input_precision="ieee")
+                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="ieee")
     out_off = t64[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
@@ -747,6 +754,8 @@ def combine_rows(
         HAS_ROUTER=addend is not None,
         FP64=fp64,
         ROUTER_TF32=out_dtype in (torch.bfloat16, torch.float16),
+        ROUTER_16BIT=addend is not None and addend[0].dtype in (torch.bfloat16, torch.float16)
+        and addend[0].dtype == addend[1].dtype,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         BLOCK_E=min(64, max(16, triton.next_power_of_2(max(num_experts, 1)))),
@@ -817,12 +826,13 @@ def _aot_specs() -> list:
         t = triton_dtype(dtype)
         fp64 = dtype == torch.float64
         acc_t = "fp64" if fp64 else "fp32"
+        sixteen = dtype in (torch.bfloat16, torch.float16)
         for has_w, has_router in ((True, False), (False, True), (False, False), (True, True)):
             sig = {
                 "rows_ptr": f"*{t}",
                 "assign_to_row_ptr": "*i32",
                 "weights_ptr": f"*{acc_t}" if has_w else f"*{t}",
-                "logit_grad_ptr": f"*{acc_t}" if has_router else f"*{t}",
+                "logit_grad_ptr": f"*{acc_t}" if has_router and not sixteen else f"*{t}",
                 "router_weight_ptr": f"*{t}",
                 "out_ptr": f"*{t}",
                 "N": i32,
@@ -834,6 +844,7 @@ def _aot_specs() -> list:
                 "HAS_ROUTER": "constexpr",
                 "FP64": "constexpr",
                 "ROUTER_TF32": "constexpr",
+                "ROUTER_16BIT": "constexpr",
                 "BLOCK_N": "constexpr",
                 "BLOCK_D": "constexpr",
                 "BLOCK_E": "constexpr",
@@ -843,6 +854,7 @@ def _aot_specs() -> list:
                 "HAS_ROUTER": has_router,
                 "FP64": fp64,
                 "ROUTER_TF32": dtype in (torch.bfloat16, torch.float16),
+                "ROUTER_16BIT": has_router and sixteen,
                 "BLOCK_N": max(block_n, 16),
                 "BLOCK_D": block_d,
                 "BLOCK_E": 64,

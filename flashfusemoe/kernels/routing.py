@@ -195,7 +195,6 @@ def _route_bwd_kernel(
     assign_to_row_ptr,
     grad_ext_ptr,
     grad_logits_ptr,
-    copy_ptr,
     N,
     E,
     scale: tl.float64,
@@ -203,7 +202,6 @@ def _route_bwd_kernel(
     SIGMOID: tl.constexpr,
     NORM: tl.constexpr,
     HAS_EXT: tl.constexpr,
-    COPY: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -253,9 +251,7 @@ def _route_bwd_kernel(
         dl = s * (ds - tl.sum(ds * s, axis=1)[:, None])
     if HAS_EXT:
         dl += tl.load(grad_ext_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    tl.store(grad_logits_ptr + offs, dl, mask=mask)
-    if COPY:  # the same in x's dtype, for the router-weight GEMM (saves a cast launch)
-        tl.store(copy_ptr + offs, dl.to(copy_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_logits_ptr + offs, dl.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _scores_torch(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -404,30 +400,28 @@ def route_backward(
     score_func: str,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
-    copy_dtype: torch.dtype | None = None,
-):
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``grad_logits [N, E]`` from the routing-weight gradient of each row ``grad_w_row [R]``.
 
     ``assign_to_row [N*K]`` maps assignment ``n*K + k`` to its row (``-1``: dropped, no
-    gradient); ``grad_logits_ext [N, E]`` (aux losses) is added when given. With ``copy_dtype``
-    returns ``(grad_logits, grad_logits.to(copy_dtype))``, both written by the one launch (the
-    same tensor twice when ``copy_dtype`` is already ``logits.dtype``).
+    gradient); ``grad_logits_ext [N, E]`` (aux losses) is added when given. Computed in
+    ``logits``' dtype and stored as ``out_dtype`` (default: ``logits``' dtype).
     """
     if score_func not in ("softmax", "sigmoid"):
         raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    out_dtype = logits.dtype if out_dtype is None else out_dtype
     if not use_triton(logits):
         grad_logits = _route_backward_torch(
             logits, topk_ids, grad_w_row, assign_to_row, grad_logits_ext, score_func, norm_topk_prob,
             routed_scaling_factor,
         )  # fmt: skip
-        return grad_logits if copy_dtype is None else (grad_logits, grad_logits.to(copy_dtype))
+        return grad_logits.to(out_dtype)
     N, E = logits.shape
     K = topk_ids.shape[1]
-    grad_logits = torch.empty_like(logits)
-    copy = None if copy_dtype in (None, logits.dtype) else torch.empty_like(logits, dtype=copy_dtype)
-    wants_copy = copy_dtype is not None
+    grad_logits = torch.empty_like(logits, dtype=out_dtype)
     if N == 0:
-        return (grad_logits, grad_logits if copy is None else copy) if wants_copy else grad_logits
+        return grad_logits
     logits = logits.contiguous()
     topk_ids = topk_ids.contiguous()
     assign_to_row = assign_to_row.contiguous()
@@ -442,7 +436,6 @@ def route_backward(
         assign_to_row,
         grad_logits_ext if grad_logits_ext is not None else logits,
         grad_logits,
-        grad_logits if copy is None else copy,
         N,
         E,
         float(routed_scaling_factor),
@@ -450,13 +443,12 @@ def route_backward(
         SIGMOID=score_func == "sigmoid",
         NORM=bool(norm_topk_prob),
         HAS_EXT=grad_logits_ext is not None,
-        COPY=copy is not None,
         BLOCK_N=block_n,
         BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(K),
         num_warps=4,
     )
-    return (grad_logits, grad_logits if copy is None else copy) if wants_copy else grad_logits
+    return grad_logits
 
 
 def _aot_specs():
@@ -518,14 +510,13 @@ def _aot_specs():
             "grad_w_row_ptr": f"*{ct}",
             "assign_to_row_ptr": "*i32",
             "grad_ext_ptr": f"*{ct}",
-            "grad_logits_ptr": f"*{ct}",
-            "copy_ptr": f"*{xt}",
+            "grad_logits_ptr": f"*{xt}",
             "N": "i32",
             "E": "i32",
             "scale": "fp64",
         }
         bwd_sig.update(
-            {k: "constexpr" for k in ("K", "SIGMOID", "NORM", "HAS_EXT", "COPY", "BLOCK_N", "BLOCK_E")}
+            {k: "constexpr" for k in ("K", "SIGMOID", "NORM", "HAS_EXT", "BLOCK_N", "BLOCK_E")}
         )
         bwd_sig["BLOCK_K"] = "constexpr"
         for sigmoid, norm, ext, E, K in ((False, True, True, 64, 8), (True, False, False, 256, 8)):
@@ -539,7 +530,6 @@ def _aot_specs():
                         "SIGMOID": sigmoid,
                         "NORM": norm,
                         "HAS_EXT": ext,
-                        "COPY": dt != torch.float64,
                         "BLOCK_N": _block_n(0, block_e, False, 4096),
                         "BLOCK_E": block_e,
                         "BLOCK_K": triton.next_power_of_2(K),

@@ -176,10 +176,11 @@ def ref_combine(rows, assign_to_row, k, weights, router=None):
 
 def check_combine(out, want, scale, router_scale, acc_dtype):
     """Accumulating K products and E router products costs at most about 2(K + E) roundings of
-    the accumulator (eps each) relative to the sum of |terms|: 24 eps covers K + E <= 11. A bf16 output
-    adds one final rounding below one ulp (truncation in the interpreter), 2^-7 relative."""
+    the accumulator (eps each) relative to the sum of |terms|: 24 eps covers K + E <= 11. A 16-bit
+    output adds one final rounding below one ulp (truncation in the interpreter): 2^-7 relative for
+    bf16, 2^-10 for fp16."""
     eps = torch.finfo(acc_dtype).eps
-    rel_out = 2.0**-7 if out.dtype == torch.bfloat16 else 0.0
+    rel_out = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(out.dtype, 0.0)
     err = (out.cpu().double() - want).abs()
     # 16-bit outputs take the router term's products in tf32 (10-bit mantissa): 2^-10 each
     tf32 = 2.0**-10 if out.dtype in (torch.bfloat16, torch.float16) else 0.0
@@ -322,3 +323,16 @@ def test_scatter_rows_empty_and_bad_map(backend, device):
     with pytest.raises(ValueError, match="assign_to_row has 3 entries"):
         bad_map = torch.zeros(3, dtype=torch.int32, device=device)
         permute.scatter_rows(torch.randn(2, 8, device=device), bad_map, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_combine_rows_16bit_router_operands(backend, device, dtype):
+    """The backward passes logit_grad in x's dtype: 16-bit products are exact in fp32."""
+    n, k, e, d = 41, 3, 6, 300
+    assign_to_row, row_to_assign, *_ = layout_for(n, k, e, 0, device)
+    rows = torch.randn(row_to_assign.numel(), d).to(dtype).to(device)
+    router = (torch.randn(n, e).to(dtype).to(device), torch.randn(e, d).to(dtype).to(device))
+    out = permute.combine_rows(rows, assign_to_row, k, logit_grad=router[0], router_weight=router[1])
+    assert out.dtype == dtype
+    want, scale, _ = ref_combine(rows, assign_to_row, k, None, router)
+    check_combine(out, want, scale, torch.zeros_like(scale), torch.float32)
