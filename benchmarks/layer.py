@@ -621,8 +621,8 @@ def environment(device: str, module: str = "benchmarks.layer") -> dict:
             env[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             env[mod] = None
-    try:
-        env["git"] = (
+    try:  # FLASHFUSEMOE_GIT: for copies of the tree whose .git is not the source's
+        env["git"] = os.environ.get("FLASHFUSEMOE_GIT") or (
             subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
             ).stdout.strip()

@@ -42,7 +42,7 @@ run_stage() {  # run_stage NAME CMD...
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "git: ${FLASHFUSEMOE_GIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   "$PYTHON" - <<'EOF'
 import platform
 import torch
