@@ -125,11 +125,12 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
         raise ValueError(f"w_down must be [E={E}, D={D}, F={F}], got {_describe(w_down)}")
     if E < 1 or D < 1 or F < 1:
         raise ValueError(f"E={E}, D={D} and F={F} must all be >= 1")
+    device, dtype = x.device, x.dtype
     for name, t in named.items():
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must share a device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all must share a dtype")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; all must share a device")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; all must share a dtype")
     if expert_bias is not None:
         if not isinstance(expert_bias, torch.Tensor):
             raise TypeError(f"expert_bias must be a torch.Tensor or None, got {type(expert_bias).__name__}")
@@ -137,7 +138,7 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
             raise ValueError(f"expert_bias must be [E={E}], got {_describe(expert_bias)}")
         if expert_bias.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"expert_bias must be float32 or float64, got {expert_bias.dtype}")
-        if expert_bias.device != x.device:
-            raise ValueError(f"expert_bias is on {expert_bias.device} but x is on {x.device}")
+        if expert_bias.device != device:
+            raise ValueError(f"expert_bias is on {expert_bias.device} but x is on {device}")
     options.check_num_experts(E)
     return D, E, F

@@ -4,6 +4,7 @@
 (fullgraph) trace a model containing the layer, forward and backward.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -39,7 +40,10 @@ def _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, t
 
 
 def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
+    """Autocast off inside the op (the inputs are cast already); a no-op context when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("flashfusemoe::moe_forward", mutates_args=())

@@ -29,6 +29,7 @@ DEFAULT_BACKEND = "auto"
 
 # torch._grouped_mm's CUTLASS kernel handles at most 1023 groups (GroupMM.cu).
 _TORCH_MAX_GROUPS = 1023
+_HAS_TORCH_GROUPED_MM = hasattr(torch, "_grouped_mm") and torch.version.hip is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +296,11 @@ def _can_use_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, expert_ends: tor
     row-major ``mat_b``) layout accepts empty groups; that is ``a.T`` and ``b`` with both
     ``a`` and ``b`` row-major.
     """
-    if not hasattr(torch, "_grouped_mm") or torch.version.hip is not None:
+    # Runs up to six times per training step: cheap checks first, each tensor property read once.
+    if not _HAS_TORCH_GROUPED_MM or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return False
-    if not (a.is_cuda and b.is_cuda and expert_ends.is_cuda):
-        return False
-    if not (a.device == b.device == expert_ends.device):
-        return False
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+    device = a.device
+    if device.type != "cuda" or b.device != device or expert_ends.device != device:
         return False
     if expert_ends.dtype != torch.int32 or expert_ends.dim() != 1 or expert_ends.stride(0) != 1:
         return False
@@ -311,7 +310,7 @@ def _can_use_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, expert_ends: tor
         return False
     if a.data_ptr() % 16 or b.data_ptr() % 16:
         return False
-    if _device_capability(a.device.index)[0] not in (9, 10):
+    if _device_capability(device.index)[0] not in (9, 10):
         return False
     if op == "wgrad":
         return _tma_row_major(a) and _tma_row_major(b)
