@@ -529,24 +529,29 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
     if r_total == 0 or d == 0 or n == 0:
         out = torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
         return out if second is None else (out, out.clone())
-    if src.stride(1) != 1:
-        src = src.contiguous()
     if not use_triton(src):
         valid = row_to_assign >= 0
         tok = torch.where(valid, row_to_assign.long() // top_k, 0)
         return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
-    if second is not None and second.stride(1) != 1:
-        second = second.contiguous()
-    out = torch.empty(r_total, d, device=src.device, dtype=src.dtype)
-    out2 = out if second is None else torch.empty_like(out)
+    src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_r, block_d = _blocks(d, _GATHER_ELEMS)
     grid = (triton.cdiv(r_total, block_r), triton.cdiv(d, block_d))
     _gather_rows_kernel[grid](
-        src, src if second is None else second, row_to_assign, out, out2, r_total, d, top_k, src.stride(0),
-        src.stride(0) if second is None else second.stride(0), TWO=second is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        src, src2, row_to_assign, out, out2, r_total, d, top_k, src.stride(0), src2.stride(0),
+        TWO=second is not None, BLOCK_R=block_r, BLOCK_D=block_d,
     )
     return out if second is None else (out, out2)
+
+
+def _row_copy_buffers(src, second, r_total: int):
+    """Unit-stride sources and fresh ``[r_total, D]`` outputs of a one- or two-source row copy
+    (``second`` None: the second source and output alias the first)."""
+    src = src if src.stride(1) == 1 else src.contiguous()
+    out = torch.empty(r_total, src.shape[1], device=src.device, dtype=src.dtype)
+    if second is None:
+        return src, src, out, out
+    second = second if second.stride(1) == 1 else second.contiguous()
+    return src, second, out, torch.empty_like(out)
 
 
 @triton.jit
@@ -608,17 +613,11 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
         if second is not None:
             out2[rows] = second.repeat_interleave(top_k, dim=0)[valid]
         return out if second is None else (out, out2)
-    if src.stride(1) != 1:
-        src = src.contiguous()
-    if second is not None and second.stride(1) != 1:
-        second = second.contiguous()
-    out = torch.empty(r_total, d, device=src.device, dtype=src.dtype)
-    out2 = out if second is None else torch.empty_like(out)
+    src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_n, block_d = _blocks(d, _SCATTER_ELEMS)
     _scatter_rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
-        src, src if second is None else second, assign_to_row, out, out2, n, d, top_k, src.stride(0),
-        src.stride(0) if second is None else second.stride(0), TWO=second is not None,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        src, src2, assign_to_row, out, out2, n, d, top_k, src.stride(0), src2.stride(0),
+        TWO=second is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return out if second is None else (out, out2)
 
