@@ -5,9 +5,9 @@
 #   STAGES="gpu-tests demo" scripts/gpu_check.sh "$OUT"     # a subset, in the order given
 #
 # Stages (default: all, in this order):
-#   gpu-tests   pytest -q -m gpu tests      the real kernels on CUDA
-#   tests       pytest -q -m "not gpu" tests the rest; with CUDA present conftest leaves the Triton
-#                                           interpreter off, so CPU tests exercise the torch path
+#   gpu-tests   pytest -v -m gpu tests      the real kernels on CUDA
+#   tests       pytest -v -m "not gpu" tests the rest; with CUDA present their `device` fixture is
+#                                           cuda (real kernels), and CPU-pinned tests run the torch path
 #   demo        python -m flashfusemoe.demo
 #   layer       python -m benchmarks.layer --shape all
 #   layer-skew  python -m benchmarks.layer --shape all --skew
@@ -69,8 +69,10 @@ EOF
 
 for stage in $STAGES; do
   case $stage in
-    gpu-tests) run_stage "$stage" "$PYTHON" -m pytest -q -m gpu ${PYTEST_ARGS:-} tests ;;
-    tests) run_stage "$stage" "$PYTHON" -m pytest -q -m "not gpu" ${PYTEST_ARGS:-} tests ;;
+    # -v names each test as it finishes, so a failure is named even in a log cut short before
+    # pytest's summary (-rfE repeats failures and errors there).
+    gpu-tests) run_stage "$stage" "$PYTHON" -m pytest -v -rfE -m gpu ${PYTEST_ARGS:-} tests ;;
+    tests) run_stage "$stage" "$PYTHON" -m pytest -v -rfE -m "not gpu" ${PYTEST_ARGS:-} tests ;;
     demo) run_stage "$stage" "$PYTHON" -m flashfusemoe.demo ;;
     layer) run_stage "$stage" "$PYTHON" -m benchmarks.layer --shape all --out "$OUT_DIR/$stage" ${LAYER_ARGS:-} ;;
     layer-skew)
