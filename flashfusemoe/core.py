@@ -48,10 +48,6 @@ class Residuals(NamedTuple):
     h: torch.Tensor  # [R, 2F] pre-activation; [0, 2F] when recompute=True
 
 
-def routing_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
     """Per-expert ``a_e @ b[e].T`` (trans_b) or ``a_e @ b[e]``. a [R, K] -> [R, Nout]."""
     if plan.gemm == "bmm":

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from flashfusemoe import core
 from flashfusemoe.config import MoEOptions
+from flashfusemoe.kernels import compute_dtype
 
 
 def _options_to_args(options: MoEOptions) -> dict:
@@ -71,7 +72,7 @@ def _(x, router_weight, w_up, w_down, expert_bias, top_k, activation, score_func
     N, D = x.shape
     E, F2 = w_up.shape[0], w_up.shape[1]
     R = core.Plan(gemm, rows_per_expert).num_rows(N, top_k, E)
-    rdt = core.routing_dtype(x.dtype)
+    rdt = compute_dtype(x.dtype)
     i32 = torch.int32
     return (
         x.new_empty((N, D)),

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import triton_dtype, use_triton
+from flashfusemoe.kernels import compute_dtype, row_blocks, triton_dtype, use_triton
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -89,15 +89,6 @@ def _check_activation(activation: str) -> int:
     return _ACT_CODE[activation]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _blocks(f: int, target: int) -> tuple[int, int]:
-    block_f = min(triton.next_power_of_2(max(f, 1)), 128)
-    return max(1, target // block_f), block_f
-
-
 def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "swiglu":
         return torch.nn.functional.silu(g)
@@ -126,11 +117,11 @@ def glu_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
     if h.stride(1) != 1:
         h = h.contiguous()
     if not use_triton(h):
-        cdt = _compute_dtype(h.dtype)
+        cdt = compute_dtype(h.dtype)
         g, u = h[:, :f].to(cdt), h[:, f:].to(cdt)
         return (_act_torch(g, activation) * u).to(h.dtype)
     a = torch.empty(r_total, f, device=h.device, dtype=h.dtype)
-    block_r, block_f = _blocks(f, 4096)
+    block_r, block_f = row_blocks(f, 4096, 128)
     grid = (triton.cdiv(r_total, block_r), triton.cdiv(f, block_f))
     _glu_forward_kernel[grid](
         h,
@@ -219,7 +210,7 @@ def glu_backward(
     r_total, two_f = h.shape
     f = two_f // 2
     dev = h.device
-    cdt = _compute_dtype(h.dtype)
+    cdt = compute_dtype(h.dtype)
     if r_total == 0 or f == 0:
         return (
             torch.zeros(r_total, two_f, device=dev, dtype=h.dtype),
@@ -251,7 +242,7 @@ def glu_backward(
     dh = torch.empty(r_total, two_f, device=dev, dtype=h.dtype)
     a_weighted = torch.empty(r_total, f, device=dev, dtype=h.dtype)
     grad_w_row = torch.empty(r_total, device=dev, dtype=cdt)
-    block_r, block_f = _blocks(f, 2048)
+    block_r, block_f = row_blocks(f, 2048, 128)
     _glu_backward_kernel[(triton.cdiv(r_total, block_r),)](
         h,
         da,
@@ -280,7 +271,7 @@ def _aot_specs() -> list:
         w_t = "fp64" if fp64 else "fp32"
         for act in ACTIVATIONS:
             code = _ACT_CODE[act]
-            block_r, block_f = _blocks(1024, 4096)
+            block_r, block_f = row_blocks(1024, 4096, 128)
             sig = {
                 "h_ptr": f"*{t}",
                 "a_ptr": f"*{t}",
@@ -294,7 +285,7 @@ def _aot_specs() -> list:
             }
             consts = {"ACT": code, "FP64": fp64, "BLOCK_R": block_r, "BLOCK_F": block_f}
             specs.append((_glu_forward_kernel, sig, consts))
-            block_r, block_f = _blocks(1024, 2048)
+            block_r, block_f = row_blocks(1024, 2048, 128)
             sig = {
                 "h_ptr": f"*{t}",
                 "da_ptr": f"*{t}",

@@ -14,15 +14,12 @@ Backends (``backend=`` argument of both public functions):
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import INTERPRET, triton_dtype, use_triton
-
-INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from flashfusemoe.kernels import INTERP, INTERPRET, triton_dtype, use_triton
 
 BACKENDS = ("auto", "torch", "triton", "loop")
 DEFAULT_BACKEND = "auto"

@@ -4,15 +4,12 @@ Names follow ``docs/design.md``: ``A = N*K`` assignments ``a = n*K + k``, ``R`` 
 expert-sorted layout (``R = A`` dropless, ``R = E*M`` padded).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import triton_dtype, use_triton
+from flashfusemoe.kernels import INTERP, row_blocks, triton_dtype, use_triton
 
-INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
 _COMBINE_ELEMS = 4096  # output elements per combine program
@@ -510,11 +507,6 @@ def _gather_rows_kernel(
         tl.store(out2_ptr + out_off, x2, mask=out_mask)
 
 
-def _blocks(d: int, target: int) -> tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
-    return max(1, target // block_d), block_d
-
-
 def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
                 second: torch.Tensor | None = None):
     """``out[r] = src[row_to_assign[r] // top_k]``, zeros where ``row_to_assign[r] == -1``.
@@ -534,7 +526,7 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
         tok = torch.where(valid, row_to_assign.long() // top_k, 0)
         return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
-    block_r, block_d = _blocks(d, _GATHER_ELEMS)
+    block_r, block_d = row_blocks(d, _GATHER_ELEMS, 256)
     grid = (triton.cdiv(r_total, block_r), triton.cdiv(d, block_d))
     _gather_rows_kernel[grid](
         src, src2, row_to_assign, out, out2, r_total, d, top_k, src.stride(0), src2.stride(0),
@@ -614,7 +606,7 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
             out2[rows] = second.repeat_interleave(top_k, dim=0)[valid]
         return out if second is None else (out, out2)
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
-    block_n, block_d = _blocks(d, _SCATTER_ELEMS)
+    block_n, block_d = row_blocks(d, _SCATTER_ELEMS, 256)
     _scatter_rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
         src, src2, assign_to_row, out, out2, n, d, top_k, src.stride(0), src2.stride(0),
         TWO=second is not None, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -732,7 +724,7 @@ def combine_rows(
     # With the router term each program also runs a [BLOCK_N, E] x [E, BLOCK_D] dot: wider tiles
     # and 8 warps (H100: 324 vs 346 us at the fine-grained shape, equal at the seed's).
     elems, warps = (_COMBINE_ELEMS, 4) if addend is None else (2 * _COMBINE_ELEMS, 8)
-    block_n, block_d = _blocks(d, elems)
+    block_n, block_d = row_blocks(d, elems, 256)
     num_experts = 0 if addend is None else addend[0].shape[1]
     if addend is not None:  # tl.dot tiles are at least 16 wide
         block_n, block_d = max(block_n, 16), max(block_d, 16)
@@ -793,7 +785,7 @@ def _aot_specs() -> list:
             )
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = triton_dtype(dtype)
-        block_r, block_d = _blocks(4096, _GATHER_ELEMS)
+        block_r, block_d = row_blocks(4096, _GATHER_ELEMS, 256)
         sig = {
             "src_ptr": f"*{t}",
             "src2_ptr": f"*{t}",
@@ -811,7 +803,7 @@ def _aot_specs() -> list:
         }
         for two in (False, True):
             specs.append((_gather_rows_kernel, sig, {"TWO": two, "BLOCK_R": block_r, "BLOCK_D": block_d}))
-    block_n, block_d = _blocks(4096, _SCATTER_ELEMS)
+    block_n, block_d = row_blocks(4096, _SCATTER_ELEMS, 256)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = triton_dtype(dtype)
         sig = {"src_ptr": f"*{t}", "src2_ptr": f"*{t}", "assign_to_row_ptr": "*i32", "out_ptr": f"*{t}",
@@ -820,7 +812,7 @@ def _aot_specs() -> list:
         sig.update({name: "constexpr" for name in ("TWO", "BLOCK_N", "BLOCK_D")})
         for two in (False, True):
             specs.append((_scatter_rows_kernel, sig, {"TWO": two, "BLOCK_N": block_n, "BLOCK_D": block_d}))
-    block_n, block_d = _blocks(4096, _COMBINE_ELEMS)
+    block_n, block_d = row_blocks(4096, _COMBINE_ELEMS, 256)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         t = triton_dtype(dtype)
         fp64 = dtype == torch.float64

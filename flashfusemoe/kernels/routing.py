@@ -4,23 +4,15 @@ Semantics are those of ``docs/design.md`` (Routing semantics). Routing math runs
 for bf16/fp16/fp32 inputs and in fp64 for fp64 inputs.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from flashfusemoe import kernels
-from flashfusemoe.kernels import triton_dtype, use_triton
-
-INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from flashfusemoe.kernels import INTERP, compute_dtype, triton_dtype, use_triton
 
 # Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
 _NEG = tl.constexpr(-1.0e30)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_e(E: int) -> int:
@@ -273,7 +265,7 @@ def _check_groups(E: int, top_k: int, n_group, topk_group) -> None:
 def _route_forward_torch(
     x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group, scaling
 ):
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     N, E = x.shape[0], router_weight.shape[0]
     logits = x.to(cdt) @ router_weight.to(cdt).T
     scores = _scores_torch(logits, score_func)
@@ -319,7 +311,7 @@ def route_forward(
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, {E}]")
     _check_groups(E, top_k, n_group, topk_group)
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     block_e = _block_e(E)
     cfg = _fwd_config(N, block_e, x.dtype, kernels.INTERPRET)
     if not use_triton(x) or cfg is None or N == 0:
@@ -454,7 +446,7 @@ def route_backward(
 def _aot_specs():
     specs = []
     for dt in (torch.bfloat16, torch.float32, torch.float64):
-        xt, ct = triton_dtype(dt), triton_dtype(_compute_dtype(dt))
+        xt, ct = triton_dtype(dt), triton_dtype(compute_dtype(dt))
         fwd_sig = {
             "x_ptr": f"*{xt}",
             "w_ptr": f"*{xt}",
