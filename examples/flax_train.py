@@ -20,7 +20,6 @@ import os
 # torch (inside the bridge) and JAX share the GPU: keep JAX from taking 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import argparse  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -29,31 +28,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from synthetic_data import markov_chain, sample_batches  # noqa: E402
+from synthetic_data import example_arguments, markov_chain, sample_batches  # noqa: E402
 
 from jax_bridge.convert import load_torch_state_dict_into_nnx, torch_to_numpy  # noqa: E402
 from jax_bridge.nnx import FusedMoE  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--branching", type=int, default=2, help="successors of each token in the chain")
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--ffn-dim", type=int, default=32)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--untied-head", action="store_true")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--aux-coef", type=float, default=0.01)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p = example_arguments(__doc__.splitlines()[0])
     p.add_argument(
         "--init-from-torch",
         action="store_true",

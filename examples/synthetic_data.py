@@ -1,7 +1,33 @@
-"""Synthetic training data shared by examples/torch_train.py and examples/flax_train.py: walks
-of a random sparse Markov chain, whose entropy rate is the loss floor a model can reach."""
+"""What examples/torch_train.py and examples/flax_train.py share: their command line, and the
+synthetic training data (walks of a random sparse Markov chain, whose entropy rate is the loss
+floor a model can reach)."""
+
+import argparse
 
 import numpy as np
+
+
+def example_arguments(description: str) -> argparse.ArgumentParser:
+    """The options both examples take (model size, data, optimiser, logging), same defaults."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--branching", type=int, default=2, help="successors of each token in the chain")
+    p.add_argument("--d-model", type=int, default=32)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--ffn-dim", type=int, default=32)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--untied-head", action="store_true")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def markov_chain(vocab: int, branching: int, seed: int):

@@ -18,39 +18,20 @@ one); loss = cross-entropy + ``--aux-coef`` times the summed load-balance losses
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from synthetic_data import markov_chain, sample_batches
+from synthetic_data import example_arguments, markov_chain, sample_batches
 from torch import nn
 
 import flashfusemoe
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--branching", type=int, default=2, help="successors of each token in the chain")
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--ffn-dim", type=int, default=32)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--untied-head", action="store_true")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--aux-coef", type=float, default=0.01)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return example_arguments(__doc__.splitlines()[0]).parse_args(argv)
 
 
 # ---- model -------------------------------------------------------------------------------------
