@@ -589,6 +589,8 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
     The token-major twin of ``gather_rows`` for the dropless layout (``R = N*K``, ``assign_to_row``
     a permutation): each source row is read once. ``src`` ``[N, D]``, ``assign_to_row`` ``[N*K]``
     int32; returns ``[N*K, D]`` (and the same for ``second`` when given, in the same launch).
+    Rows no assignment maps to (``-1`` entries: capacity drops) are not written by the kernel;
+    layouts with such rows must use ``gather_rows``, which zeros them.
     """
     if second is not None and (second.dtype != src.dtype or second.shape != src.shape):
         return scatter_rows(src, assign_to_row, top_k), scatter_rows(second, assign_to_row, top_k)
