@@ -293,6 +293,11 @@ def test_aux_values_and_gradients(score_func, capacity_factor):
     for key, value in zip(losses, values_b):
         assert rel_err(torch.tensor(float(value)), aux_t[key].detach().double().cpu()) < 1e-6, key
     # Against the reference's autodiff: the same f32 roundings argument as test_matches_jax_reference.
+    # Errors are measured against the larger of the gradient and one load-balance term's gradient:
+    # with balanced counts (all f_e equal, likely at N=12) the loss is constant, its exact gradient
+    # zero, and both sides return f32 residue of the cancelling terms.
+    floors = {"load_balance_loss": load_balance_term_scale(*args[:2], aux_b["tokens_per_expert"], score_func),
+              "z_loss": {}}
     for key, grads_bk, grads_rk in zip(losses, grads_b, grads_r):
         for name, gb, gr in zip(GRAD_NAMES, grads_bk, grads_rk):
             gb64, gr64 = (torch.from_numpy(np.array(a)).double() for a in (gb, gr))
@@ -300,7 +305,27 @@ def test_aux_values_and_gradients(score_func, capacity_factor):
                 assert not gb64.abs().max(), f"{key}: grad_{name} must be zero"
             else:
                 assert float(gr64.abs().max()) > 0, f"{key}: grad_{name} of the reference is zero"
-                assert rel_err(gb64, gr64) < 1e-5, (key, name, rel_err(gb64, gr64))
+                err = rel_err(gb64, gr64, floor=floors[key].get(name, 1e-6))
+                assert err < 1e-5, (key, name, err)
+
+
+def load_balance_term_scale(x, router_weight, tokens_per_expert, score_func):
+    """{name: max |grad|} of the load-balance loss's largest term, E * f_e * mean_t p[t, e], for
+    x and router_weight: the size of what cancels when the counts are balanced."""
+    fraction = tokens_per_expert.astype(jnp.float32) / x.shape[0]
+    e = int(jnp.argmax(fraction))
+
+    def term(x, router_weight):
+        logits = jnp.matmul(x, router_weight.T, precision=jax.lax.Precision.HIGHEST)
+        if score_func == "softmax":
+            probs = jax.nn.softmax(logits, axis=-1)
+        else:
+            scores = jax.nn.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdims=True)
+        return E * fraction[e] * probs[:, e].mean()
+
+    grads = jax.grad(term, argnums=(0, 1))(x, router_weight)
+    return {name: float(jnp.abs(g).max()) for name, g in zip(GRAD_NAMES, grads)}
 
 
 # ---------------------------------------------------------------------------------------------
