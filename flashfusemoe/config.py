@@ -95,6 +95,20 @@ class MoEOptions:
         return max(1, min(num_tokens, 2 * math.ceil(num_tokens * self.top_k / num_experts)))
 
 
+def check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
+                     shared_expert_gate) -> None:
+    """Checks the layer-level hyperparameters of ``MoELayer`` (and of the Flax modules)."""
+    for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+        check_int(name, value, minimum=1)
+    check_int("num_shared_experts", num_shared_experts, minimum=0)
+    if shared_ffn_dim is not None:
+        check_int("shared_ffn_dim", shared_ffn_dim, minimum=1)
+        if num_shared_experts == 0:
+            raise ValueError(f"shared_ffn_dim={shared_ffn_dim} given but num_shared_experts=0")
+    if shared_expert_gate and num_shared_experts == 0:
+        raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashfusemoe.config import MoEOptions, check_int
+from flashfusemoe.config import MoEOptions, check_layer_args
 from flashfusemoe.functional import make_aux, moe_outputs
 
 
@@ -60,15 +60,8 @@ class MoELayer(nn.Module):
                  gemm="auto", max_tokens_per_expert=None, recompute=False, num_shared_experts=0,
                  shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None):
         super().__init__()
-        for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
-            check_int(name, value, minimum=1)
-        check_int("num_shared_experts", num_shared_experts, minimum=0)
-        if shared_ffn_dim is not None:
-            check_int("shared_ffn_dim", shared_ffn_dim, minimum=1)
-        if shared_ffn_dim is not None and num_shared_experts == 0:
-            raise ValueError(f"shared_ffn_dim={shared_ffn_dim} given but num_shared_experts=0")
-        if shared_expert_gate and num_shared_experts == 0:
-            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
+                         shared_expert_gate)
         self.options = MoEOptions(
             top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
             n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashfusemoe.config import MoEOptions, check_int
+from flashfusemoe.config import MoEOptions, check_layer_args
 from jax_bridge.ops import fused_moe
 
 __all__ = [
@@ -71,19 +71,11 @@ class LayerConfig:
     shared_expert_gate: bool = False
 
     def __post_init__(self):
-        for name in ("d_model", "ffn_dim", "num_experts"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("num_shared_experts", self.num_shared_experts, minimum=0)
-        if self.shared_ffn_dim is not None:
-            check_int("shared_ffn_dim", self.shared_ffn_dim, minimum=1)
-            if self.num_shared_experts == 0:
-                raise ValueError(f"shared_ffn_dim={self.shared_ffn_dim} given but num_shared_experts=0")
-        if not isinstance(self.use_expert_bias, bool):
-            raise TypeError(f"use_expert_bias must be a bool, got {self.use_expert_bias!r}")
-        if not isinstance(self.shared_expert_gate, bool):
-            raise TypeError(f"shared_expert_gate must be a bool, got {self.shared_expert_gate!r}")
-        if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        for name in ("use_expert_bias", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_layer_args(self.d_model, self.ffn_dim, self.num_experts, self.num_shared_experts,
+                         self.shared_ffn_dim, self.shared_expert_gate)
         self.moe_options().check_num_experts(self.num_experts)
 
     def moe_options(self) -> MoEOptions:
