@@ -312,17 +312,12 @@ def test_aux_values_and_gradients(score_func, capacity_factor):
 def load_balance_term_scale(x, router_weight, tokens_per_expert, score_func):
     """{name: max |grad|} of the load-balance loss's largest term, E * f_e * mean_t p[t, e], for
     x and router_weight: the size of what cancels when the counts are balanced."""
-    fraction = tokens_per_expert.astype(jnp.float32) / x.shape[0]
-    e = int(jnp.argmax(fraction))
+    e = int(jnp.argmax(tokens_per_expert))
+    counts = jnp.zeros_like(tokens_per_expert).at[e].set(tokens_per_expert[e])  # only f_e
 
     def term(x, router_weight):
         logits = jnp.matmul(x, router_weight.T, precision=jax.lax.Precision.HIGHEST)
-        if score_func == "softmax":
-            probs = jax.nn.softmax(logits, axis=-1)
-        else:
-            scores = jax.nn.sigmoid(logits)
-            probs = scores / scores.sum(-1, keepdims=True)
-        return E * fraction[e] * probs[:, e].mean()
+        return bridge_ops.aux_losses(logits, counts, score_func)["load_balance_loss"]
 
     grads = jax.grad(term, argnums=(0, 1))(x, router_weight)
     return {name: float(jnp.abs(g).max()) for name, g in zip(GRAD_NAMES, grads)}
