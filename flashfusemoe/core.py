@@ -48,6 +48,29 @@ class Residuals(NamedTuple):
     h: torch.Tensor  # [R, 2F] pre-activation; [0, 2F] when recompute=True
 
 
+def result_specs(num_tokens: int, d_model: int, num_experts: int, two_f: int, options: MoEOptions,
+                 plan: Plan) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype)`` of each of ``forward``'s ``(*Outputs, *Residuals)``, for tracing.
+
+    The dtype is named: ``"input"`` (x's), ``"route"`` (the routing dtype, ``compute_dtype`` of
+    x's) or ``"int32"``.
+    """
+    N, D, E, K = num_tokens, d_model, num_experts, options.top_k
+    R = plan.num_rows(N, K, E)
+    return (
+        ((N, D), "input"),
+        ((N, E), "route"),
+        ((E,), "int32"),
+        ((), "int32"),
+        ((N, K), "int32"),
+        ((N, K), "route"),
+        ((N * K,), "int32"),
+        ((R,), "int32"),
+        ((E,), "int32"),
+        ((0 if options.recompute else R, two_f), "input"),
+    )
+
+
 def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
     """Per-expert ``a_e @ b[e].T`` (trans_b) or ``a_e @ b[e]``. a [R, K] -> [R, Nout]."""
     if plan.gemm == "bmm":

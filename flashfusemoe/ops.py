@@ -69,23 +69,12 @@ def moe_forward(
 def _(x, router_weight, w_up, w_down, expert_bias, top_k, activation, score_func, norm_topk_prob,
       n_group, topk_group, routed_scaling_factor, capacity_factor, recompute, gemm, rows_per_expert,
       allow_grow):
-    N, D = x.shape
-    E, F2 = w_up.shape[0], w_up.shape[1]
-    R = core.Plan(gemm, rows_per_expert).num_rows(N, top_k, E)
-    rdt = compute_dtype(x.dtype)
-    i32 = torch.int32
-    return (
-        x.new_empty((N, D)),
-        x.new_empty((N, E), dtype=rdt),
-        x.new_empty((E,), dtype=i32),
-        x.new_empty((), dtype=i32),
-        x.new_empty((N, top_k), dtype=i32),
-        x.new_empty((N, top_k), dtype=rdt),
-        x.new_empty((N * top_k,), dtype=i32),
-        x.new_empty((R,), dtype=i32),
-        x.new_empty((E,), dtype=i32),
-        x.new_empty((0 if recompute else R, F2)),
-    )
+    options = _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, topk_group,
+                                 routed_scaling_factor, capacity_factor, recompute)
+    specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options,
+                              core.Plan(gemm, rows_per_expert))
+    dtypes = {"input": x.dtype, "route": compute_dtype(x.dtype), "int32": torch.int32}
+    return tuple(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs)
 
 
 @torch.library.custom_op("flashfusemoe::moe_backward", mutates_args=())

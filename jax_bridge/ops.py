@@ -317,26 +317,11 @@ def _backward_callback(
 
 
 def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):
-    """``(*core.Outputs, *core.Residuals)`` shapes, as ``flashfusemoe.ops``'s fake forward."""
-    N, D = x.shape
-    E, F2 = w_up.shape[0], w_up.shape[1]
-    K = options.top_k
-    R = plan.num_rows(N, K, E)
-    rdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    i32 = jnp.int32
-    S = jax.ShapeDtypeStruct
-    return (
-        S((N, D), x.dtype),
-        S((N, E), rdt),
-        S((E,), i32),
-        S((), i32),
-        S((N, K), i32),
-        S((N, K), rdt),
-        S((N * K,), i32),
-        S((R,), i32),
-        S((E,), i32),
-        S((0 if options.recompute else R, F2), x.dtype),
-    )
+    """``(*core.Outputs, *core.Residuals)`` as ``jax.ShapeDtypeStruct``s (``core.result_specs``)."""
+    specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options, plan)
+    route = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    dtypes = {"input": x.dtype, "route": route, "int32": jnp.int32}
+    return tuple(jax.ShapeDtypeStruct(shape, dtypes[kind]) for shape, kind in specs)
 
 
 def _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias):
