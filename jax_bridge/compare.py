@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import flashfusemoe  # noqa: E402
+from flashfusemoe.config import ACTIVATIONS, GEMMS, SCORE_FUNCS  # noqa: E402
 from flashfusemoe.reference import moe_reference as torch_reference  # noqa: E402
 from jax_bridge.convert import torch_to_numpy  # noqa: E402
 from jax_bridge.ops import fused_moe as bridge_fused_moe  # noqa: E402
@@ -61,8 +62,8 @@ def parse_args(argv):
         default="f32",
         help="dtype the torch reference computes in (default f32)",
     )
-    p.add_argument("--activation", choices=("swiglu", "geglu", "relu2"), default="swiglu")
-    p.add_argument("--score-func", choices=("softmax", "sigmoid"), default="softmax")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="swiglu")
+    p.add_argument("--score-func", choices=SCORE_FUNCS, default="softmax")
     p.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
     p.add_argument("--expert-bias", action="store_true", help="a random fp32 selection bias [E]")
     p.add_argument("--n-group", type=int, default=None)
@@ -71,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument(
         "--gemm",
-        choices=("auto", "grouped", "bmm"),
+        choices=GEMMS,
         default="grouped",
         help="default grouped; with auto, torch-native may pick bmm by timing on a GPU while the "
         "bridge always runs grouped, and the two stop being comparable bit for bit",
