@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import compute_dtype, row_blocks, triton_dtype, use_triton
+from flashfusemoe.kernels import compute_dtype, fast_launch, row_blocks, triton_dtype, use_triton
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -60,7 +60,7 @@ def _act_and_grad(g, ACT: tl.constexpr):
     return act, dact
 
 
-@triton.jit
+@fast_launch
 def _glu_forward_kernel(
     h_ptr,
     a_ptr,
@@ -137,7 +137,7 @@ def glu_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
     return a
 
 
-@triton.jit
+@fast_launch
 def _glu_backward_kernel(
     h_ptr,
     da_ptr,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import INTERP, INTERPRET, triton_dtype, use_triton
+from flashfusemoe.kernels import INTERP, INTERPRET, fast_launch, triton_dtype, use_triton
 
 BACKENDS = ("auto", "torch", "triton", "loop")
 DEFAULT_BACKEND = "auto"
@@ -51,7 +51,7 @@ def _dot_acc(a, b, acc):
     return acc
 
 
-@triton.jit
+@fast_launch
 def _grouped_mm_kernel(
     a_ptr,
     b_ptr,
@@ -119,7 +119,7 @@ def _grouped_mm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@fast_launch
 def _grouped_wgrad_kernel(
     a_ptr,
     b_ptr,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import INTERP, row_blocks, triton_dtype, use_triton
+from flashfusemoe.kernels import INTERP, fast_launch, row_blocks, triton_dtype, use_triton
 
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
@@ -17,7 +17,7 @@ _SCATTER_ELEMS = 4096  # source elements per scatter program
 _LAYOUT_PROGRAMS = 128  # layout_and_gather programs; each reads the whole block_counts table
 
 
-@triton.jit
+@fast_launch
 def _expert_layout_kernel(
     ids_ptr,
     keep_ptr,
@@ -217,7 +217,7 @@ def _expert_layout_torch(ids, e_total, m, keep):
     )
 
 
-@triton.jit
+@fast_launch
 def _layout_gather_kernel(
     x_ptr,
     ids_ptr,
@@ -336,7 +336,7 @@ def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int)
     return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
 
 
-@triton.jit
+@fast_launch
 def _capacity_drop_kernel(
     weights_ptr,
     assign_to_row_ptr,
@@ -474,7 +474,7 @@ def capacity_keep(
     return keep
 
 
-@triton.jit
+@fast_launch
 def _gather_rows_kernel(
     src_ptr,
     src2_ptr,
@@ -546,7 +546,7 @@ def _row_copy_buffers(src, second, r_total: int):
     return src, second, out, torch.empty_like(out)
 
 
-@triton.jit
+@fast_launch
 def _scatter_rows_kernel(
     src_ptr,
     src2_ptr,
@@ -616,7 +616,7 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
     return out if second is None else (out, out2)
 
 
-@triton.jit
+@fast_launch
 def _combine_rows_kernel(
     rows_ptr,
     assign_to_row_ptr,

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from flashfusemoe import kernels
-from flashfusemoe.kernels import INTERP, compute_dtype, triton_dtype, use_triton
+from flashfusemoe.kernels import INTERP, compute_dtype, fast_launch, triton_dtype, use_triton
 
 # Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
 _NEG = tl.constexpr(-1.0e30)
@@ -64,7 +64,7 @@ def _argmax_low(vals, cols, BLOCK_E: tl.constexpr):
     return tl.min(tl.where(vals == mx[:, None], cols[None, :], BLOCK_E), axis=1)
 
 
-@triton.jit
+@fast_launch
 def _route_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -179,7 +179,7 @@ def _route_fwd_kernel(
         tl.store(counts_ptr + pid * E + cols, block_counts, mask=cols < E)
 
 
-@triton.jit
+@fast_launch
 def _route_bwd_kernel(
     logits_ptr,
     ids_ptr,

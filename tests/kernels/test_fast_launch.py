@@ -1,0 +1,137 @@
+"""FastLaunch: which launches reuse a compiled kernel, and that reuse changes no result.
+
+The CPU tests drive the dispatch logic with a stand-in for Triton's JIT function; the GPU test
+launches a real kernel through both paths.
+"""
+
+import types
+
+import pytest
+import torch
+
+from flashfusemoe import kernels
+from flashfusemoe.kernels import FastLaunch, permute
+
+
+class FakeJit:
+    """Records Triton-path launches; each returns a compiled kernel that records direct launches."""
+
+    def __init__(self):
+        self.params = [types.SimpleNamespace(name=n, default=d) for n, d in
+                       (("src", None), ("n", None), ("BLOCK", None), ("FLAG", False))]
+        self.jit_launches = []
+        self.direct_launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_launches.append((grid, args, kwargs))
+            return types.SimpleNamespace(run=lambda *a: self.direct_launches.append(a), function="fn",
+                                         packed_metadata="meta")
+        return run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(FastLaunch, "enabled", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    jit = FakeJit()
+    return jit, FastLaunch(jit)
+
+
+def test_repeat_launch_calls_the_compiled_launcher(fake):
+    jit, kernel = fake
+    src = torch.zeros(64)
+    kernel[(3,)](src, 32, BLOCK=16)
+    assert len(jit.jit_launches) == 1 and not jit.direct_launches
+    kernel[(5, 2)](src, 48, BLOCK=16)  # same key: 48 is, like 32, a multiple of 16
+    assert len(jit.jit_launches) == 1
+    # grid padded to 3-D, XLA/torch's current stream, no launch metadata or hooks, then every
+    # parameter in order: the positional ones, the constexpr, the trailing default.
+    assert jit.direct_launches == [(5, 2, 1, 1234, "fn", "meta", None, None, None, src, 48, 16, False)]
+
+
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "int is 1", "int not multiple of 16",
+                                    "int64 width", "constexpr", "launch option", "None"])
+def test_a_new_specialization_goes_through_triton(fake, change):
+    jit, kernel = fake
+    src = torch.zeros(64, dtype=torch.float16)
+    kernel[(1,)](src, 32, BLOCK=16)
+    args, kwargs = [src, 32], {"BLOCK": 16}
+    if change == "misaligned":
+        args[0] = src[1:]  # 2 bytes off a 16-byte boundary
+    elif change == "dtype":
+        args[0] = src.view(torch.bfloat16)
+    elif change == "int is 1":
+        args[1] = 1
+    elif change == "int not multiple of 16":
+        args[1] = 33
+    elif change == "int64 width":
+        args[1] = 2**31 + 16
+    elif change == "constexpr":
+        kwargs["BLOCK"] = 32
+    elif change == "launch option":
+        kwargs["num_warps"] = 8
+    else:
+        args[0] = None
+    kernel[(1,)](*args, **kwargs)
+    assert len(jit.jit_launches) == 2 and not jit.direct_launches
+
+
+def test_other_devices_compile_their_own(fake, monkeypatch):
+    jit, kernel = fake
+    src = torch.zeros(16)
+    kernel[(1,)](src, 16, BLOCK=16)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    kernel[(1,)](src, 16, BLOCK=16)
+    assert len(jit.jit_launches) == 2 and not jit.direct_launches
+
+
+def test_triton_path_while_off_or_hooked(fake, monkeypatch):
+    jit, kernel = fake
+    src = torch.zeros(16)
+    monkeypatch.setattr(FastLaunch, "enabled", False)
+    for _ in range(2):
+        kernel[(1,)](src, 16, BLOCK=16)
+    assert len(jit.jit_launches) == 2 and not kernel.compiled
+    monkeypatch.setattr(FastLaunch, "enabled", True)
+    kernel[(1,)](src, 16, BLOCK=16)
+    monkeypatch.setattr(kernels, "_hooks_installed", lambda: True)
+    kernel[(1,)](src, 16, BLOCK=16)
+    assert len(jit.jit_launches) == 4 and not jit.direct_launches
+
+
+def test_int_key():
+    keys = {v: kernels._int_key(v) for v in (1, 2, 16, 32, 2**31, -(2**31) - 16, 2**63)}
+    assert keys[16] == keys[32]
+    assert len({keys[v] for v in (1, 2, 16, 2**31, 2**63)}) == 5
+    assert keys[2**31] == keys[-(2**31) - 16]  # both int64
+
+
+def test_every_launched_kernel_is_wrapped():
+    """Each module's kernels go through FastLaunch (helpers called inside kernels stay plain)."""
+    from flashfusemoe.kernels import activation, grouped_gemm, routing
+
+    for module in (activation, grouped_gemm, permute, routing):
+        for kernel, _, _ in module.AOT_SPECS:
+            assert isinstance(kernel, FastLaunch), kernel
+
+
+@pytest.mark.gpu
+def test_fast_and_triton_launches_agree(monkeypatch):
+    """combine_rows through both paths, over changing alignments, sizes and weights."""
+    torch.manual_seed(0)
+    cases = []
+    for n, d, offset in ((37, 64, 0), (64, 48, 1), (37, 64, 0), (1, 16, 3), (64, 48, 1)):
+        rows = torch.randn(n * 2 * d + offset, device="cuda", dtype=torch.bfloat16)[offset:].view(n * 2, d)
+        assign = torch.randperm(n * 2, device="cuda").to(torch.int32)
+        weights = torch.rand(n, 2, device="cuda")
+        cases.append((rows, assign, weights))
+    for enabled in (True, False):
+        monkeypatch.setattr(FastLaunch, "enabled", enabled)
+        results = [permute.combine_rows(r, a, 2, weights=w) for r, a, w in cases * 2]
+        if enabled:
+            fast = results
+            assert permute._combine_rows_kernel.compiled, "no launch reused a compiled kernel"
+    for got, want in zip(fast, results):
+        assert torch.equal(got, want)
