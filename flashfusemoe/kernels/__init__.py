@@ -107,7 +107,8 @@ class FastLaunch:
             compiled = self.fn[grid](*args, **kwargs)
             if hasattr(compiled, "result"):  # an asynchronous compile
                 compiled = compiled.result()
-            self.compiled[key] = (compiled, self._trailing_args(len(args), kwargs))
+            if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+                self.compiled[key] = (compiled, self._trailing_args(len(args), kwargs))
             return
         compiled, trailing = entry
         grid = (*grid, 1, 1)
