@@ -210,6 +210,25 @@ def time_ms(run, n_sets, cfg, cuda: bool, block=None) -> float:
     return statistics.median(times)
 
 
+def pipelined_ms(run, n_sets, wait, steps: int = 20, repeats: int = 5) -> float:
+    """Wall-clock ms per call over ``steps`` back-to-back calls with one ``wait`` at the end.
+
+    The host may run ahead of the device, as in training. The same clock for torch and JAX
+    (``time_ms`` must use events for torch and wall clock around each JAX call); median of
+    ``repeats``.
+    """
+    wait(run(0))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        last = None
+        for i in range(steps):
+            last = run(i % n_sets)
+        wait(last)
+        times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(times)
+
+
 def count_host_syncs(run) -> int:
     """Synchronizing CUDA operations torch reports during ``run()`` (sync debug mode "warn")."""
     torch.cuda.synchronize()
@@ -245,6 +264,7 @@ def new_result(p: Problem, impl: str) -> dict:
         "note": "",
         "fwd_ms": None,
         "fwdbwd_ms": None,
+        "pipelined_ms": None,
         "fwd_tflops": None,
         "fwdbwd_tflops": None,
         "fwd_frac_dense": None,
@@ -300,6 +320,7 @@ def measure_dense(p: Problem, cfg, cuda: bool) -> dict:
             ops["fwdbwd"] = lambda i: [f() for f in fwd + bwd]
             for mode in ("fwd",) if cfg.fwd_only else ("fwd", "fwdbwd"):
                 res[f"{mode}_ms"] = time_ms(ops[mode], 1, cfg, cuda)
+            res["pipelined_ms"] = pipelined_ms(ops[mode], 1, lambda r: _sync(cuda))
     except Exception as exc:  # noqa: BLE001
         _record_failure(res, exc)
     _fill_rates(res, p)
@@ -373,6 +394,7 @@ def measure_torch(impl: str, p: Problem, cfg, cuda: bool) -> dict:
         res["fwd_ms"] = time_ms(fwd, n, cfg, cuda)
         if not cfg.fwd_only:
             res["fwdbwd_ms"] = time_ms(fwdbwd, n, cfg, cuda)
+        res["pipelined_ms"] = pipelined_ms(fwd if cfg.fwd_only else fwdbwd, n, lambda r: _sync(cuda))
         if cuda:
             _measure_cuda_extras(res, fn, p, cfg)
     except Exception as exc:  # noqa: BLE001
@@ -509,6 +531,7 @@ def _measure_jax(res: dict, jax, fn, p: Problem, cfg, cuda: bool) -> None:
     res["fwd_ms"] = time_ms(run_fwd, n, cfg, False, block)
     if not cfg.fwd_only:
         res["fwdbwd_ms"] = time_ms(run_fb, n, cfg, False, block)
+    res["pipelined_ms"] = pipelined_ms(run_fwd if cfg.fwd_only else run_fb, n, block)
     res["saved_mib"] = _jax_saved_bytes(jax, fn, [xs[0], *ws]) / MIB
     _, peak1 = _jax_peak_bytes(jax)
     if peak1 is not None and in_use0 is not None:
@@ -558,6 +581,7 @@ def progress_line(res: dict) -> str:
     return (
         f"  {res['impl']:<20} fwd {_fmt(res['fwd_ms'], '9.3f')} ms"
         f"  fwd+bwd {_fmt(res['fwdbwd_ms'], '9.3f')} ms"
+        f"  pipelined {_fmt(res['pipelined_ms'], '9.3f')} ms"
         f"  {_fmt(res['fwdbwd_tflops'] or res['fwd_tflops'], '7.1f')} TFLOP/s"
         f"  {_fmt(res['fwdbwd_frac_dense'] or res['fwd_frac_dense'], '5.2f')} of dense"
         f"  saved {_fmt(res['saved_mib'], '.0f')} MiB  peak {_fmt(res['peak_mib'], '.0f')} MiB"
@@ -586,16 +610,17 @@ def fill_relative(results: list[dict]) -> None:
 def markdown_table(results: list[dict], fwd_only: bool) -> str:
     mode = "fwd" if fwd_only else "fwdbwd"
     head = (
-        "| shape | impl | fwd ms | fwd+bwd ms | TFLOP/s | of dense | vs ref-eager | vs grouped_mm "
-        "| saved MiB | peak MiB | launches fwd/bwd | host sync | status |"
+        "| shape | impl | fwd ms | fwd+bwd ms | pipelined ms | TFLOP/s | of dense | vs ref-eager "
+        "| vs grouped_mm | saved MiB | peak MiB | launches fwd/bwd | host sync | status |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         syncs = r["host_syncs"]
         sync = "-" if syncs is None else ("no" if syncs == 0 else f"yes ({syncs})")
         status = r["status"] + (f": {r['note']}" if r["note"] else "")
         lines.append(
             f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwdbwd_ms'], '.3f')} "
+            f"| {_fmt(r['pipelined_ms'], '.3f')} "
             f"| {_fmt(r[f'{mode}_tflops'], '.1f')} | {_fmt(r[f'{mode}_frac_dense'], '.2f')} "
             f"| {_fmt(r.get(f'{mode}_speedup_vs_reference'), '.2f')} "
             f"| {_fmt(r.get(f'{mode}_speedup_vs_grouped_mm'), '.2f')} "

@@ -96,14 +96,20 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
+def _no_op(indices, tensors) -> None:
+    pass
+
+
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
-            allow_grow: bool = False) -> tuple[Outputs, Residuals, Plan]:
+            allow_grow: bool = False, on_ready=_no_op) -> tuple[Outputs, Residuals, Plan]:
     """Fused MoE forward.
 
     x [N, D]; router_weight [E, D]; w_up [E, 2F, D]; w_down [E, D, F]; expert_bias [E] or None.
     Returns the outputs, the residuals backward needs, and the plan actually used: with
     ``gemm="bmm"`` an overflow of the padded layout grows it (one host sync) when
     ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
+    ``on_ready(indices, tensors)`` hears of results ``(*Outputs, *Residuals)[i]`` as soon as their
+    kernels are launched, before the later ones: the JAX bridge copies them out meanwhile.
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -137,7 +143,12 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
                 assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
                     topk_ids, topk_weights, E, plan, options)
         x_sorted = permute.gather_rows(x, row_to_assign, K)
+    on_ready((1, 2, 3, 4, 5, 6, 7, 8),
+             (logits, tokens_per_expert, num_unplaced.reshape(()), topk_ids, topk_weights, assign_to_row,
+              row_to_assign, expert_ends))
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+    if not options.recompute:
+        on_ready((9,), (h,))
     a = activation.glu_forward(h, options.activation)
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
     out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype)
@@ -149,11 +160,12 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
 
 
 def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_out, grad_logits,
-             options: MoEOptions, plan: Plan):
+             options: MoEOptions, plan: Plan, *, on_ready=_no_op):
     """Fused MoE backward.
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
-    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``.
+    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``;
+    ``on_ready`` hears of the weight gradients early, as in ``forward``.
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -170,8 +182,10 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         h, da, options.activation, r.row_to_assign, r.topk_weights
     )
     grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
-    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
+    on_ready((3,), (grad_w_down,))
     grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
+    on_ready((2,), (grad_w_up,))
+    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(

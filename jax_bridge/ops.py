@@ -5,8 +5,10 @@ The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.co
 ``jax.experimental.buffer_callback``. Inside a callback XLA's buffers are viewed as torch
 tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
 (``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
-allocates its results, which are copied into XLA's output buffers (one device-to-device
-copy each, stream-ordered; the core has no ``out=`` to write them in place). Residuals leave
+allocates its results (``torch._grouped_mm`` has no ``out=``), which are copied into XLA's
+output buffers: on GPU on a side stream, as soon as the core reports each result ready, so
+the copies of the pre-activation and the weight gradients overlap the later GEMMs; XLA's
+stream waits for the side stream before the callback returns. Residuals leave
 the forward as extra JAX outputs and come back to the backward as inputs: nothing
 torch-side outlives a callback. ``jax.export`` cannot serialize the callbacks.
 
@@ -285,25 +287,64 @@ def _as_torch(buffer) -> torch.Tensor:
     return torch.from_dlpack(buffer.__dlpack__())
 
 
-def _write(out_buffers, results) -> None:
-    dsts = []
-    for buffer, result in zip(out_buffers, results, strict=True):
-        dst = _as_torch(buffer)
-        if dst.shape != result.shape or dst.dtype != result.dtype:
-            raise TypeError(
-                f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
-                f"declared {tuple(dst.shape)} {dst.dtype}"
-            )
-        dsts.append(dst)
-    torch._foreach_copy_(dsts, list(results))  # one call (and few launches) for all of them
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+class _OutputWriter:
+    """Copies the core's results into XLA's output buffers as soon as the core reports them.
+
+    On GPU the copies run on a side stream, overlapping the core's later kernels; ``finish``
+    copies what was not reported and makes XLA's stream wait for the side stream. The sources
+    stay alive until then, and ``record_stream`` keeps torch's allocator from reusing them early.
+    """
+
+    def __init__(self, out_buffers):
+        self.dsts = [_as_torch(b) for b in out_buffers]
+        self.done = [False] * len(self.dsts)
+        self.main = self.side = None
+        if self.dsts and self.dsts[0].is_cuda:
+            self.main = torch.cuda.current_stream()
+            index = self.main.device_index
+            if index not in _SIDE_STREAMS:
+                _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+            self.side = _SIDE_STREAMS[index]
+
+    def __call__(self, indices, results) -> None:
+        dsts = []
+        for i, result in zip(indices, results, strict=True):
+            dst = self.dsts[i]
+            if dst.shape != result.shape or dst.dtype != result.dtype:
+                raise TypeError(
+                    f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
+                    f"declared {tuple(dst.shape)} {dst.dtype}"
+                )
+            self.done[i] = True
+            dsts.append(dst)
+        if self.side is None:
+            torch._foreach_copy_(dsts, list(results))
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            torch._foreach_copy_(dsts, list(results))  # one call (and few launches) for the group
+        for result in results:
+            result.record_stream(self.side)
+
+    def finish(self, results) -> None:
+        """Copies the results not reported yet; XLA's stream then waits for every copy."""
+        left = [i for i, done in enumerate(self.done) if not done]
+        if left:
+            self(left, [results[i] for i in left])
+        if self.side is not None:
+            self.main.wait_stream(self.side)
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
     with _torch_scope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
-        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False)
-        _write(outs, (*outputs, *residuals))
+        writer = _OutputWriter(outs)
+        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False, on_ready=writer)
+        writer.finish((*outputs, *residuals))
 
 
 def _backward_callback(
@@ -312,8 +353,10 @@ def _backward_callback(
     with _torch_scope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
-        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan)
-        _write(outs, grads)
+        writer = _OutputWriter(outs)
+        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan,
+                              on_ready=writer)
+        writer.finish(grads)
 
 
 def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):

@@ -31,7 +31,7 @@ def test_layer_tiny_runs_and_writes_results(tmp_path):
     for name in [layer.DENSE, *(i for i in IMPLS if i in layer.TORCH_IMPLS)]:
         r = rows[name]
         assert r["status"] == "ok", (name, r["note"])
-        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwdbwd_tflops"] > 0, r
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["pipelined_ms"] > 0 and r["fwdbwd_tflops"] > 0, r
     for name in layer.JAX_IMPLS:  # skipped only when the module is missing, never an error
         assert rows[name]["status"] in ("ok", "skipped"), rows[name]
         assert rows[name]["status"] == "ok" or "not importable" in rows[name]["note"]
