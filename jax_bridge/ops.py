@@ -252,8 +252,10 @@ def _external_stream(stream: int, index: int) -> torch.cuda.ExternalStream:
 def _torch_scope(ctx, buffer):
     """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast.
 
-    The callback runs on the caller's thread, so the caller's torch modes would leak in. The
-    modes are switched with the low-level setters: this runs twice per training step.
+    Yields XLA's stream as a torch stream (None on CPU). The callback runs on the caller's
+    thread, so the caller's torch modes would leak in. Modes and streams are switched with the
+    low-level setters, and every device lookup gets an explicit index (``torch.cuda.stream()``
+    resolves the current device through Python on every use): this runs twice per training step.
     """
     kind, index = buffer.__dlpack_device__()
     on_gpu = kind in (_DL_CUDA, _DL_ROCM)
@@ -261,10 +263,13 @@ def _torch_scope(ctx, buffer):
     grad_enabled = torch.is_grad_enabled()
     autocast_enabled = torch.is_autocast_enabled(device_type)
     with contextlib.ExitStack() as stack:
+        stream = None
         if on_gpu:
             _warn_if_xla_preallocates()
             stack.enter_context(torch.cuda.device(index))
-            stack.enter_context(torch.cuda.stream(_external_stream(ctx.stream, index)))
+            stream = _external_stream(ctx.stream, index)
+            stack.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
+            torch.cuda.set_stream(stream)
         elif INTERPRET:
             stack.enter_context(_INTERPRETER_LOCK)
         if torch.is_inference_mode_enabled():
@@ -272,7 +277,7 @@ def _torch_scope(ctx, buffer):
         torch.set_grad_enabled(False)
         torch.set_autocast_enabled(device_type, False)
         try:
-            yield
+            yield stream
         finally:
             torch.set_autocast_enabled(device_type, autocast_enabled)
             torch.set_grad_enabled(grad_enabled)
@@ -293,18 +298,18 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 class _OutputWriter:
     """Copies the core's results into XLA's output buffers as soon as the core reports them.
 
-    On GPU the copies run on a side stream, overlapping the core's later kernels; ``finish``
-    copies what was not reported and makes XLA's stream wait for the side stream. The sources
-    stay alive until then, and ``record_stream`` keeps torch's allocator from reusing them early.
+    On GPU (``stream``: XLA's) the copies run on a side stream, overlapping the core's later
+    kernels; ``finish`` copies what was not reported and makes XLA's stream wait for the side
+    stream. The sources stay alive until then, and ``record_stream`` keeps torch's allocator
+    from reusing them early.
     """
 
-    def __init__(self, out_buffers):
+    def __init__(self, out_buffers, stream):
         self.dsts = [_as_torch(b) for b in out_buffers]
         self.done = [False] * len(self.dsts)
-        self.main = self.side = None
-        if self.dsts and self.dsts[0].is_cuda:
-            self.main = torch.cuda.current_stream()
-            index = self.main.device_index
+        self.main, self.side = stream, None
+        if stream is not None:
+            index = stream.device_index
             if index not in _SIDE_STREAMS:
                 _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
             self.side = _SIDE_STREAMS[index]
@@ -323,9 +328,12 @@ class _OutputWriter:
         if self.side is None:
             torch._foreach_copy_(dsts, list(results))
             return
-        self.side.wait_stream(self.main)
-        with torch.cuda.stream(self.side):
+        self.side.wait_event(self.main.record_event())
+        torch.cuda.set_stream(self.side)
+        try:
             torch._foreach_copy_(dsts, list(results))  # one call (and few launches) for the group
+        finally:
+            torch.cuda.set_stream(self.main)
         for result in results:
             result.record_stream(self.side)
 
@@ -335,14 +343,14 @@ class _OutputWriter:
         if left:
             self(left, [results[i] for i in left])
         if self.side is not None:
-            self.main.wait_stream(self.side)
+            self.main.wait_event(self.side.record_event())
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
-    with _torch_scope(ctx, x):
+    with _torch_scope(ctx, x) as stream:
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
-        writer = _OutputWriter(outs)
+        writer = _OutputWriter(outs, stream)
         outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False, on_ready=writer)
         writer.finish((*outputs, *residuals))
 
@@ -350,10 +358,10 @@ def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, 
 def _backward_callback(
     options, plan, ctx, outs, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits
 ):
-    with _torch_scope(ctx, x):
+    with _torch_scope(ctx, x) as stream:
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
-        writer = _OutputWriter(outs)
+        writer = _OutputWriter(outs, stream)
         grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan,
                               on_ready=writer)
         writer.finish(grads)

@@ -29,10 +29,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a constexpr function, slow on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (0 for ``n <= 0``), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def row_blocks(width: int, target: int, max_block: int) -> tuple[int, int]:
     """``(BLOCK_ROWS, BLOCK_COLS)`` of a row-wise kernel: columns up to ``max_block`` wide (a power
     of two), rows to make about ``target`` elements per program."""
-    block_cols = min(triton.next_power_of_2(max(width, 1)), max_block)
+    block_cols = min(next_power_of_2(max(width, 1)), max_block)
     return max(1, target // block_cols), block_cols
 
 

@@ -8,7 +8,14 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import compute_dtype, fast_launch, row_blocks, triton_dtype, use_triton
+from flashfusemoe.kernels import (
+    cdiv,
+    compute_dtype,
+    fast_launch,
+    row_blocks,
+    triton_dtype,
+    use_triton,
+)
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -122,7 +129,7 @@ def glu_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
         return (_act_torch(g, activation) * u).to(h.dtype)
     a = torch.empty(r_total, f, device=h.device, dtype=h.dtype)
     block_r, block_f = row_blocks(f, 4096, 128)
-    grid = (triton.cdiv(r_total, block_r), triton.cdiv(f, block_f))
+    grid = (cdiv(r_total, block_r), cdiv(f, block_f))
     _glu_forward_kernel[grid](
         h,
         a,
@@ -243,7 +250,7 @@ def glu_backward(
     a_weighted = torch.empty(r_total, f, device=dev, dtype=h.dtype)
     grad_w_row = torch.empty(r_total, device=dev, dtype=cdt)
     block_r, block_f = row_blocks(f, 2048, 128)
-    _glu_backward_kernel[(triton.cdiv(r_total, block_r),)](
+    _glu_backward_kernel[(cdiv(r_total, block_r),)](
         h,
         da,
         row_to_assign,

@@ -19,7 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import INTERP, INTERPRET, fast_launch, triton_dtype, use_triton
+from flashfusemoe.kernels import (
+    INTERP,
+    INTERPRET,
+    cdiv,
+    fast_launch,
+    next_power_of_2,
+    triton_dtype,
+    use_triton,
+)
 
 BACKENDS = ("auto", "torch", "triton", "loop")
 DEFAULT_BACKEND = "auto"
@@ -192,7 +200,7 @@ def _config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
 
 
 def _block_e(num_experts: int) -> int:
-    return max(16, triton.next_power_of_2(num_experts))
+    return max(16, next_power_of_2(num_experts))
 
 
 def _grouped_mm_triton(a, b, expert_ends, trans_b):
@@ -204,7 +212,7 @@ def _grouped_mm_triton(a, b, expert_ends, trans_b):
         return out
     stride_bk, stride_bn = (b.stride(2), b.stride(1)) if trans_b else (b.stride(1), b.stride(2))
     cfg = _config(a.dtype)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) + E, triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (cdiv(R, cfg["BLOCK_M"]) + E, cdiv(N, cfg["BLOCK_N"]))
     _grouped_mm_kernel[grid](
         a,
         b,
@@ -236,7 +244,7 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends):
     if R == 0:
         return out.zero_()
     cfg = _config(a.dtype)
-    grid = (E, triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (E, cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     _grouped_wgrad_kernel[grid](
         a,
         b,

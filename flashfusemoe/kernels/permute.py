@@ -5,10 +5,17 @@ expert-sorted layout (``R = A`` dropless, ``R = E*M`` padded).
 """
 
 import torch
-import triton
 import triton.language as tl
 
-from flashfusemoe.kernels import INTERP, fast_launch, row_blocks, triton_dtype, use_triton
+from flashfusemoe.kernels import (
+    INTERP,
+    cdiv,
+    fast_launch,
+    next_power_of_2,
+    row_blocks,
+    triton_dtype,
+    use_triton,
+)
 
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
@@ -169,7 +176,7 @@ def expert_layout(
         m,
         HAS_KEEP=keep is not None,
         PADDED=padded,
-        E_BLOCK=triton.next_power_of_2(e_total),
+        E_BLOCK=next_power_of_2(e_total),
         BLOCK=_LAYOUT_BLOCK,
         num_warps=4,
     )
@@ -300,8 +307,8 @@ def _layout_gather_kernel(
 
 def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
     """Token-block size of the routing kernel's ``block_counts`` table for ``layout_and_gather``."""
-    block_e = triton.next_power_of_2(max(num_experts, 1))
-    return max(16, min(64, 8192 // (block_e * triton.next_power_of_2(top_k))))
+    block_e = next_power_of_2(max(num_experts, 1))
+    return max(16, min(64, 8192 // (block_e * next_power_of_2(top_k))))
 
 
 def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int):
@@ -325,13 +332,13 @@ def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int)
     expert_ends = torch.empty(num_experts, device=dev, dtype=i32)
     tokens_per_expert = torch.empty(num_experts, device=dev, dtype=i32)
     num_unplaced = torch.empty(1, device=dev, dtype=i32)
-    block_k = triton.next_power_of_2(k)
-    block_d = max(16, min(256, triton.next_power_of_2(d), 8192 // block_n))
-    _layout_gather_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
+    block_k = next_power_of_2(k)
+    block_d = max(16, min(256, next_power_of_2(d), 8192 // block_n))
+    _layout_gather_kernel[(cdiv(num_blocks, blocks_per_program),)](
         x, topk_ids, block_counts, x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert,
         num_unplaced, n, d, num_experts, num_blocks, x.stride(0), K=k,
         BLOCKS_PER_PROGRAM=blocks_per_program, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_D=block_d, TABLE_ROWS=64,
+        BLOCK_E=next_power_of_2(num_experts), BLOCK_D=block_d, TABLE_ROWS=64,
     )
     return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
 
@@ -439,8 +446,8 @@ def capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_e
     d = x_sorted.shape[1]
     _capacity_drop_kernel[(num_experts,)](
         weights, assign_to_row, row_to_assign, expert_ends, x_sorted, dropped, d, num_experts, capacity,
-        FP64=weights.dtype == torch.float64, BLOCK=1024, BLOCK_D=min(64, triton.next_power_of_2(max(d, 1))),
-        BLOCK_E=triton.next_power_of_2(num_experts),
+        FP64=weights.dtype == torch.float64, BLOCK=1024, BLOCK_D=min(64, next_power_of_2(max(d, 1))),
+        BLOCK_E=next_power_of_2(num_experts),
     )
     return dropped
 
@@ -527,7 +534,7 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
         return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_r, block_d = row_blocks(d, _GATHER_ELEMS, 256)
-    grid = (triton.cdiv(r_total, block_r), triton.cdiv(d, block_d))
+    grid = (cdiv(r_total, block_r), cdiv(d, block_d))
     _gather_rows_kernel[grid](
         src, src2, row_to_assign, out, out2, r_total, d, top_k, src.stride(0), src2.stride(0),
         TWO=second is not None, BLOCK_R=block_r, BLOCK_D=block_d,
@@ -609,7 +616,7 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
         return out if second is None else (out, out2)
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_n, block_d = row_blocks(d, _SCATTER_ELEMS, 256)
-    _scatter_rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+    _scatter_rows_kernel[(cdiv(n, block_n), cdiv(d, block_d))](
         src, src2, assign_to_row, out, out2, n, d, top_k, src.stride(0), src2.stride(0),
         TWO=second is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )
@@ -730,7 +737,7 @@ def combine_rows(
     num_experts = 0 if addend is None else addend[0].shape[1]
     if addend is not None:  # tl.dot tiles are at least 16 wide
         block_n, block_d = max(block_n, 16), max(block_d, 16)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+    grid = (cdiv(n, block_n), cdiv(d, block_d))
     _combine_rows_kernel[grid](
         rows,
         assign_to_row,
@@ -751,7 +758,7 @@ def combine_rows(
         and addend[0].dtype == addend[1].dtype,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        BLOCK_E=min(64, max(16, triton.next_power_of_2(max(num_experts, 1)))),
+        BLOCK_E=min(64, max(16, next_power_of_2(max(num_experts, 1)))),
         num_warps=warps,
     )
     return out
@@ -860,7 +867,7 @@ def _aot_specs() -> list:
                                           "num_unplaced_ptr")}
         sig.update({"x_ptr": f"*{t}", "x_sorted_ptr": f"*{t}"})
         sig.update({name: i32 for name in ("N", "D", "E", "NUM_BLOCKS", "stride_x")})
-        consts = {"K": k, "BLOCKS_PER_PROGRAM": 2, "BLOCK_N": 16, "BLOCK_K": triton.next_power_of_2(k),
+        consts = {"K": k, "BLOCKS_PER_PROGRAM": 2, "BLOCK_N": 16, "BLOCK_K": next_power_of_2(k),
                   "BLOCK_E": e_total, "BLOCK_D": 64, "TABLE_ROWS": 64}
         sig.update({name: "constexpr" for name in consts})
         specs.append((_layout_gather_kernel, sig, consts))

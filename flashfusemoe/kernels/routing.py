@@ -9,20 +9,28 @@ import triton
 import triton.language as tl
 
 from flashfusemoe import kernels
-from flashfusemoe.kernels import INTERP, compute_dtype, fast_launch, triton_dtype, use_triton
+from flashfusemoe.kernels import (
+    INTERP,
+    cdiv,
+    compute_dtype,
+    fast_launch,
+    next_power_of_2,
+    triton_dtype,
+    use_triton,
+)
 
 # Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
 _NEG = tl.constexpr(-1.0e30)
 
 
 def _block_e(E: int) -> int:
-    return max(16, triton.next_power_of_2(E))
+    return max(16, next_power_of_2(E))
 
 
 def _block_n(N: int, block_e: int, interpret: bool, max_tile: int) -> int:
     if interpret:
         # The interpreter pays per program: one wide program is cheapest.
-        return max(16, min(128, triton.next_power_of_2(N)))
+        return max(16, min(128, next_power_of_2(N)))
     return max(16, min(64, max_tile // block_e))
 
 
@@ -323,7 +331,7 @@ def route_forward(
     logits = torch.empty(N, E, dtype=cdt, device=x.device)
     ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(N, top_k, dtype=cdt, device=x.device)
-    num_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    num_blocks = cdiv(N, cfg["BLOCK_N"])
     counts = torch.empty(num_blocks if with_block_counts else 0, E, dtype=torch.int32, device=x.device)
     x = x.contiguous()
     router_weight = router_weight.contiguous()
@@ -350,8 +358,8 @@ def route_forward(
         NORM=bool(norm_topk_prob),
         DOT_IEEE=x.dtype in (torch.float32, torch.float64),
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k),
-        BLOCK_G=triton.next_power_of_2(max(ng, 1)),
+        BLOCK_K=next_power_of_2(top_k),
+        BLOCK_G=next_power_of_2(max(ng, 1)),
         **cfg,
     )
     if with_block_counts:
@@ -421,7 +429,7 @@ def route_backward(
         grad_logits_ext = grad_logits_ext.contiguous()
     block_e = _block_e(E)
     block_n = _block_n(N, block_e, kernels.INTERPRET, 4096)
-    _route_bwd_kernel[(triton.cdiv(N, block_n),)](
+    _route_bwd_kernel[(cdiv(N, block_n),)](
         logits,
         topk_ids,
         grad_w_row,
@@ -437,7 +445,7 @@ def route_backward(
         HAS_EXT=grad_logits_ext is not None,
         BLOCK_N=block_n,
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_K=next_power_of_2(K),
         num_warps=4,
     )
     return grad_logits
@@ -491,8 +499,8 @@ def _aot_specs():
                         "BLOCK_N": cfg["BLOCK_N"],
                         "BLOCK_D": cfg["BLOCK_D"],
                         "BLOCK_E": block_e,
-                        "BLOCK_K": triton.next_power_of_2(K),
-                        "BLOCK_G": triton.next_power_of_2(max(n_group, 1)),
+                        "BLOCK_K": next_power_of_2(K),
+                        "BLOCK_G": next_power_of_2(max(n_group, 1)),
                     },
                 )
             )
@@ -524,7 +532,7 @@ def _aot_specs():
                         "HAS_EXT": ext,
                         "BLOCK_N": _block_n(0, block_e, False, 4096),
                         "BLOCK_E": block_e,
-                        "BLOCK_K": triton.next_power_of_2(K),
+                        "BLOCK_K": next_power_of_2(K),
                     },
                 )
             )
