@@ -299,9 +299,8 @@ class _OutputWriter:
     """Copies the core's results into XLA's output buffers as soon as the core reports them.
 
     On GPU (``stream``: XLA's) the copies run on a side stream, overlapping the core's later
-    kernels; ``finish`` copies what was not reported and makes XLA's stream wait for the side
-    stream. The sources stay alive until then, and ``record_stream`` keeps torch's allocator
-    from reusing them early.
+    kernels; ``finish`` copies what was not reported and ``join`` makes XLA's stream wait for the
+    side stream. ``record_stream`` keeps torch's allocator from reusing the sources early.
     """
 
     def __init__(self, out_buffers, stream):
@@ -338,10 +337,14 @@ class _OutputWriter:
             result.record_stream(self.side)
 
     def finish(self, results) -> None:
-        """Copies the results not reported yet; XLA's stream then waits for every copy."""
+        """Copies the results not reported yet."""
         left = [i for i, done in enumerate(self.done) if not done]
         if left:
             self(left, [results[i] for i in left])
+
+    def join(self) -> None:
+        """XLA's stream waits for every copy: before the callback returns, even when it raises
+        (XLA then frees the output buffers the side stream may still be writing)."""
         if self.side is not None:
             self.main.wait_event(self.side.record_event())
 
@@ -351,8 +354,12 @@ def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, 
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
         writer = _OutputWriter(outs, stream)
-        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False, on_ready=writer)
-        writer.finish((*outputs, *residuals))
+        try:
+            outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False,
+                                                 on_ready=writer)
+            writer.finish((*outputs, *residuals))
+        finally:
+            writer.join()
 
 
 def _backward_callback(
@@ -362,9 +369,12 @@ def _backward_callback(
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
         writer = _OutputWriter(outs, stream)
-        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan,
-                              on_ready=writer)
-        writer.finish(grads)
+        try:
+            grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options,
+                                  plan, on_ready=writer)
+            writer.finish(grads)
+        finally:
+            writer.join()
 
 
 def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):
