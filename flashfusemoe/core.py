@@ -100,8 +100,16 @@ def _no_op(indices, tensors) -> None:
     pass
 
 
+def _destination(into, index: int, shape, like: torch.Tensor, dtype: torch.dtype):
+    """``into[index]`` if it can take a ``shape`` result of ``dtype`` on ``like``'s device in place."""
+    t = None if into is None else into[index]
+    if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != like.device:
+        return None
+    return t if t.is_contiguous() else None
+
+
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
-            allow_grow: bool = False, on_ready=_no_op) -> tuple[Outputs, Residuals, Plan]:
+            allow_grow: bool = False, on_ready=_no_op, into=None) -> tuple[Outputs, Residuals, Plan]:
     """Fused MoE forward.
 
     x [N, D]; router_weight [E, D]; w_up [E, 2F, D]; w_down [E, D, F]; expert_bias [E] or None.
@@ -110,6 +118,9 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
     ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
     ``on_ready(indices, tensors)`` hears of results ``(*Outputs, *Residuals)[i]`` as soon as their
     kernels are launched, before the later ones: the JAX bridge copies them out meanwhile.
+    ``into``: destinations by index of ``(*Outputs, *Residuals)`` (None entries allowed); ``out``
+    [0] and ``h`` [9] are written there by the kernels that produce them (the JAX bridge's
+    output buffers) and returned as those tensors.
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -147,11 +158,14 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
              (logits, tokens_per_expert, num_unplaced.reshape(()), topk_ids, topk_weights, assign_to_row,
               row_to_assign, expert_ends))
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+    h_into = None if options.recompute else _destination(into, 9, h.shape, h, h.dtype)
+    a = activation.glu_forward(h, options.activation, h_copy=h_into)
     if not options.recompute:
+        h = h if h_into is None else h_into
         on_ready((9,), (h,))
-    a = activation.glu_forward(h, options.activation)
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
-    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype)
+    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype,
+                               out=_destination(into, 0, x.shape, x, x.dtype))
     if options.recompute:
         h = h.new_empty((0, h.shape[1]))
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
@@ -160,12 +174,13 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
 
 
 def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_out, grad_logits,
-             options: MoEOptions, plan: Plan, *, on_ready=_no_op):
+             options: MoEOptions, plan: Plan, *, on_ready=_no_op, into=None):
     """Fused MoE backward.
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
     Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``;
-    ``on_ready`` hears of the weight gradients early, as in ``forward``.
+    ``on_ready`` hears of the weight gradients early, and ``grad_x`` [0] and ``grad_router_weight``
+    [1] are written ``into`` given destinations, as in ``forward``.
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -193,6 +208,11 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         options.norm_topk_prob, float(options.routed_scaling_factor), out_dtype=x.dtype,
     )
     grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, logit_grad=grad_logits,
-                                  router_weight=router_weight, out_dtype=x.dtype)
-    grad_router = grad_logits.t() @ x
+                                  router_weight=router_weight, out_dtype=x.dtype,
+                                  out=_destination(into, 0, x.shape, x, x.dtype))
+    grad_router_into = _destination(into, 1, router_weight.shape, x, x.dtype)
+    if grad_router_into is None:
+        grad_router = grad_logits.t() @ x
+    else:
+        grad_router = torch.mm(grad_logits.t(), x, out=grad_router_into)
     return grad_x, grad_router, grad_w_up, grad_w_down

@@ -298,6 +298,8 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 class _OutputWriter:
     """Copies the core's results into XLA's output buffers as soon as the core reports them.
 
+    The core writes some results into these buffers itself (``into=``): those are not copied.
+
     On GPU (``stream``: XLA's) the copies run on a side stream, overlapping the core's later
     kernels; ``finish`` copies what was not reported and ``join`` makes XLA's stream wait for the
     side stream. ``record_stream`` keeps torch's allocator from reusing the sources early.
@@ -314,7 +316,7 @@ class _OutputWriter:
             self.side = _SIDE_STREAMS[index]
 
     def __call__(self, indices, results) -> None:
-        dsts = []
+        dsts, srcs = [], []
         for i, result in zip(indices, results, strict=True):
             dst = self.dsts[i]
             if dst.shape != result.shape or dst.dtype != result.dtype:
@@ -323,18 +325,22 @@ class _OutputWriter:
                     f"declared {tuple(dst.shape)} {dst.dtype}"
                 )
             self.done[i] = True
-            dsts.append(dst)
+            if dst.data_ptr() != result.data_ptr():  # else the core wrote it in place
+                dsts.append(dst)
+                srcs.append(result)
+        if not dsts:
+            return
         if self.side is None:
-            torch._foreach_copy_(dsts, list(results))
+            torch._foreach_copy_(dsts, srcs)
             return
         self.side.wait_event(self.main.record_event())
         torch.cuda.set_stream(self.side)
         try:
-            torch._foreach_copy_(dsts, list(results))  # one call (and few launches) for the group
+            torch._foreach_copy_(dsts, srcs)  # one call (and few launches) for the group
         finally:
             torch.cuda.set_stream(self.main)
-        for result in results:
-            result.record_stream(self.side)
+        for src in srcs:
+            src.record_stream(self.side)
 
     def finish(self, results) -> None:
         """Copies the results not reported yet."""
@@ -356,7 +362,7 @@ def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, 
         writer = _OutputWriter(outs, stream)
         try:
             outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False,
-                                                 on_ready=writer)
+                                                 on_ready=writer, into=writer.dsts)
             writer.finish((*outputs, *residuals))
         finally:
             writer.join()
@@ -371,7 +377,7 @@ def _backward_callback(
         writer = _OutputWriter(outs, stream)
         try:
             grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options,
-                                  plan, on_ready=writer)
+                                  plan, on_ready=writer, into=writer.dsts)
             writer.finish(grads)
         finally:
             writer.join()

@@ -55,7 +55,45 @@ def test_on_ready_reports_final_results(device, options):
     _assert_unchanged(seen, results)
 
     seen, on_ready = _recorder()
-    grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, torch.randn_like(x), None,
-                          opts, plan, on_ready=on_ready)
+    grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, torch.randn_like(x),
+                          None, opts, plan, on_ready=on_ready)
     assert set(seen) == {2, 3}  # the expert weight gradients
     _assert_unchanged(seen, grads)
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_into_writes_in_place_and_changes_nothing(device, gemm):
+    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm=gemm)
+    plan = make_plan(opts, x, router_weight, w_up, w_down, None)
+    grad_out = torch.randn_like(x)
+    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
+    grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
+                          plan)
+
+    results = (*outputs, *residuals)
+    into = [None] * len(results)
+    into[0], into[9] = torch.full_like(results[0], float("nan")), torch.full_like(results[9], float("nan"))
+    outputs2, residuals2, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan, into=into)
+    assert outputs2.out is into[0] and residuals2.h is into[9]
+    for got, want in zip((*outputs2, *residuals2), results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    into = [torch.full_like(g, float("nan")) for g in grads[:2]] + [None, None]
+    grads2 = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
+                           plan, into=into)
+    assert grads2[0] is into[0] and grads2[1] is into[1]
+    for got, want in zip(grads2, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_into_skips_destinations_that_do_not_fit(device):
+    x, router_weight, w_up, w_down = random_moe(12, 16, 8, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm="grouped")
+    plan = make_plan(opts, x, router_weight, w_up, w_down, None)
+    into = [None] * 10
+    into[0] = torch.empty(12, 16, dtype=torch.float64, device=device)  # wrong dtype
+    into[9] = torch.empty(16, 24, device=device).t()  # [24, 16]: wrong shape (and not contiguous)
+    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan, into=into)
+    assert outputs.out is not into[0] and residuals.h is not into[9]
+    assert outputs.out.dtype == torch.float32 and residuals.h.shape == (24, 16)

@@ -71,11 +71,13 @@ def _act_and_grad(g, ACT: tl.constexpr):
 def _glu_forward_kernel(
     h_ptr,
     a_ptr,
+    h_copy_ptr,
     R,
     F,
     stride_h,
     ACT: tl.constexpr,
     FP64: tl.constexpr,
+    COPY_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
@@ -84,8 +86,14 @@ def _glu_forward_kernel(
     mask = (rows < R)[:, None] & (cols < F)[None, :]
     r64 = rows.to(tl.int64)[:, None]
     g_ptrs = h_ptr + r64 * stride_h + cols[None, :]
-    g = _upcast(tl.load(g_ptrs, mask=mask, other=0.0), FP64)
-    u = _upcast(tl.load(g_ptrs + F, mask=mask, other=0.0), FP64)
+    g_raw = tl.load(g_ptrs, mask=mask, other=0.0)
+    u_raw = tl.load(g_ptrs + F, mask=mask, other=0.0)
+    if COPY_H:  # h_copy is contiguous [R, 2F]
+        copy_ptrs = h_copy_ptr + r64 * (2 * F) + cols[None, :]
+        tl.store(copy_ptrs, g_raw, mask=mask)
+        tl.store(copy_ptrs + F, u_raw, mask=mask)
+    g = _upcast(g_raw, FP64)
+    u = _upcast(u_raw, FP64)
     a = _act(g, ACT) * u
     tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -114,30 +122,44 @@ def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
     return 2 * torch.relu(g)
 
 
-def glu_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``a = act(h[:, :F]) * h[:, F:]``: ``h`` ``[R, 2F]`` -> ``a`` ``[R, F]`` of ``h.dtype``."""
+def glu_forward(h: torch.Tensor, activation: str, h_copy: torch.Tensor | None = None) -> torch.Tensor:
+    """``a = act(h[:, :F]) * h[:, F:]``: ``h`` ``[R, 2F]`` -> ``a`` ``[R, F]`` of ``h.dtype``.
+
+    ``h_copy``: a contiguous ``[R, 2F]`` tensor of ``h``'s dtype and device that also receives
+    ``h``, from the same reads (the JAX bridge's residual buffer).
+    """
     code = _check_activation(activation)
     r_total, two_f = h.shape
     f = two_f // 2
-    if r_total == 0 or f == 0:
-        return torch.zeros(r_total, f, device=h.device, dtype=h.dtype)
-    if h.stride(1) != 1:
-        h = h.contiguous()
-    if not use_triton(h):
+    if h_copy is not None and (h_copy.shape != h.shape or h_copy.dtype != h.dtype or h_copy.device != h.device
+                               or not h_copy.is_contiguous()):
+        raise ValueError(
+            f"h_copy must be a contiguous {tuple(h.shape)} {h.dtype} tensor on {h.device}, got "
+            f"{tuple(h_copy.shape)} {h_copy.dtype} on {h_copy.device} (strides {h_copy.stride()})"
+        )
+    if r_total == 0 or f == 0 or not use_triton(h):
+        if h_copy is not None:
+            h_copy.copy_(h)
+        if r_total == 0 or f == 0:
+            return torch.zeros(r_total, f, device=h.device, dtype=h.dtype)
         cdt = compute_dtype(h.dtype)
         g, u = h[:, :f].to(cdt), h[:, f:].to(cdt)
         return (_act_torch(g, activation) * u).to(h.dtype)
+    if h.stride(1) != 1:
+        h = h.contiguous()
     a = torch.empty(r_total, f, device=h.device, dtype=h.dtype)
     block_r, block_f = row_blocks(f, 4096, 128)
     grid = (cdiv(r_total, block_r), cdiv(f, block_f))
     _glu_forward_kernel[grid](
         h,
         a,
+        a if h_copy is None else h_copy,
         r_total,
         f,
         h.stride(0),
         ACT=code,
         FP64=h.dtype == torch.float64,
+        COPY_H=h_copy is not None,
         BLOCK_R=block_r,
         BLOCK_F=block_f,
     )
@@ -279,19 +301,22 @@ def _aot_specs() -> list:
         for act in ACTIVATIONS:
             code = _ACT_CODE[act]
             block_r, block_f = row_blocks(1024, 4096, 128)
-            sig = {
-                "h_ptr": f"*{t}",
-                "a_ptr": f"*{t}",
-                "R": "i32",
-                "F": "i32",
-                "stride_h": "i32",
-                "ACT": "constexpr",
-                "FP64": "constexpr",
-                "BLOCK_R": "constexpr",
-                "BLOCK_F": "constexpr",
-            }
-            consts = {"ACT": code, "FP64": fp64, "BLOCK_R": block_r, "BLOCK_F": block_f}
-            specs.append((_glu_forward_kernel, sig, consts))
+            for copy_h in (False, True):
+                sig = {
+                    "h_ptr": f"*{t}",
+                    "a_ptr": f"*{t}",
+                    "h_copy_ptr": f"*{t}",
+                    "R": "i32",
+                    "F": "i32",
+                    "stride_h": "i32",
+                    "ACT": "constexpr",
+                    "FP64": "constexpr",
+                    "COPY_H": "constexpr",
+                    "BLOCK_R": "constexpr",
+                    "BLOCK_F": "constexpr",
+                }
+                consts = {"ACT": code, "FP64": fp64, "COPY_H": copy_h, "BLOCK_R": block_r, "BLOCK_F": block_f}
+                specs.append((_glu_forward_kernel, sig, consts))
             block_r, block_f = row_blocks(1024, 2048, 128)
             sig = {
                 "h_ptr": f"*{t}",

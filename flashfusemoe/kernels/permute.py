@@ -696,23 +696,29 @@ def combine_rows(
     logit_grad: torch.Tensor | None = None,
     router_weight: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[n] = sum_k weights[n, k] * rows[assign_to_row[n*K + k]] + logit_grad[n] @ router_weight``.
 
     ``rows`` ``[R, D]``, ``assign_to_row`` ``[N*K]`` int32 (``-1`` skipped), ``weights``
     ``[N, K]`` or None (factor 1), ``logit_grad`` ``[N, E]`` and ``router_weight`` ``[E, D]``
     or None (the backward's router term). Accumulates in fp32 (fp64 when any input is fp64)
-    in a fixed order; returns ``[N, D]`` of ``out_dtype`` (default ``rows.dtype``).
+    in a fixed order; returns ``[N, D]`` of ``out_dtype`` (default ``rows.dtype``), written into
+    ``out`` when given (contiguous, on ``rows``' device).
     """
     addend = None if logit_grad is None else (logit_grad, router_weight.contiguous())
     out_dtype = rows.dtype if out_dtype is None else out_dtype
     d = rows.shape[1]
     n = assign_to_row.numel() // top_k if top_k > 0 else 0
     dev = rows.device
+    if out is not None and (out.shape != (n, d) or out.dtype != out_dtype or out.device != dev
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {(n, d)} {out_dtype} tensor on {dev}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device} (strides {out.stride()})")
     fp64 = any(t is not None and t.dtype == torch.float64 for t in (rows, weights, logit_grad))
     acc_dtype = torch.float64 if fp64 else torch.float32
     if n == 0 or d == 0:
-        return torch.zeros(n, d, device=dev, dtype=out_dtype)
+        return torch.zeros(n, d, device=dev, dtype=out_dtype) if out is None else out.zero_()
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     if weights is not None:
@@ -728,8 +734,9 @@ def combine_rows(
             acc += torch.where(valid[:, None], y, 0.0)
         if addend is not None:
             acc += addend[0].to(acc_dtype) @ addend[1].to(acc_dtype)
-        return acc.to(out_dtype)
-    out = torch.empty(n, d, device=dev, dtype=out_dtype)
+        return acc.to(out_dtype) if out is None else out.copy_(acc)
+    if out is None:
+        out = torch.empty(n, d, device=dev, dtype=out_dtype)
     # With the router term each program also runs a [BLOCK_N, E] x [E, BLOCK_D] dot: wider tiles
     # and 8 warps (H100: 324 vs 346 us at the fine-grained shape, equal at the seed's).
     elems, warps = (_COMBINE_ELEMS, 4) if addend is None else (2 * _COMBINE_ELEMS, 8)

@@ -58,6 +58,25 @@ def test_glu_forward(backend, device, dtype, act):
     torch.testing.assert_close(a.cpu().double(), ref_glu(h.cpu().double(), act), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glu_forward_h_copy(backend, device, dtype):
+    h = make_h(45, 300, dtype, device)
+    h_copy = torch.full_like(h, float("nan"))
+    a = activation.glu_forward(h, "swiglu", h_copy=h_copy)
+    assert torch.equal(h_copy, h)  # every element, bit for bit
+    assert torch.equal(a, activation.glu_forward(h, "swiglu"))  # the copy changes nothing else
+    empty = torch.empty(0, 600, dtype=dtype, device=device)
+    assert activation.glu_forward(empty, "swiglu", h_copy=empty.clone()).shape == (0, 300)
+
+
+def test_glu_forward_bad_h_copy(backend, device):
+    h = make_h(8, 16, torch.float32, device)
+    for bad in (torch.empty(8, 16, device=device), torch.empty(8, 32, dtype=torch.float64, device=device),
+                torch.empty(32, 8, device=device).t()):
+        with pytest.raises(ValueError, match="h_copy must be a contiguous"):
+            activation.glu_forward(h, "swiglu", h_copy=bad)
+
+
 def make_backward_inputs(r, f, n, k, dtype, device):
     h = make_h(r, f, dtype, device)
     da = torch.randn(r, f, dtype=torch.float64).to(dtype).to(device)

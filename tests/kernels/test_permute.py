@@ -221,6 +221,26 @@ def test_combine_rows_out_dtype_and_empty(backend, device):
     assert empty.shape == (0, d) and empty.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("with_router", [False, True])
+def test_combine_rows_into_out(backend, device, with_router):
+    n, k, e, d = 23, 2, 4, 70
+    assign_to_row, row_to_assign, *_ = layout_for(n, k, e, 0, device)
+    rows = torch.randn(row_to_assign.numel(), d, device=device)
+    kw = dict(weights=torch.rand(n, k, device=device))
+    if with_router:
+        kw = dict(logit_grad=torch.randn(n, e, device=device), router_weight=torch.randn(e, d, device=device))
+    want = permute.combine_rows(rows, assign_to_row, k, **kw)
+    out = torch.full((n, d), float("nan"), device=device)
+    assert permute.combine_rows(rows, assign_to_row, k, out=out, **kw) is out
+    assert torch.equal(out, want)
+    empty_out = torch.full((0, d), float("nan"), device=device)
+    assert permute.combine_rows(rows[:0], assign_to_row[:0], k, out=empty_out) is empty_out
+    for bad in (torch.empty(n, d + 1, device=device), torch.empty(n, d, dtype=torch.float64, device=device),
+                torch.empty(d, n, device=device).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            permute.combine_rows(rows, assign_to_row, k, out=bad, **kw)
+
+
 @pytest.mark.gpu
 def test_no_host_sync(device):
     n, k, e = 300, 2, 8
