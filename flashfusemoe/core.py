@@ -96,10 +96,6 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
-def _no_op(indices, tensors) -> None:
-    pass
-
-
 def _destination(into, index: int, shape, like: torch.Tensor, dtype: torch.dtype):
     """``into[index]`` if it can take a ``shape`` result of ``dtype`` on ``like``'s device in place."""
     t = None if into is None else into[index]
@@ -109,15 +105,13 @@ def _destination(into, index: int, shape, like: torch.Tensor, dtype: torch.dtype
 
 
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
-            allow_grow: bool = False, on_ready=_no_op, into=None) -> tuple[Outputs, Residuals, Plan]:
+            allow_grow: bool = False, into=None) -> tuple[Outputs, Residuals, Plan]:
     """Fused MoE forward.
 
     x [N, D]; router_weight [E, D]; w_up [E, 2F, D]; w_down [E, D, F]; expert_bias [E] or None.
     Returns the outputs, the residuals backward needs, and the plan actually used: with
     ``gemm="bmm"`` an overflow of the padded layout grows it (one host sync) when
     ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
-    ``on_ready(indices, tensors)`` hears of results ``(*Outputs, *Residuals)[i]`` as soon as their
-    kernels are launched, before the later ones: the JAX bridge copies them out meanwhile.
     ``into``: destinations by index of ``(*Outputs, *Residuals)`` (None entries allowed); ``out``
     [0] and ``h`` [9] are written there by the kernels that produce them (the JAX bridge's
     output buffers) and returned as those tensors.
@@ -154,15 +148,11 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
                 assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
                     topk_ids, topk_weights, E, plan, options)
         x_sorted = permute.gather_rows(x, row_to_assign, K)
-    on_ready((1, 2, 3, 4, 5, 6, 7, 8),
-             (logits, tokens_per_expert, num_unplaced.reshape(()), topk_ids, topk_weights, assign_to_row,
-              row_to_assign, expert_ends))
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
     h_into = None if options.recompute else _destination(into, 9, h.shape, h, h.dtype)
     a = activation.glu_forward(h, options.activation, h_copy=h_into)
-    if not options.recompute:
-        h = h if h_into is None else h_into
-        on_ready((9,), (h,))
+    if h_into is not None:
+        h = h_into
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
     out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype,
                                out=_destination(into, 0, x.shape, x, x.dtype))
@@ -174,13 +164,13 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
 
 
 def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_out, grad_logits,
-             options: MoEOptions, plan: Plan, *, on_ready=_no_op, into=None):
+             options: MoEOptions, plan: Plan, *, into=None):
     """Fused MoE backward.
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
     Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``;
-    ``on_ready`` hears of the weight gradients early, and ``grad_x`` [0] and ``grad_router_weight``
-    [1] are written ``into`` given destinations, as in ``forward``.
+    ``grad_x`` [0] and ``grad_router_weight`` [1] are written ``into`` given destinations, as in
+    ``forward``.
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -197,10 +187,8 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         h, da, options.activation, r.row_to_assign, r.topk_weights
     )
     grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
-    on_ready((3,), (grad_w_down,))
-    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
-    on_ready((2,), (grad_w_up,))
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(

@@ -5,10 +5,10 @@ The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.co
 ``jax.experimental.buffer_callback``. Inside a callback XLA's buffers are viewed as torch
 tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
 (``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
-allocates its results (``torch._grouped_mm`` has no ``out=``), which are copied into XLA's
-output buffers: on GPU on a side stream, as soon as the core reports each result ready, so
-the copies of the pre-activation and the weight gradients overlap the later GEMMs; XLA's
-stream waits for the side stream before the callback returns. Residuals leave
+writes ``out``, ``grad_x`` and the router-weight gradient into XLA's output buffers itself,
+and its activation kernel copies the pre-activation ``h`` there from the reads it makes
+anyway (``core.forward(..., into=)``); the other results, the expert weight gradients among
+them (``torch._grouped_mm`` has no ``out=``), are copied in, stream-ordered. Residuals leave
 the forward as extra JAX outputs and come back to the backward as inputs: nothing
 torch-side outlives a callback. ``jax.export`` cannot serialize the callbacks.
 
@@ -252,10 +252,10 @@ def _external_stream(stream: int, index: int) -> torch.cuda.ExternalStream:
 def _torch_scope(ctx, buffer):
     """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast.
 
-    Yields XLA's stream as a torch stream (None on CPU). The callback runs on the caller's
-    thread, so the caller's torch modes would leak in. Modes and streams are switched with the
-    low-level setters, and every device lookup gets an explicit index (``torch.cuda.stream()``
-    resolves the current device through Python on every use): this runs twice per training step.
+    The callback runs on the caller's thread, so the caller's torch modes would leak in. Modes
+    and streams are switched with the low-level setters, and every device lookup gets an
+    explicit index (``torch.cuda.stream()`` resolves the current device through Python on every
+    use): this runs twice per training step.
     """
     kind, index = buffer.__dlpack_device__()
     on_gpu = kind in (_DL_CUDA, _DL_ROCM)
@@ -263,7 +263,6 @@ def _torch_scope(ctx, buffer):
     grad_enabled = torch.is_grad_enabled()
     autocast_enabled = torch.is_autocast_enabled(device_type)
     with contextlib.ExitStack() as stack:
-        stream = None
         if on_gpu:
             _warn_if_xla_preallocates()
             stack.enter_context(torch.cuda.device(index))
@@ -277,7 +276,7 @@ def _torch_scope(ctx, buffer):
         torch.set_grad_enabled(False)
         torch.set_autocast_enabled(device_type, False)
         try:
-            yield stream
+            yield
         finally:
             torch.set_autocast_enabled(device_type, autocast_enabled)
             torch.set_grad_enabled(grad_enabled)
@@ -292,95 +291,42 @@ def _as_torch(buffer) -> torch.Tensor:
     return torch.from_dlpack(buffer.__dlpack__())
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-class _OutputWriter:
-    """Copies the core's results into XLA's output buffers as soon as the core reports them.
-
-    The core writes some results into these buffers itself (``into=``): those are not copied.
-
-    On GPU (``stream``: XLA's) the copies run on a side stream, overlapping the core's later
-    kernels; ``finish`` copies what was not reported and ``join`` makes XLA's stream wait for the
-    side stream. ``record_stream`` keeps torch's allocator from reusing the sources early.
-    """
-
-    def __init__(self, out_buffers, stream):
-        self.dsts = [_as_torch(b) for b in out_buffers]
-        self.done = [False] * len(self.dsts)
-        self.main, self.side = stream, None
-        if stream is not None:
-            index = stream.device_index
-            if index not in _SIDE_STREAMS:
-                _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-            self.side = _SIDE_STREAMS[index]
-
-    def __call__(self, indices, results) -> None:
-        dsts, srcs = [], []
-        for i, result in zip(indices, results, strict=True):
-            dst = self.dsts[i]
-            if dst.shape != result.shape or dst.dtype != result.dtype:
-                raise TypeError(
-                    f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
-                    f"declared {tuple(dst.shape)} {dst.dtype}"
-                )
-            self.done[i] = True
-            if dst.data_ptr() != result.data_ptr():  # else the core wrote it in place
-                dsts.append(dst)
-                srcs.append(result)
-        if not dsts:
-            return
-        if self.side is None:
-            torch._foreach_copy_(dsts, srcs)
-            return
-        self.side.wait_event(self.main.record_event())
-        torch.cuda.set_stream(self.side)
-        try:
-            torch._foreach_copy_(dsts, srcs)  # one call (and few launches) for the group
-        finally:
-            torch.cuda.set_stream(self.main)
-        for src in srcs:
-            src.record_stream(self.side)
-
-    def finish(self, results) -> None:
-        """Copies the results not reported yet."""
-        left = [i for i, done in enumerate(self.done) if not done]
-        if left:
-            self(left, [results[i] for i in left])
-
-    def join(self) -> None:
-        """XLA's stream waits for every copy: before the callback returns, even when it raises
-        (XLA then frees the output buffers the side stream may still be writing)."""
-        if self.side is not None:
-            self.main.wait_event(self.side.record_event())
+def _write(out_views, results) -> None:
+    """Copies the core's results into XLA's output buffers (torch views), except those it wrote
+    there itself."""
+    dsts, srcs = [], []
+    for dst, result in zip(out_views, results, strict=True):
+        if dst.shape != result.shape or dst.dtype != result.dtype:
+            raise TypeError(
+                f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
+                f"declared {tuple(dst.shape)} {dst.dtype}"
+            )
+        if dst.data_ptr() != result.data_ptr():
+            dsts.append(dst)
+            srcs.append(result)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)  # one call (and few launches) for all of them
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
-    with _torch_scope(ctx, x) as stream:
+    with _torch_scope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
-        writer = _OutputWriter(outs, stream)
-        try:
-            outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False,
-                                                 on_ready=writer, into=writer.dsts)
-            writer.finish((*outputs, *residuals))
-        finally:
-            writer.join()
+        dsts = [_as_torch(b) for b in outs]
+        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False, into=dsts)
+        _write(dsts, (*outputs, *residuals))
 
 
 def _backward_callback(
     options, plan, ctx, outs, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits
 ):
-    with _torch_scope(ctx, x) as stream:
+    with _torch_scope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
-        writer = _OutputWriter(outs, stream)
-        try:
-            grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options,
-                                  plan, on_ready=writer, into=writer.dsts)
-            writer.finish(grads)
-        finally:
-            writer.join()
+        dsts = [_as_torch(b) for b in outs]
+        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan,
+                              into=dsts)
+        _write(dsts, grads)
 
 
 def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):
