@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from flashfusemoe.config import MoEOptions
-from flashfusemoe.kernels import activation, grouped_gemm, permute, routing
+from flashfusemoe.kernels import activation, compute_dtype, grouped_gemm, permute, routing
 
 
 class CapacityOverflowError(RuntimeError):
@@ -112,26 +112,37 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
     Returns the outputs, the residuals backward needs, and the plan actually used: with
     ``gemm="bmm"`` an overflow of the padded layout grows it (one host sync) when
     ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
-    ``into``: destinations by index of ``(*Outputs, *Residuals)`` (None entries allowed); ``out``
-    [0] and ``h`` [9] are written there by the kernels that produce them (the JAX bridge's
-    output buffers) and returned as those tensors.
+    ``into``: destinations by index of ``(*Outputs, *Residuals)`` (None entries allowed, e.g. the
+    JAX bridge's output buffers): the kernels that produce a result write it there when it fits
+    (the routing outputs, the dropless layout's maps, ``h`` and ``out``), and it is returned as
+    that tensor.
     """
-    K = options.top_k
+    N, K = x.shape[0], options.top_k
     E = router_weight.shape[0]
+    route_dtype, i32 = compute_dtype(x.dtype), torch.int32
     route_args = (x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
                   options.n_group, options.topk_group, float(options.routed_scaling_factor))
+    route_into = None if into is None else (_destination(into, 1, (N, E), x, route_dtype),
+                                            _destination(into, 4, (N, K), x, i32),
+                                            _destination(into, 5, (N, K), x, route_dtype))
     if plan.gemm == "grouped":
         # Default path: the routing kernel counts tokens per block and expert, so the layout and
         # the row gather take one launch. Capacity then drops rows in place (zeros, -1 maps).
         logits, topk_ids, topk_weights, block_counts, block_n = routing.route_forward(
-            *route_args, with_block_counts=True)
+            *route_args, with_block_counts=True, out=route_into)
+        layout_into = None
+        if into is not None:
+            dropped = _destination(into, 3, (), x, i32)
+            layout_into = (_destination(into, 6, (N * K,), x, i32), _destination(into, 7, (N * K,), x, i32),
+                           _destination(into, 8, (E,), x, i32), _destination(into, 2, (E,), x, i32),
+                           None if dropped is None else dropped.view(1))
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = (
-            permute.layout_and_gather(x, topk_ids, E, block_counts, block_n))
+            permute.layout_and_gather(x, topk_ids, E, block_counts, block_n, out=layout_into))
         if options.capacity_factor is not None:
             num_unplaced = permute.capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign,
                                                  expert_ends, options.capacity(x.shape[0], E))
     else:
-        logits, topk_ids, topk_weights = routing.route_forward(*route_args)
+        logits, topk_ids, topk_weights = routing.route_forward(*route_args, out=route_into)
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
             topk_ids, topk_weights, E, plan, options)
         if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:

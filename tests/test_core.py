@@ -24,10 +24,11 @@ def test_into_writes_in_place_and_changes_nothing(device, gemm):
                           plan)
 
     results = (*outputs, *residuals)
-    into = [None] * len(results)
-    into[0], into[9] = torch.full_like(results[0], float("nan")), torch.full_like(results[9], float("nan"))
+    into = [torch.full_like(r, -7) for r in results]  # every buffer garbage-filled
     outputs2, residuals2, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan, into=into)
-    assert outputs2.out is into[0] and residuals2.h is into[9]
+    in_place = {i for i, r in enumerate((*outputs2, *residuals2)) if r.data_ptr() == into[i].data_ptr()}
+    # out, h, and the routing outputs on every path; the dropless layout's maps too
+    assert in_place >= ({0, 1, 4, 5, 9} | ({2, 3, 6, 7, 8} if gemm == "grouped" else set()))
     for got, want in zip((*outputs2, *residuals2), results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

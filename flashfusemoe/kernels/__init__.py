@@ -46,6 +46,42 @@ def row_blocks(width: int, target: int, max_block: int) -> tuple[int, int]:
     return max(1, target // block_cols), block_cols
 
 
+def check_output(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """Raises ``ValueError`` unless ``t``, a caller's buffer for a result, is a contiguous
+    ``shape`` tensor of ``dtype`` on ``device``."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
+            f"{tuple(t.shape)} {t.dtype} on {t.device} (strides {t.stride()})"
+        )
+
+
+def output_tensor(out, index: int, shape, dtype: torch.dtype, device: torch.device,
+                  name: str) -> torch.Tensor:
+    """``out[index]`` (checked) when the caller gives a buffer there, else a new empty tensor.
+
+    ``out``: None, or a sequence of tensors and Nones, one per result of the wrapper.
+    """
+    t = None if out is None else out[index]
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_output(t, shape, dtype, device, name)
+    return t
+
+
+def copy_to_outputs(out, results: tuple, names: tuple) -> tuple:
+    """``results`` with each one ``out`` gives a buffer for copied into it (the torch fallbacks)."""
+    if out is None:
+        return results
+    copied = []
+    for t, result, name in zip(out, results, names, strict=True):
+        if t is not None:
+            check_output(t, result.shape, result.dtype, result.device, name)
+            result = t.copy_(result)
+        copied.append(result)
+    return tuple(copied)
+
+
 def triton_dtype(dtype: torch.dtype) -> str:
     """Triton signature name of a torch dtype (for AOT specs)."""
     return {

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from flashfusemoe.kernels import (
     cdiv,
+    check_output,
     compute_dtype,
     fast_launch,
     row_blocks,
@@ -131,12 +132,8 @@ def glu_forward(h: torch.Tensor, activation: str, h_copy: torch.Tensor | None = 
     code = _check_activation(activation)
     r_total, two_f = h.shape
     f = two_f // 2
-    if h_copy is not None and (h_copy.shape != h.shape or h_copy.dtype != h.dtype or h_copy.device != h.device
-                               or not h_copy.is_contiguous()):
-        raise ValueError(
-            f"h_copy must be a contiguous {tuple(h.shape)} {h.dtype} tensor on {h.device}, got "
-            f"{tuple(h_copy.shape)} {h_copy.dtype} on {h_copy.device} (strides {h_copy.stride()})"
-        )
+    if h_copy is not None:
+        check_output(h_copy, h.shape, h.dtype, h.device, "h_copy")
     if r_total == 0 or f == 0 or not use_triton(h):
         if h_copy is not None:
             h_copy.copy_(h)

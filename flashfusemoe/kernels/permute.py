@@ -10,8 +10,11 @@ import triton.language as tl
 from flashfusemoe.kernels import (
     INTERP,
     cdiv,
+    check_output,
+    copy_to_outputs,
     fast_launch,
     next_power_of_2,
+    output_tensor,
     row_blocks,
     triton_dtype,
     use_triton,
@@ -311,27 +314,32 @@ def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
     return max(16, min(64, 8192 // (block_e * next_power_of_2(top_k))))
 
 
-def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int):
+_MAP_NAMES = ("out[0] (assign_to_row)", "out[1] (row_to_assign)", "out[2] (expert_ends)",
+              "out[3] (tokens_per_expert)", "out[4] (num_unplaced)")
+
+
+def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int, out=None):
     """Dropless layout fused with the row gather (the default forward path, one launch).
 
     ``x`` ``[N, D]``, ``topk_ids`` ``[N, K]`` int32, ``block_counts`` ``[cdiv(N, block_n), E]``
     int32 (assignments of each token block per expert, from ``routing.route_forward``) or None.
-    Returns ``x_sorted [A, D]`` and the five maps of ``expert_layout(topk_ids, E)``.
+    Returns ``x_sorted [A, D]`` and the five maps of ``expert_layout(topk_ids, E)``; ``out``:
+    buffers to write the maps into (five contiguous tensors or Nones).
     """
     n, k = topk_ids.shape
     if block_counts is None or not use_triton(x) or n == 0:
-        maps = expert_layout(topk_ids, num_experts)
+        maps = copy_to_outputs(out, expert_layout(topk_ids, num_experts), _MAP_NAMES)
         return (gather_rows(x, maps[1], k), *maps)
     d = x.shape[1]
     dev, i32 = x.device, torch.int32
     num_blocks = block_counts.shape[0]
     blocks_per_program = max(1, num_blocks // _LAYOUT_PROGRAMS)
     x_sorted = torch.empty(n * k, d, device=dev, dtype=x.dtype)
-    assign_to_row = torch.empty(n * k, device=dev, dtype=i32)
-    row_to_assign = torch.empty(n * k, device=dev, dtype=i32)
-    expert_ends = torch.empty(num_experts, device=dev, dtype=i32)
-    tokens_per_expert = torch.empty(num_experts, device=dev, dtype=i32)
-    num_unplaced = torch.empty(1, device=dev, dtype=i32)
+    assign_to_row = output_tensor(out, 0, (n * k,), i32, dev, _MAP_NAMES[0])
+    row_to_assign = output_tensor(out, 1, (n * k,), i32, dev, _MAP_NAMES[1])
+    expert_ends = output_tensor(out, 2, (num_experts,), i32, dev, _MAP_NAMES[2])
+    tokens_per_expert = output_tensor(out, 3, (num_experts,), i32, dev, _MAP_NAMES[3])
+    num_unplaced = output_tensor(out, 4, (1,), i32, dev, _MAP_NAMES[4])
     block_k = next_power_of_2(k)
     block_d = max(16, min(256, next_power_of_2(d), 8192 // block_n))
     _layout_gather_kernel[(cdiv(num_blocks, blocks_per_program),)](
@@ -711,10 +719,8 @@ def combine_rows(
     d = rows.shape[1]
     n = assign_to_row.numel() // top_k if top_k > 0 else 0
     dev = rows.device
-    if out is not None and (out.shape != (n, d) or out.dtype != out_dtype or out.device != dev
-                            or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {(n, d)} {out_dtype} tensor on {dev}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device} (strides {out.stride()})")
+    if out is not None:
+        check_output(out, (n, d), out_dtype, dev, "out")
     fp64 = any(t is not None and t.dtype == torch.float64 for t in (rows, weights, logit_grad))
     acc_dtype = torch.float64 if fp64 else torch.float32
     if n == 0 or d == 0:

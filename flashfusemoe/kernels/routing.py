@@ -13,8 +13,10 @@ from flashfusemoe.kernels import (
     INTERP,
     cdiv,
     compute_dtype,
+    copy_to_outputs,
     fast_launch,
     next_power_of_2,
+    output_tensor,
     triton_dtype,
     use_triton,
 )
@@ -293,6 +295,9 @@ def _route_forward_torch(
     return logits, ids.to(torch.int32), w * scaling
 
 
+_OUT_NAMES = ("out[0] (logits)", "out[1] (topk_ids)", "out[2] (topk_weights)")
+
+
 def route_forward(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -304,11 +309,13 @@ def route_forward(
     topk_group: int | None,
     routed_scaling_factor: float,
     with_block_counts: bool = False,
+    out=None,
 ):
     """Route ``x [N, D]`` with ``router_weight [E, D]`` (and selection bias ``[E]``).
 
     Returns ``logits [N, E]``, ``topk_ids [N, K]`` int32 in selection order and
-    ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32.
+    ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32. ``out``:
+    buffers to write these three into (a triple of contiguous tensors or Nones).
     ``with_block_counts`` adds ``block_counts [cdiv(N, block_n), E]`` int32 (assignments of
     each block of ``block_n`` tokens per expert) and ``block_n``; ``(None, 0)`` on the torch path.
     """
@@ -327,10 +334,11 @@ def route_forward(
             x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group,
             routed_scaling_factor,
         )  # fmt: skip
+        routed = copy_to_outputs(out, routed, _OUT_NAMES)
         return (*routed, None, 0) if with_block_counts else routed
-    logits = torch.empty(N, E, dtype=cdt, device=x.device)
-    ids = torch.empty(N, top_k, dtype=torch.int32, device=x.device)
-    weights = torch.empty(N, top_k, dtype=cdt, device=x.device)
+    logits = output_tensor(out, 0, (N, E), cdt, x.device, _OUT_NAMES[0])
+    ids = output_tensor(out, 1, (N, top_k), torch.int32, x.device, _OUT_NAMES[1])
+    weights = output_tensor(out, 2, (N, top_k), cdt, x.device, _OUT_NAMES[2])
     num_blocks = cdiv(N, cfg["BLOCK_N"])
     counts = torch.empty(num_blocks if with_block_counts else 0, E, dtype=torch.int32, device=x.device)
     x = x.contiguous()

@@ -291,6 +291,25 @@ def test_layout_and_gather_equals_layout_then_gather(backend, device, n, k, e, b
     assert torch.equal(got[0].cpu(), x.cpu()[got[2].long().cpu() // k])  # and it is the gather
 
 
+@pytest.mark.parametrize("with_counts", [True, False])  # the fused kernel, or layout then gather
+def test_layout_and_gather_into_out(backend, device, with_counts):
+    n, k, e, block_n = 50, 2, 6, 16
+    ids = random_ids(n, k, e, device)
+    x = torch.randn(n, 24, device=device)
+    counts = block_counts_of(ids, e, block_n) if with_counts else None
+    want = permute.layout_and_gather(x, ids, e, counts, block_n)
+    out = [torch.full_like(t, -7) for t in want[1:]]
+    out[3] = None  # tokens_per_expert left to the wrapper
+    got = permute.layout_and_gather(x, ids, e, counts, block_n, out=out)
+    for i, buffer in enumerate(out):
+        assert buffer is None or got[1 + i] is buffer
+    for g, wt in zip(got, want, strict=True):
+        assert torch.equal(g, wt)
+    out[1] = torch.empty(n * k + 1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"out\[1\] \(row_to_assign\) must be a contiguous"):
+        permute.layout_and_gather(x, ids, e, counts, block_n, out=out)
+
+
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("capacity", [0, 1, 5, 40])
 def test_capacity_drop_matches_capacity_keep(backend, device, wdtype, capacity):

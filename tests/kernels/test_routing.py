@@ -152,6 +152,21 @@ def test_route_forward_token_counts(impl, device, N):
     check_route(x, w, b, 4, "sigmoid", True, 4, 2, 1.5)
 
 
+@pytest.mark.parametrize("n", [37, 0])
+def test_route_forward_into_out(impl, device, n):
+    x, w, b = make_inputs(n, 24, 8, torch.float32, device, True)
+    want = routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5)
+    nan = float("nan")
+    out = (torch.full((n, 8), nan, device=device), None, torch.full((n, 3), nan, device=device))
+    got = routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, out=out)
+    assert got[0] is out[0] and got[2] is out[2]
+    for g, wt in zip(got, want, strict=True):
+        assert torch.equal(g, wt)
+    bad = (None, torch.empty(n, 3, dtype=torch.int64, device=device), None)
+    with pytest.raises(ValueError, match=r"out\[1\] \(topk_ids\) must be a contiguous"):
+        routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, out=bad)
+
+
 def test_route_forward_no_tokens(impl, device):
     x, w, b = make_inputs(0, 24, 8, torch.float32, device, True)
     logits, ids, wts = routing.route_forward(x, w, b, 2, "softmax", True, None, None, 1.0)
