@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from flashfusemoe.config import MoEOptions
-from flashfusemoe.kernels import activation, compute_dtype, grouped_gemm, permute, routing
+from flashfusemoe.kernels import activation, compute_dtype, fits_output, grouped_gemm, permute, routing
 
 
 class CapacityOverflowError(RuntimeError):
@@ -99,9 +99,7 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
 def _destination(into, index: int, shape, like: torch.Tensor, dtype: torch.dtype):
     """``into[index]`` if it can take a ``shape`` result of ``dtype`` on ``like``'s device in place."""
     t = None if into is None else into[index]
-    if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != like.device:
-        return None
-    return t if t.is_contiguous() else None
+    return t if t is not None and fits_output(t, shape, dtype, like.device) else None
 
 
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,

@@ -5,10 +5,11 @@ The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.co
 ``jax.experimental.buffer_callback``. Inside a callback XLA's buffers are viewed as torch
 tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
 (``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
-writes ``out``, ``grad_x`` and the router-weight gradient into XLA's output buffers itself,
-and its activation kernel copies the pre-activation ``h`` there from the reads it makes
-anyway (``core.forward(..., into=)``); the other results, the expert weight gradients among
-them (``torch._grouped_mm`` has no ``out=``), are copied in, stream-ordered. Residuals leave
+writes its results into XLA's output buffers itself (``core.forward/backward(..., into=)``):
+the routing outputs, the dropless layout's maps, ``out``, ``grad_x`` and the router-weight
+gradient come from the kernels that produce them, and the activation kernel copies the
+pre-activation ``h`` there from the reads it makes anyway. The rest, the expert weight
+gradients above all (``torch._grouped_mm`` has no ``out=``), are copied in, stream-ordered. Residuals leave
 the forward as extra JAX outputs and come back to the backward as inputs: nothing
 torch-side outlives a callback. ``jax.export`` cannot serialize the callbacks.
 

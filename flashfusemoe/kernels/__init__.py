@@ -46,10 +46,15 @@ def row_blocks(width: int, target: int, max_block: int) -> tuple[int, int]:
     return max(1, target // block_cols), block_cols
 
 
+def fits_output(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``t``, a caller's buffer for a result, is a contiguous ``shape`` tensor of ``dtype``
+    on ``device``."""
+    return tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == device and t.is_contiguous()
+
+
 def check_output(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str) -> None:
-    """Raises ``ValueError`` unless ``t``, a caller's buffer for a result, is a contiguous
-    ``shape`` tensor of ``dtype`` on ``device``."""
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+    """Raises ``ValueError`` unless ``fits_output(t, shape, dtype, device)``."""
+    if not fits_output(t, shape, dtype, device):
         raise ValueError(
             f"{name} must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
             f"{tuple(t.shape)} {t.dtype} on {t.device} (strides {t.stride()})"
