@@ -47,7 +47,8 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
         dtype = torch.get_autocast_dtype(x.device.type)
         x, router_weight, w_up, w_down = (t.to(dtype) for t in (x, router_weight, w_up, w_down))
     lead_shape = x.shape[:-1]
-    x2d = x.reshape(-1, D).contiguous()
+    # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
+    x2d = x.contiguous() if x.dim() == 2 else x.reshape(-1, D).contiguous()
     plan = make_plan(options, x2d, router_weight, w_up, w_down, expert_bias)
     # Growing an overflowing padded layout changes residual shapes, which a traced graph can't follow.
     allow_grow = not torch.compiler.is_compiling()
@@ -55,7 +56,8 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
         x2d, router_weight.contiguous(), w_up.contiguous(), w_down.contiguous(), expert_bias, options,
         plan, allow_grow,
     )
-    return outputs.out.reshape(*lead_shape, D), outputs
+    out = outputs.out if x.dim() == 2 else outputs.out.reshape(*lead_shape, D)
+    return out, outputs
 
 
 def make_aux(outputs: core.Outputs, options: MoEOptions) -> dict:

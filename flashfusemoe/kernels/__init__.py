@@ -69,7 +69,7 @@ def output_tensor(out, index: int, shape, dtype: torch.dtype, device: torch.devi
     """
     t = None if out is None else out[index]
     if t is None:
-        return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(*shape, device=device, dtype=dtype)  # (varargs: cheaper to parse than a tuple)
     check_output(t, shape, dtype, device, name)
     return t
 
@@ -103,9 +103,9 @@ def triton_dtype(dtype: torch.dtype) -> str:
 FAST_LAUNCH_TRITON = ("3.6.",)
 
 
-def _int_key(value: int) -> tuple:
-    """What Triton's specialization reads from an int argument: == 1, % 16, and its width."""
-    return (value == 1, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63)
+# Launches kept per kernel before the table is cleared (a key holds raw int arguments, so every
+# new shape adds one).
+_MAX_SPECIALIZATIONS = 4096
 
 
 def _hooks_installed() -> bool:
@@ -122,10 +122,10 @@ class FastLaunch:
     kernels take on the GPU. Here the first launch of each specialization goes through Triton
     (compiling if needed) and keeps the compiled kernel; later launches with the same key call its
     launcher directly. The key holds everything Triton specializes on: the device, each tensor's
-    dtype and 16-byte alignment, each int's ``_int_key``, the types of other arguments, and the
-    keyword arguments (constexprs and launch options). Triton's own path runs instead under the
-    interpreter, on Triton versions outside ``FAST_LAUNCH_TRITON``, while launch hooks are
-    installed, or with ``FastLaunch.enabled = False``.
+    dtype and 16-byte alignment (and whether it is on CUDA), each int's value, the types of other
+    arguments, and the keyword arguments (constexprs and launch options). Triton's own path runs
+    instead under the interpreter, on Triton versions outside ``FAST_LAUNCH_TRITON``, while launch
+    hooks are installed, or with ``FastLaunch.enabled = False``.
     """
 
     enabled = not INTERPRET and triton.__version__.startswith(FAST_LAUNCH_TRITON)
@@ -141,17 +141,26 @@ class FastLaunch:
         if not FastLaunch.enabled or _hooks_installed():
             self.fn[grid](*args, **kwargs)
             return
-        device = torch.cuda.current_device()
-        key = [device]
+        device = torch._C._cuda_getDevice()
+        # Ints by value (which fixes what Triton reads from them: == 1, % 16, width), tensors by
+        # dtype, 16-byte alignment and device type, other arguments by type; then the keyword
+        # arguments. Tensors reach the launcher as raw pointers, which spares it a data_ptr() call
+        # and a driver query per tensor (the first launch, through Triton, checked them).
+        key = [device, tuple(kwargs), *kwargs.values()]
+        launch_args = []
         for a in args:
-            if isinstance(a, torch.Tensor):
+            cls = a.__class__
+            if cls is int:
+                key.append(a)
+            elif cls is torch.Tensor or isinstance(a, torch.Tensor):
+                ptr = a.data_ptr()
                 key.append(a.dtype)
-                key.append(a.data_ptr() % 16 == 0)
-            elif type(a) is int:
-                key.append(_int_key(a))
+                key.append(ptr % 16 == 0)
+                key.append(a.is_cuda)
+                a = ptr
             else:
-                key.append(type(a))
-        key.extend(kwargs.items())
+                key.append(cls)
+            launch_args.append(a)
         key = tuple(key)
         entry = self.compiled.get(key)
         if entry is None:
@@ -159,12 +168,14 @@ class FastLaunch:
             if hasattr(compiled, "result"):  # an asynchronous compile
                 compiled = compiled.result()
             if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+                if len(self.compiled) >= _MAX_SPECIALIZATIONS:
+                    self.compiled.clear()
                 self.compiled[key] = (compiled, self._trailing_args(len(args), kwargs))
             return
         compiled, trailing = entry
         grid = (*grid, 1, 1)
         compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *trailing)
+                     compiled.packed_metadata, None, None, None, *launch_args, *trailing)
 
     def _trailing_args(self, num_positional: int, kwargs: dict) -> tuple:
         """The parameters after the positional ones, in order: keyword values, else defaults."""

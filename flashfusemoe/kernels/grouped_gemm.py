@@ -278,15 +278,15 @@ def _tma_row_major(t: torch.Tensor) -> bool:
     """Last dim contiguous, row stride and (3-D) batch stride 16-byte aligned, sizes 8-aligned.
 
     The multiple-of-8 sizes keep torch's padded output contiguous and leave no ambiguity in
-    how ``torch._grouped_mm`` reads the layout.
+    how ``torch._grouped_mm`` reads the layout. (All operands here are bf16: 8 elements.)
     """
-    align = 16 // t.element_size()
+    strides, cols = t.stride(), t.shape[-1]
     return (
-        t.stride(-1) == 1
-        and t.stride(-2) >= t.shape[-1]
-        and t.stride(-2) % align == 0
-        and t.shape[-1] % align == 0
-        and (t.dim() == 2 or t.stride(0) % align == 0)
+        strides[-1] == 1
+        and strides[-2] >= cols
+        and strides[-2] % 8 == 0
+        and cols % 8 == 0
+        and (len(strides) == 2 or strides[0] % 8 == 0)
     )
 
 
@@ -301,11 +301,13 @@ def _can_use_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, expert_ends: tor
     row-major ``mat_b``) layout accepts empty groups; that is ``a.T`` and ``b`` with both
     ``a`` and ``b`` row-major.
     """
-    # Runs up to six times per training step: cheap checks first, each tensor property read once.
+    # Runs six times per training step: cheap checks first, no torch.device objects.
     if not _HAS_TORCH_GROUPED_MM or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
         return False
-    device = a.device
-    if device.type != "cuda" or b.device != device or expert_ends.device != device:
+    if not (a.is_cuda and b.is_cuda and expert_ends.is_cuda):
+        return False
+    index = a.get_device()
+    if b.get_device() != index or expert_ends.get_device() != index:
         return False
     if expert_ends.dtype != torch.int32 or expert_ends.dim() != 1 or expert_ends.stride(0) != 1:
         return False
@@ -315,14 +317,14 @@ def _can_use_torch_grouped_mm(a: torch.Tensor, b: torch.Tensor, expert_ends: tor
         return False
     if a.data_ptr() % 16 or b.data_ptr() % 16:
         return False
-    if _device_capability(device.index)[0] not in (9, 10):
+    if _device_capability(index)[0] not in (9, 10):
         return False
-    if op == "wgrad":
-        return _tma_row_major(a) and _tma_row_major(b)
+    if not (_tma_row_major(a) and _tma_row_major(b)):
+        return False
     if op == "nt":
-        return _tma_row_major(a) and _tma_row_major(b) and b.shape[1] % 8 == 0
-    if op == "nn":
-        return _tma_row_major(a) and _tma_row_major(b)
+        return b.shape[1] % 8 == 0
+    if op in ("nn", "wgrad"):
+        return True
     raise ValueError(f"unknown op {op!r}")
 
 

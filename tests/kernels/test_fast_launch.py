@@ -33,7 +33,7 @@ class FakeJit:
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(FastLaunch, "enabled", True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
     jit = FakeJit()
     return jit, FastLaunch(jit)
@@ -44,15 +44,20 @@ def test_repeat_launch_calls_the_compiled_launcher(fake):
     src = torch.zeros(64)
     kernel[(3,)](src, 32, BLOCK=16)
     assert len(jit.jit_launches) == 1 and not jit.direct_launches
-    kernel[(5, 2)](src, 48, BLOCK=16)  # same key: 48 is, like 32, a multiple of 16
+    second = torch.ones(64)
+    kernel[(5, 2)](second, 32, BLOCK=16)  # same key: another aligned fp32 tensor
     assert len(jit.jit_launches) == 1
     # grid padded to 3-D, XLA/torch's current stream, no launch metadata or hooks, then every
-    # parameter in order: the positional ones, the constexpr, the trailing default.
-    assert jit.direct_launches == [(5, 2, 1, 1234, "fn", "meta", None, None, None, src, 48, 16, False)]
+    # parameter in order: the positional ones (tensors as raw pointers), the constexpr, the
+    # trailing default.
+    assert jit.direct_launches == [
+        (5, 2, 1, 1234, "fn", "meta", None, None, None, second.data_ptr(), 32, 16, False)
+    ]
 
 
 @pytest.mark.parametrize("change", ["misaligned", "dtype", "int is 1", "int not multiple of 16",
-                                    "int64 width", "constexpr", "launch option", "None"])
+                                    "another multiple of 16", "int64 width", "bool for int",
+                                    "float for int", "constexpr", "launch option", "None"])
 def test_a_new_specialization_goes_through_triton(fake, change):
     jit, kernel = fake
     src = torch.zeros(64, dtype=torch.float16)
@@ -66,23 +71,36 @@ def test_a_new_specialization_goes_through_triton(fake, change):
         args[1] = 1
     elif change == "int not multiple of 16":
         args[1] = 33
+    elif change == "another multiple of 16":  # keys hold ints by value
+        args[1] = 48
     elif change == "int64 width":
         args[1] = 2**31 + 16
+    elif change == "bool for int":  # True == 1 and 1.0 == 1 in Python, but Triton types them apart
+        kernel[(1,)](src, 1, BLOCK=16)
+        assert len(jit.jit_launches) == 2
+        args[1] = True
+    elif change == "float for int":
+        kernel[(1,)](src, 1, BLOCK=16)
+        assert len(jit.jit_launches) == 2
+        args[1] = 1.0
     elif change == "constexpr":
         kwargs["BLOCK"] = 32
     elif change == "launch option":
         kwargs["num_warps"] = 8
     else:
         args[0] = None
+    before = len(jit.jit_launches)
     kernel[(1,)](*args, **kwargs)
-    assert len(jit.jit_launches) == 2 and not jit.direct_launches
+    assert len(jit.jit_launches) == before + 1 and not jit.direct_launches
+    kernel[(1,)](*args, **kwargs)  # and that specialization is kept
+    assert len(jit.jit_launches) == before + 1 and len(jit.direct_launches) == 1
 
 
 def test_other_devices_compile_their_own(fake, monkeypatch):
     jit, kernel = fake
     src = torch.zeros(16)
     kernel[(1,)](src, 16, BLOCK=16)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 1, raising=False)
     kernel[(1,)](src, 16, BLOCK=16)
     assert len(jit.jit_launches) == 2 and not jit.direct_launches
 
@@ -101,11 +119,15 @@ def test_triton_path_while_off_or_hooked(fake, monkeypatch):
     assert len(jit.jit_launches) == 4 and not jit.direct_launches
 
 
-def test_int_key():
-    keys = {v: kernels._int_key(v) for v in (1, 2, 16, 32, 2**31, -(2**31) - 16, 2**63)}
-    assert keys[16] == keys[32]
-    assert len({keys[v] for v in (1, 2, 16, 2**31, 2**63)}) == 5
-    assert keys[2**31] == keys[-(2**31) - 16]  # both int64
+def test_specialization_table_is_bounded(fake, monkeypatch):
+    jit, kernel = fake
+    monkeypatch.setattr(kernels, "_MAX_SPECIALIZATIONS", 3)
+    src = torch.zeros(16)
+    for n in range(5):
+        kernel[(1,)](src, n, BLOCK=16)
+    assert len(jit.jit_launches) == 5 and 1 <= len(kernel.compiled) <= 3
+    kernel[(1,)](src, 4, BLOCK=16)  # the newest entry survives the clear
+    assert len(jit.jit_launches) == 5 and len(jit.direct_launches) == 1
 
 
 def test_every_launched_kernel_is_wrapped():
