@@ -80,12 +80,13 @@ def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
     return grouped_gemm.grouped_mm(a, b, expert_ends, trans_b)
 
 
-def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int):
-    """Per-expert ``a_e.T @ b_e``: a [R, M], b [R, Nout] -> [E, M, Nout] (zeros for empty experts)."""
+def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int, out=None):
+    """Per-expert ``a_e.T @ b_e``: a [R, M], b [R, Nout] -> [E, M, Nout] (zeros for empty experts),
+    written into ``out`` when given."""
     if plan.gemm == "bmm":
         M = plan.rows_per_expert
-        return torch.bmm(a.view(num_experts, M, -1).transpose(1, 2), b.view(num_experts, M, -1))
-    return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends)
+        return torch.bmm(a.view(num_experts, M, -1).transpose(1, 2), b.view(num_experts, M, -1), out=out)
+    return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends, out=out)
 
 
 def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions):
@@ -177,9 +178,9 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     """Fused MoE backward.
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
-    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``;
-    ``grad_x`` [0] and ``grad_router_weight`` [1] are written ``into`` given destinations, as in
-    ``forward``.
+    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``,
+    each written ``into`` its given destination, as in ``forward`` (the expert weight gradients
+    in place where their GEMM can write there: the TMA kernel or ``torch.bmm``, else copied).
     """
     K = options.top_k
     E = router_weight.shape[0]
@@ -195,9 +196,11 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     dh, a_weighted, grad_w_row = activation.glu_backward(
         h, da, options.activation, r.row_to_assign, r.topk_weights
     )
-    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
+    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E,
+                                      out=_destination(into, 3, w_down.shape, x, x.dtype))
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
-    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E,
+                                    out=_destination(into, 2, w_up.shape, x, x.dtype))
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(

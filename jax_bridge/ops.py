@@ -6,12 +6,13 @@ The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.co
 tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
 (``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
 writes its results into XLA's output buffers itself (``core.forward/backward(..., into=)``):
-the routing outputs, the dropless layout's maps, ``out``, ``grad_x`` and the router-weight
-gradient come from the kernels that produce them, and the activation kernel copies the
-pre-activation ``h`` there from the reads it makes anyway. The rest, the expert weight
-gradients above all (``torch._grouped_mm`` has no ``out=``), are copied in, stream-ordered. Residuals leave
-the forward as extra JAX outputs and come back to the backward as inputs: nothing
-torch-side outlives a callback. ``jax.export`` cannot serialize the callbacks.
+the routing outputs, the dropless layout's maps, ``out``, ``grad_x``, the router-weight
+gradient and (16-bit, sm90+: the TMA kernel) the expert weight gradients come from the kernels
+that produce them, and the activation kernel copies the pre-activation ``h`` there from the
+reads it makes anyway (``torch._grouped_mm``, which computes it, has no ``out=``). Anything
+else is copied in, stream-ordered. Residuals leave the forward as extra JAX outputs and come
+back to the backward as inputs: nothing torch-side outlives a callback. ``jax.export`` cannot
+serialize the callbacks.
 
 Shapes are static, so the row layout (``core.Plan``) is fixed on the host from shapes:
 ``gemm="auto"`` means ``"grouped"`` (no timing inside a trace). With ``gemm="bmm"`` the padded
@@ -249,38 +250,44 @@ def _external_stream(stream: int, index: int) -> torch.cuda.ExternalStream:
     return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
 
 
-@contextlib.contextmanager
-def _torch_scope(ctx, buffer):
+class _TorchScope:
     """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast.
 
-    The callback runs on the caller's thread, so the caller's torch modes would leak in. Modes
-    and streams are switched with the low-level setters, and every device lookup gets an
-    explicit index (``torch.cuda.stream()`` resolves the current device through Python on every
-    use): this runs twice per training step.
+    The callback runs on the caller's thread, so the caller's torch modes would leak in. This
+    runs twice per training step, so it sticks to the low-level setters: the device is switched
+    only when it differs, and streams are swapped with ``torch.cuda.set_stream`` on explicit
+    indices (``torch.cuda.stream()`` resolves the current device through Python on every use).
     """
-    kind, index = buffer.__dlpack_device__()
-    on_gpu = kind in (_DL_CUDA, _DL_ROCM)
-    device_type = "cuda" if on_gpu else "cpu"
-    grad_enabled = torch.is_grad_enabled()
-    autocast_enabled = torch.is_autocast_enabled(device_type)
-    with contextlib.ExitStack() as stack:
+
+    __slots__ = ("ctx", "buffer", "device_type", "grad_enabled", "autocast_enabled", "restore")
+
+    def __init__(self, ctx, buffer):
+        self.ctx, self.buffer = ctx, buffer
+
+    def __enter__(self):
+        kind, index = self.buffer.__dlpack_device__()
+        on_gpu = kind in (_DL_CUDA, _DL_ROCM)
+        self.device_type = "cuda" if on_gpu else "cpu"
+        self.grad_enabled = torch.is_grad_enabled()
+        self.autocast_enabled = torch.is_autocast_enabled(self.device_type)
+        self.restore = contextlib.ExitStack()
         if on_gpu:
             _warn_if_xla_preallocates()
-            stack.enter_context(torch.cuda.device(index))
-            stream = _external_stream(ctx.stream, index)
-            stack.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
-            torch.cuda.set_stream(stream)
+            if torch.cuda.current_device() != index:
+                self.restore.enter_context(torch.cuda.device(index))
+            self.restore.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
+            torch.cuda.set_stream(_external_stream(self.ctx.stream, index))
         elif INTERPRET:
-            stack.enter_context(_INTERPRETER_LOCK)
+            self.restore.enter_context(_INTERPRETER_LOCK)
         if torch.is_inference_mode_enabled():
-            stack.enter_context(torch.inference_mode(False))
+            self.restore.enter_context(torch.inference_mode(False))
         torch.set_grad_enabled(False)
-        torch.set_autocast_enabled(device_type, False)
-        try:
-            yield
-        finally:
-            torch.set_autocast_enabled(device_type, autocast_enabled)
-            torch.set_grad_enabled(grad_enabled)
+        torch.set_autocast_enabled(self.device_type, False)
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled(self.device_type, self.autocast_enabled)
+        torch.set_grad_enabled(self.grad_enabled)
+        self.restore.close()
 
 
 def _as_torch(buffer) -> torch.Tensor:
@@ -310,7 +317,7 @@ def _write(out_views, results) -> None:
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
-    with _torch_scope(ctx, x):
+    with _TorchScope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
         dsts = [_as_torch(b) for b in outs]
@@ -321,7 +328,7 @@ def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, 
 def _backward_callback(
     options, plan, ctx, outs, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits
 ):
-    with _torch_scope(ctx, x):
+    with _TorchScope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
         dsts = [_as_torch(b) for b in outs]

@@ -1,7 +1,8 @@
 """``core.forward``/``core.backward`` with ``into=``: results written in place change nothing.
 
-The JAX bridge passes its output buffers, so the core writes ``out``, ``h``, ``grad_x`` and the
-router-weight gradient straight into them.
+The JAX bridge passes its output buffers, so the core writes ``out``, ``h``, the routing outputs,
+the layout maps and every gradient straight into them (bf16 weight gradients through the TMA
+kernel, fp32 ones copied).
 """
 
 import pytest
@@ -13,9 +14,10 @@ from flashfusemoe.functional import make_plan
 from tests.moe_cases import random_moe
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
-def test_into_writes_in_place_and_changes_nothing(device, gemm):
-    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=torch.float32, device=device)
+def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
+    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=dtype, device=device)
     opts = MoEOptions(top_k=2, gemm=gemm)
     plan = make_plan(opts, x, router_weight, w_up, w_down, None)
     grad_out = torch.randn_like(x)
@@ -32,10 +34,10 @@ def test_into_writes_in_place_and_changes_nothing(device, gemm):
     for got, want in zip((*outputs2, *residuals2), results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    into = [torch.full_like(g, float("nan")) for g in grads[:2]] + [None, None]
+    into = [torch.full_like(g, float("nan")) for g in grads]
     grads2 = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
                            plan, into=into)
-    assert grads2[0] is into[0] and grads2[1] is into[1]
+    assert all(got is dst for got, dst in zip(grads2, into, strict=True))
     for got, want in zip(grads2, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 

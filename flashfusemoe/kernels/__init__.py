@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERP = tl.constexpr(INTERPRET)  # the same, for branches inside kernels
@@ -122,10 +123,11 @@ class FastLaunch:
     kernels take on the GPU. Here the first launch of each specialization goes through Triton
     (compiling if needed) and keeps the compiled kernel; later launches with the same key call its
     launcher directly. The key holds everything Triton specializes on: the device, each tensor's
-    dtype and 16-byte alignment (and whether it is on CUDA), each int's value, the types of other
-    arguments, and the keyword arguments (constexprs and launch options). Triton's own path runs
-    instead under the interpreter, on Triton versions outside ``FAST_LAUNCH_TRITON``, while launch
-    hooks are installed, or with ``FastLaunch.enabled = False``.
+    dtype and 16-byte alignment (and whether it is on CUDA), each int's value, each tensor
+    descriptor's dtype and block shape, the types of other arguments, and the keyword arguments
+    (constexprs and launch options). Triton's own path runs instead under the interpreter, on
+    Triton versions outside ``FAST_LAUNCH_TRITON``, while launch hooks are installed, or with
+    ``FastLaunch.enabled = False``.
     """
 
     enabled = not INTERPRET and triton.__version__.startswith(FAST_LAUNCH_TRITON)
@@ -158,6 +160,8 @@ class FastLaunch:
                 key.append(ptr % 16 == 0)
                 key.append(a.is_cuda)
                 a = ptr
+            elif cls is TensorDescriptor:  # Triton specializes on its dtype and block shape
+                key.append((a.base.dtype, *a.block_shape))
             else:
                 key.append(cls)
             launch_args.append(a)

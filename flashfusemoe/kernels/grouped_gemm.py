@@ -6,6 +6,10 @@ Rows of ``a`` are sorted by expert: expert ``e`` owns rows ``[ends[e-1], ends[e]
 the CPU ``"loop"`` backend.
 
 Backends (``backend=`` argument of both public functions):
+- ``"tma"``: weight gradients only, a Triton kernel that streams rows through TMA descriptors
+  (16-bit, sm90+ or the interpreter; see ``_can_use_tma_wgrad``). It runs at
+  ``torch._grouped_mm``'s speed there and, unlike it, can write into a caller's buffer (``out=``),
+  which the JAX bridge needs;
 - ``"torch"``: ``torch._grouped_mm`` (CUTLASS, bf16, sm90/sm100, see ``_can_use_torch_grouped_mm``);
 - ``"triton"``: the Triton kernels below (any float dtype; CUDA, or CPU under the interpreter);
 - ``"loop"``: a torch loop over experts (reads ``expert_ends`` on the host: CPU fallback);
@@ -18,18 +22,20 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashfusemoe.kernels import (
     INTERP,
     INTERPRET,
     cdiv,
+    check_output,
     fast_launch,
     next_power_of_2,
     triton_dtype,
     use_triton,
 )
 
-BACKENDS = ("auto", "torch", "triton", "loop")
+BACKENDS = ("auto", "tma", "torch", "triton", "loop")
 DEFAULT_BACKEND = "auto"
 
 # torch._grouped_mm's CUTLASS kernel handles at most 1023 groups (GroupMM.cu).
@@ -188,6 +194,60 @@ def _grouped_wgrad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@fast_launch
+def _grouped_wgrad_tma_kernel(
+    a_desc,
+    b_desc,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    ends_ptr,
+    M,
+    N,
+    stride_ar,
+    stride_br,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out[e] = a[rows_e].T @ b[rows_e]`` (``out`` contiguous ``[E, M, N]``); one program per
+    output tile, grid ``(E * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``.
+
+    Whole ``BLOCK_K``-row chunks of the expert's rows come through the TMA descriptors (which
+    start at any row); the last partial chunk is loaded with a row mask, so no row of a
+    neighbouring expert enters the sum. An empty expert writes zeros.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
+    e = pid // tiles_per_expert
+    tile = pid % tiles_per_expert
+    m0 = (tile // tiles_n) * BLOCK_M
+    n0 = (tile % tiles_n) * BLOCK_N
+    row_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+    row_end = tl.load(ends_ptr + e)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_full = tl.maximum(row_end - row_start, 0) // BLOCK_K
+    for i in range(num_full):
+        r = row_start + i * BLOCK_K
+        acc = _dot_acc(a_desc.load([r, m0]).T, b_desc.load([r, n0]), acc)
+    ms = m0 + tl.arange(0, BLOCK_M)
+    ns = n0 + tl.arange(0, BLOCK_N)
+    r = row_start + num_full * BLOCK_K
+    if r < row_end:
+        rows = r + tl.arange(0, BLOCK_K)
+        mask_r = rows < row_end
+        rows64 = rows.to(tl.int64)
+        a_t = tl.load(a_ptr + rows64[None, :] * stride_ar + ms[:, None],
+                      mask=(ms < M)[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptr + rows64[:, None] * stride_br + ns[None, :],
+                    mask=mask_r[:, None] & (ns < N)[None, :], other=0.0)
+        acc = _dot_acc(a_t, b, acc)
+    out_ptrs = out_ptr + e.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(ms < M)[:, None] & (ns < N)[None, :])
+
+
 def _config(dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
     """Fixed launch configuration (no autotuning: that would synchronise on first use)."""
     if interpret:
@@ -261,6 +321,50 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends):
         out.stride(2),
         **cfg,
     )
+    return out
+
+
+def _tma_config(interpret: bool = INTERPRET) -> dict:
+    """Launch configuration of the TMA weight-gradient kernel (H100, bf16: the fastest of six
+    tile shapes at the seed and fine-grained shapes)."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
+
+
+def _can_use_tma_wgrad(a: torch.Tensor, b: torch.Tensor, expert_ends: torch.Tensor) -> bool:
+    """Whether the TMA weight-gradient kernel runs ``a.T @ b`` per expert: 16-bit operands of one
+    dtype, row-major with 16-byte aligned data and rows, on an sm90+ GPU (or any tensors under
+    the interpreter), and ``expert_ends`` an int32 vector on their device."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return False
+    if a.dim() != 2 or b.dim() != 2 or expert_ends.dtype != torch.int32 or expert_ends.dim() != 1:
+        return False
+    if a.device != b.device or expert_ends.device != a.device:
+        return False
+    if not INTERPRET and not (a.is_cuda and _device_capability(a.get_device())[0] >= 9):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) % 8 == 0
+               and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _grouped_mm_weight_grad_tma(a, b, expert_ends, out=None):
+    R, M = a.shape
+    N = b.shape[1]
+    E = expert_ends.shape[0]
+    if out is None:
+        out = torch.empty(E, M, N, dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    if R == 0:  # a descriptor needs a non-empty tensor
+        return out.zero_()
+    cfg = _tma_config()
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    a_desc = TensorDescriptor(a, [R, M], [a.stride(0), 1], [block_k, block_m])
+    b_desc = TensorDescriptor(b, [R, N], [b.stride(0), 1], [block_k, block_n])
+    grid = (E * cdiv(M, block_m) * cdiv(N, block_n),)
+    _grouped_wgrad_tma_kernel[grid](a_desc, b_desc, a, b, out, expert_ends, M, N, a.stride(0), b.stride(0),
+                                    **cfg)
     return out
 
 
@@ -374,7 +478,7 @@ def _grouped_mm_weight_grad_loop(a, b, expert_ends):
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str, can_torch: bool, t: torch.Tensor) -> str:
+def _resolve_backend(backend: str, can_torch: bool, t: torch.Tensor, can_tma: bool = False) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -382,9 +486,13 @@ def _resolve_backend(backend: str, can_torch: bool, t: torch.Tensor) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"DEFAULT_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if can_tma:
+            return "tma"
         if can_torch:
             return "torch"
         return "triton" if use_triton(t) else "loop"
+    if backend == "tma" and not can_tma:
+        raise ValueError("the TMA weight-gradient kernel cannot run these inputs (see _can_use_tma_wgrad)")
     if backend == "torch" and not can_torch:
         raise ValueError("torch._grouped_mm cannot run these inputs (see _can_use_torch_grouped_mm)")
     if backend == "triton" and not use_triton(t):
@@ -415,6 +523,8 @@ def grouped_mm(
         ``out [R, N]`` with ``out[rows_e] = a[rows_e] @ (b[e].T if trans_b else b[e])``; rows
         ``>= expert_ends[-1]`` are unspecified.
     """
+    if backend == "tma" or (backend == "auto" and DEFAULT_BACKEND == "tma"):
+        raise ValueError("backend 'tma' runs weight gradients only (grouped_mm_weight_grad)")
     can_torch = _torch_ok(a, b, expert_ends, "nt" if trans_b else "nn", backend)
     chosen = _resolve_backend(backend, can_torch, a)
     if chosen == "torch":
@@ -425,7 +535,7 @@ def grouped_mm(
 
 
 def grouped_mm_weight_grad(
-    a: torch.Tensor, b: torch.Tensor, expert_ends: torch.Tensor, *, backend: str = "auto"
+    a: torch.Tensor, b: torch.Tensor, expert_ends: torch.Tensor, *, backend: str = "auto", out=None
 ) -> torch.Tensor:
     """Per-expert ``a.T @ b`` over expert-sorted rows (weight gradients).
 
@@ -433,19 +543,30 @@ def grouped_mm_weight_grad(
         a: ``[R, M]``, rows sorted by expert.
         b: ``[R, N]``, same rows and dtype as ``a``.
         expert_ends: ``[E]`` int32 on ``a``'s device, cumulative end row of each expert.
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"loop"`` (module docstring).
+        backend: ``"auto"``, ``"tma"``, ``"torch"``, ``"triton"`` or ``"loop"`` (module docstring).
+        out: optional contiguous ``[E, M, N]`` buffer of ``a``'s dtype for the result: the TMA
+            kernel writes it in place, the other backends copy into it.
 
     Returns:
         ``out [E, M, N]`` with ``out[e] = a[rows_e].T @ b[rows_e]``: exact zeros for an expert
         with no rows; rows ``>= expert_ends[-1]`` are ignored (they may hold NaN).
     """
-    can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
-    chosen = _resolve_backend(backend, can_torch, a)
+    if out is not None:
+        check_output(out, (expert_ends.shape[0], a.shape[1], b.shape[1]), a.dtype, a.device, "out")
+    forced_other = backend in ("torch", "triton", "loop") or (
+        backend == "auto" and DEFAULT_BACKEND in ("torch", "triton", "loop"))
+    can_tma = not forced_other and _can_use_tma_wgrad(a, b, expert_ends)
+    can_torch = not can_tma and _torch_ok(a, b, expert_ends, "wgrad", backend)
+    chosen = _resolve_backend(backend, can_torch, a, can_tma)
+    if chosen == "tma":
+        return _grouped_mm_weight_grad_tma(a, b, expert_ends, out)
     if chosen == "torch":
-        return _grouped_mm_weight_grad_torch(a, b, expert_ends)
-    if chosen == "triton":
-        return _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous())
-    return _grouped_mm_weight_grad_loop(a, b, expert_ends)
+        result = _grouped_mm_weight_grad_torch(a, b, expert_ends)
+    elif chosen == "triton":
+        result = _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous())
+    else:
+        result = _grouped_mm_weight_grad_loop(a, b, expert_ends)
+    return result if out is None else out.copy_(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +592,16 @@ def _aot_specs() -> list:
         consts = {"stride_am": 1, "stride_bn": 1, "stride_on": 1, **blocks}
         sig.update({k: "constexpr" for k in consts})
         specs.append((_grouped_wgrad_kernel, sig, consts))
+        if dtype in (torch.bfloat16, torch.float16):
+            cfg = _tma_config(interpret=False)
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            name = triton_dtype(dtype)
+            sig = {"a_desc": f"tensordesc<{name}[{bk}, {bm}]>", "b_desc": f"tensordesc<{name}[{bk}, {bn}]>",
+                   "a_ptr": t, "b_ptr": t, "out_ptr": t, "ends_ptr": "*i32"}
+            sig.update({k: "i32" for k in ("M", "N", "stride_ar", "stride_br")})
+            consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+            sig.update({k: "constexpr" for k in consts})
+            specs.append((_grouped_wgrad_tma_kernel, sig, consts))
     return specs
 
 

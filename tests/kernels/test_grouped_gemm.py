@@ -1,4 +1,5 @@
-"""Grouped GEMMs over expert-sorted rows: Triton kernels, torch loop, torch._grouped_mm.
+"""Grouped GEMMs over expert-sorted rows: Triton kernels (plain and TMA), torch loop,
+torch._grouped_mm.
 
 References are float64 computations that do not slice by expert: the forward gathers each
 row's expert weight (``b[expert_of_row]``), the weight gradient contracts with a one-hot
@@ -201,6 +202,81 @@ def test_triton_tiles_never_span_experts(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# TMA weight-gradient kernel (16-bit; the interpreter on CPU)
+# ---------------------------------------------------------------------------------------------
+
+TMA_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("layout", ["uneven", "one_expert", "single", "all_empty"])
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+def test_tma_weight_grad(dtype, layout, device):
+    """Whole row chunks through the descriptors, the partial last chunk masked; NaN rows past
+    ``ends[-1]`` and neighbouring experts' rows never enter a sum."""
+    counts = _counts(layout)
+    pad = _pad_rows(layout)
+    a = _rows(counts, pad, K_DIM, dtype, device)
+    b = _rows(counts, pad, N_DIM, dtype, device)
+    assert gg._can_use_tma_wgrad(a, b, _ends(counts, device))
+    out = gg.grouped_mm_weight_grad(a, b, _ends(counts, device), backend="tma")
+    _check_wgrad(out, a, b, counts)
+
+
+@pytest.mark.parametrize("backend", ["tma", "triton", "loop"])
+def test_weight_grad_into_a_buffer(backend, device):
+    counts = _counts("uneven")
+    pad = _pad_rows("uneven")
+    a = _rows(counts, pad, K_DIM, torch.bfloat16, device)
+    b = _rows(counts, pad, N_DIM, torch.bfloat16, device)
+    ends = _ends(counts, device)
+    want = gg.grouped_mm_weight_grad(a, b, ends, backend=backend)
+    buf = torch.full_like(want, float("nan"))
+    got = gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=buf)
+    assert got is buf
+    assert torch.equal(buf, want)
+    for bad in (buf[:, :, :-1], buf.float(), buf.transpose(1, 2).contiguous().transpose(1, 2)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=bad)
+
+
+def test_tma_weight_grad_refuses_layouts_it_cannot_read(device):
+    counts = [5, 3]
+    ends = _ends(counts, device)
+    a = torch.randn(8, 48, dtype=torch.bfloat16, device=device)
+    assert gg._can_use_tma_wgrad(a, a, ends)
+    assert not gg._can_use_tma_wgrad(a.float(), a.float(), ends)  # 32-bit
+    assert not gg._can_use_tma_wgrad(a, a.half(), ends)  # mixed dtypes
+    assert not gg._can_use_tma_wgrad(a[:, 1:41], a[:, :40], ends)  # data 2 bytes off 16
+    rows88 = torch.randn(8, 44, dtype=torch.bfloat16, device=device)
+    assert not gg._can_use_tma_wgrad(rows88, rows88, ends)  # 88-byte row stride
+    assert gg._can_use_tma_wgrad(a[:, :44], a[:, :40], ends)  # 96-byte rows of a wider tensor
+    colmajor = torch.randn(48, 8, dtype=torch.bfloat16, device=device).T
+    assert not gg._can_use_tma_wgrad(colmajor, a, ends)
+    assert not gg._can_use_tma_wgrad(a, a, ends.long())
+    with pytest.raises(ValueError, match="TMA"):
+        gg.grouped_mm_weight_grad(colmajor, a, ends, backend="tma")
+    with pytest.raises(ValueError, match="weight gradients only"):
+        gg.grouped_mm(a, torch.randn(2, 16, 48, dtype=torch.bfloat16, device=device), ends, True,
+                      backend="tma")
+    # auto falls back for what TMA cannot read, with the same result as the plain kernel
+    want = gg.grouped_mm_weight_grad(colmajor, a, ends, backend="loop")
+    torch.testing.assert_close(gg.grouped_mm_weight_grad(colmajor, a, ends), want, **TOL[torch.bfloat16])
+
+
+def test_auto_weight_grad_prefers_tma_for_16_bit(monkeypatch, device):
+    counts = [3, 0, 5]
+    a = torch.randn(10, 16, dtype=torch.bfloat16, device=device)
+    ends = _ends(counts, device)
+    tma = _spy(monkeypatch, "_grouped_mm_weight_grad_tma")
+    _check_wgrad(gg.grouped_mm_weight_grad(a, a, ends), a, a, counts)
+    assert tma == ["_grouped_mm_weight_grad_tma"]
+    monkeypatch.setattr(gg, "DEFAULT_BACKEND", "loop")
+    loop = _spy(monkeypatch, "_grouped_mm_weight_grad_loop")
+    _check_wgrad(gg.grouped_mm_weight_grad(a, a, ends), a, a, counts)
+    assert tma == ["_grouped_mm_weight_grad_tma"] and loop == ["_grouped_mm_weight_grad_loop"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
@@ -361,3 +437,27 @@ def test_gpu_triton_larger(dtype):
     _check_mm(gg.grouped_mm(a, b, ends, True, backend="triton"), a, b, counts, True)
     g = _rows(counts, 17, 136, dtype, "cuda")
     _check_wgrad(gg.grouped_mm_weight_grad(g, a, ends, backend="triton"), g, a, counts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+def test_gpu_tma_weight_grad(dtype):
+    """GPU tiles (128 x 256, 64-row chunks): several chunks per expert, partial last chunks,
+    empty experts, NaN rows past the end; and no host synchronisation."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90+")
+    counts = torch.randint(0, 300, (8,))
+    counts[torch.randperm(8)[:2]] = 0
+    counts[2] = 64 * 3  # whole chunks only
+    counts = counts.tolist()
+    ends = _ends(counts, "cuda")
+    a = _rows(counts, 17, 200, dtype, "cuda")
+    g = _rows(counts, 17, 264, dtype, "cuda")
+    assert gg._can_use_tma_wgrad(g, a, ends)
+    _check_wgrad(gg.grouped_mm_weight_grad(g, a, ends, backend="tma"), g, a, counts)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gg.grouped_mm_weight_grad(g, a, ends, backend="tma")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
