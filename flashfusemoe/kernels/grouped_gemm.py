@@ -7,9 +7,9 @@ the CPU ``"loop"`` backend.
 
 Backends (``backend=`` argument of both public functions):
 - ``"tma"``: weight gradients only, a Triton kernel that streams rows through TMA descriptors
-  (16-bit, sm90+ or the interpreter; see ``_can_use_tma_wgrad``). It runs at
-  ``torch._grouped_mm``'s speed there and, unlike it, can write into a caller's buffer (``out=``),
-  which the JAX bridge needs;
+  (16-bit, sm90+ or the interpreter; see ``_can_use_tma_wgrad``). Unlike ``torch._grouped_mm``
+  it can write into a caller's buffer (``out=``), which spares the JAX bridge a copy; ``"auto"``
+  picks it over ``"torch"`` up to ``_TMA_MAX_FLOPS``, where it keeps CUTLASS's speed;
 - ``"torch"``: ``torch._grouped_mm`` (CUTLASS, bf16, sm90/sm100, see ``_can_use_torch_grouped_mm``);
 - ``"triton"``: the Triton kernels below (any float dtype; CUDA, or CPU under the interpreter);
 - ``"loop"``: a torch loop over experts (reads ``expert_ends`` on the host: CPU fallback);
@@ -324,12 +324,18 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends):
     return out
 
 
+# Weight gradients of at most this many FLOPs go to the TMA kernel even where torch._grouped_mm
+# runs them too. On an H100 (bf16) the kernel matched or beat CUTLASS at the seed shape (<= 103
+# GFLOP per gradient) and trailed it by 2-7% from the fine-grained shape (155 GFLOP) up.
+_TMA_MAX_FLOPS = 2**37
+
+
 def _tma_config(interpret: bool = INTERPRET) -> dict:
-    """Launch configuration of the TMA weight-gradient kernel (H100, bf16: the fastest of six
-    tile shapes at the seed and fine-grained shapes)."""
+    """Launch configuration of the TMA weight-gradient kernel (H100, bf16: the fastest of seven
+    tile shapes at the seed, fine-grained and SonicMoE shapes)."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=5)
 
 
 def _can_use_tma_wgrad(a: torch.Tensor, b: torch.Tensor, expert_ends: torch.Tensor) -> bool:
@@ -553,10 +559,12 @@ def grouped_mm_weight_grad(
     """
     if out is not None:
         check_output(out, (expert_ends.shape[0], a.shape[1], b.shape[1]), a.dtype, a.device, "out")
-    forced_other = backend in ("torch", "triton", "loop") or (
-        backend == "auto" and DEFAULT_BACKEND in ("torch", "triton", "loop"))
-    can_tma = not forced_other and _can_use_tma_wgrad(a, b, expert_ends)
-    can_torch = not can_tma and _torch_ok(a, b, expert_ends, "wgrad", backend)
+    requested = DEFAULT_BACKEND if backend == "auto" else backend
+    can_tma = requested in ("auto", "tma") and _can_use_tma_wgrad(a, b, expert_ends)
+    can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
+    if requested == "auto" and can_tma and can_torch:
+        # Both can run it: the TMA kernel where it keeps up with CUTLASS (smaller problems).
+        can_tma = 2 * a.shape[0] * a.shape[1] * b.shape[1] <= _TMA_MAX_FLOPS
     chosen = _resolve_backend(backend, can_torch, a, can_tma)
     if chosen == "tma":
         return _grouped_mm_weight_grad_tma(a, b, expert_ends, out)

@@ -263,6 +263,26 @@ def test_tma_weight_grad_refuses_layouts_it_cannot_read(device):
     torch.testing.assert_close(gg.grouped_mm_weight_grad(colmajor, a, ends), want, **TOL[torch.bfloat16])
 
 
+def test_auto_weight_grad_sends_large_problems_to_cutlass(monkeypatch, device):
+    """Where torch._grouped_mm can run too, "auto" keeps the TMA kernel up to _TMA_MAX_FLOPS."""
+    counts = [3, 0, 5]
+    a = torch.randn(10, 16, dtype=torch.bfloat16, device=device)
+    ends = _ends(counts, device)
+    monkeypatch.setattr(gg, "_torch_ok", lambda *args: True)
+    monkeypatch.setattr(gg, "_grouped_mm_weight_grad_torch", gg._grouped_mm_weight_grad_loop)
+    tma = _spy(monkeypatch, "_grouped_mm_weight_grad_tma")
+    torch_path = _spy(monkeypatch, "_grouped_mm_weight_grad_torch")
+    flops = 2 * a.shape[0] * a.shape[1] * a.shape[1]
+    for limit, want in ((flops, "tma"), (flops - 1, "torch")):
+        monkeypatch.setattr(gg, "_TMA_MAX_FLOPS", limit)
+        tma.clear(), torch_path.clear()
+        _check_wgrad(gg.grouped_mm_weight_grad(a, a, ends), a, a, counts)
+        assert (len(tma), len(torch_path)) == ((1, 0) if want == "tma" else (0, 1)), limit
+    # forced, the TMA kernel runs whatever the size
+    _check_wgrad(gg.grouped_mm_weight_grad(a, a, ends, backend="tma"), a, a, counts)
+    assert len(tma) == 1
+
+
 def test_auto_weight_grad_prefers_tma_for_16_bit(monkeypatch, device):
     counts = [3, 0, 5]
     a = torch.randn(10, 16, dtype=torch.bfloat16, device=device)
