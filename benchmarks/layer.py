@@ -409,11 +409,14 @@ def measure_torch(impl: str, p: Problem, cfg, cuda: bool) -> dict:
 def _measure_cuda_extras(res: dict, fn, p: Problem, cfg) -> None:
     weights = p.weights()
     leaves = [p.xs[0], *weights]
-    # Saved for backward: what the autograd graph holds once the output itself is freed.
+    # Saved for backward: what the autograd graph holds once the output itself is freed. The graph
+    # is kept through a view's node: the Python object of a custom autograd.Function's node (what
+    # out.grad_fn gives for the fused op) does not keep the graph alive, and its saved tensors go
+    # with the last output.
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     out = fn(*leaves)
-    node = out.grad_fn
+    node = out.view(out.shape).grad_fn
     del out
     torch.cuda.synchronize()
     res["saved_mib"] = (torch.cuda.memory_allocated() - before) / MIB
