@@ -270,17 +270,18 @@ class _TorchScope:
         self.device_type = "cuda" if on_gpu else "cpu"
         self.grad_enabled = torch.is_grad_enabled()
         self.autocast_enabled = torch.is_autocast_enabled(self.device_type)
-        self.restore = contextlib.ExitStack()
-        if on_gpu:
-            _warn_if_xla_preallocates()
-            if torch.cuda.current_device() != index:
-                self.restore.enter_context(torch.cuda.device(index))
-            self.restore.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
-            torch.cuda.set_stream(_external_stream(self.ctx.stream, index))
-        elif INTERPRET:
-            self.restore.enter_context(_INTERPRETER_LOCK)
-        if torch.is_inference_mode_enabled():
-            self.restore.enter_context(torch.inference_mode(False))
+        with contextlib.ExitStack() as restore:  # unwinds only if entering fails part-way
+            if on_gpu:
+                _warn_if_xla_preallocates()
+                if torch.cuda.current_device() != index:
+                    restore.enter_context(torch.cuda.device(index))
+                restore.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
+                torch.cuda.set_stream(_external_stream(self.ctx.stream, index))
+            elif INTERPRET:
+                restore.enter_context(_INTERPRETER_LOCK)
+            if torch.is_inference_mode_enabled():
+                restore.enter_context(torch.inference_mode(False))
+            self.restore = restore.pop_all()
         torch.set_grad_enabled(False)
         torch.set_autocast_enabled(self.device_type, False)
 
