@@ -346,9 +346,12 @@ def _can_use_tma_wgrad(a: torch.Tensor, b: torch.Tensor, expert_ends: torch.Tens
         return False
     if a.dim() != 2 or b.dim() != 2 or expert_ends.dtype != torch.int32 or expert_ends.dim() != 1:
         return False
-    if a.device != b.device or expert_ends.device != a.device:
+    index = a.get_device()  # -1 on the CPU
+    if a.is_cuda != b.is_cuda or a.is_cuda != expert_ends.is_cuda:
         return False
-    if not INTERPRET and not (a.is_cuda and _device_capability(a.get_device())[0] >= 9):
+    if b.get_device() != index or expert_ends.get_device() != index:
+        return False
+    if not INTERPRET and not (a.is_cuda and _device_capability(index)[0] >= 9):
         return False
     return all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] and t.stride(0) % 8 == 0
                and t.data_ptr() % 16 == 0 for t in (a, b))
@@ -561,10 +564,11 @@ def grouped_mm_weight_grad(
         check_output(out, (expert_ends.shape[0], a.shape[1], b.shape[1]), a.dtype, a.device, "out")
     requested = DEFAULT_BACKEND if backend == "auto" else backend
     can_tma = requested in ("auto", "tma") and _can_use_tma_wgrad(a, b, expert_ends)
-    can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
-    if requested == "auto" and can_tma and can_torch:
-        # Both can run it: the TMA kernel where it keeps up with CUTLASS (smaller problems).
-        can_tma = 2 * a.shape[0] * a.shape[1] * b.shape[1] <= _TMA_MAX_FLOPS
+    can_torch = False
+    if not can_tma or (requested == "auto" and 2 * a.shape[0] * a.shape[1] * b.shape[1] > _TMA_MAX_FLOPS):
+        can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
+        if can_torch and requested == "auto":
+            can_tma = False  # a large problem that CUTLASS runs faster
     chosen = _resolve_backend(backend, can_torch, a, can_tma)
     if chosen == "tma":
         return _grouped_mm_weight_grad_tma(a, b, expert_ends, out)
