@@ -187,8 +187,15 @@ def test_shared_expert_matches_torch_layer_and_float64_reference(activation):
 
 def test_module_equals_functional_call_with_its_params():
     module = jnnx.FusedMoE(D, F, E, K, score_func="sigmoid", use_expert_bias=True, rngs=nnx.Rngs(_key()))
-    module.expert_bias[...] = jax.random.normal(_key(), (E,)) * 0.1
     x = jax.random.normal(_key(), (*LEAD, D))
+    p = module.params_dict()
+    out_unbiased, aux_unbiased = fused_moe(
+        x, p["router_weight"], p["w_up"], p["w_down"], K, score_func="sigmoid", return_aux=True
+    )
+    # Sigmoid scores lie in (0, 1), so a bias of 2 forces the K least-loaded experts onto every
+    # token: at least one token's selection changes, whatever the random weights are.
+    forced = np.argsort(np.asarray(aux_unbiased["tokens_per_expert"]), kind="stable")[:K]
+    module.expert_bias[...] = jnp.zeros((E,)).at[forced].set(2.0)
     out, aux = module(x, return_aux=True)
     p = module.params_dict()
     out_f, aux_f = fused_moe(
@@ -204,11 +211,11 @@ def test_module_equals_functional_call_with_its_params():
     assert _bits_equal(out, out_f)
     for name in aux_f:
         assert _bits_equal(aux[name], aux_f[name]), name
-    assert int(aux["tokens_per_expert"].sum()) == math.prod(LEAD) * K
+    expected_load = np.zeros(E, np.int64)
+    expected_load[forced] = math.prod(LEAD)
+    np.testing.assert_array_equal(np.asarray(aux["tokens_per_expert"]), expected_load)
     # The bias steers selection: without it the output changes.
-    assert not _bits_equal(
-        out, fused_moe(x, p["router_weight"], p["w_up"], p["w_down"], K, score_func="sigmoid")
-    )
+    assert not _bits_equal(out, out_unbiased)
 
 
 def test_nnx_and_linen_agree():
