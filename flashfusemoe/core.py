@@ -76,7 +76,8 @@ def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
     if plan.gemm == "bmm":
         E = b.shape[0]
         a3 = a.view(E, plan.rows_per_expert, a.shape[1])
-        return torch.bmm(a3, b.transpose(1, 2) if trans_b else b).view(a.shape[0], -1)
+        n_out = b.shape[1] if trans_b else b.shape[2]  # (not -1: the layout may have 0 rows)
+        return torch.bmm(a3, b.transpose(1, 2) if trans_b else b).view(a.shape[0], n_out)
     return grouped_gemm.grouped_mm(a, b, expert_ends, trans_b)
 
 
@@ -85,7 +86,8 @@ def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int, out=Non
     written into ``out`` when given."""
     if plan.gemm == "bmm":
         M = plan.rows_per_expert
-        return torch.bmm(a.view(num_experts, M, -1).transpose(1, 2), b.view(num_experts, M, -1), out=out)
+        a3, b3 = a.view(num_experts, M, a.shape[1]), b.view(num_experts, M, b.shape[1])
+        return torch.bmm(a3.transpose(1, 2), b3, out=out)
     return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends, out=out)
 
 
