@@ -5,6 +5,7 @@ import math
 import torch
 
 import flashfusemoe
+from flashfusemoe.kernels import permute, routing
 from flashfusemoe.reference import moe_reference
 
 REFERENCE_OPTIONS = ("activation", "score_func", "norm_topk_prob", "expert_bias", "n_group", "topk_group",
@@ -21,6 +22,37 @@ def random_moe(N, D, F, E, dtype=torch.float64, device="cpu", lead_shape=None):
     return x, router_weight, w_up, w_down
 
 
+def routing_decisions(x, r, top_k, options):
+    """The discrete routing outcome of ``fused_moe(x, r, ..., top_k, **options)``: which (token,
+    expert) pairs are selected, and with ``capacity_factor`` which of them are kept. [N, E] or [N, 2E]."""
+    E = r.shape[0]
+    _, ids, weights = routing.route_forward(x, r, options.get("expert_bias"), top_k,
+                                            options.get("score_func", "softmax"),
+                                            options.get("norm_topk_prob", True), options.get("n_group"),
+                                            options.get("topk_group"),
+                                            options.get("routed_scaling_factor", 1.0))
+    selected = torch.zeros(x.shape[0], E, dtype=torch.bool).scatter_(1, ids.long(), True)
+    if options.get("capacity_factor") is None:
+        return selected
+    capacity = math.ceil(options["capacity_factor"] * x.shape[0] * top_k / E)
+    keep = permute.capacity_keep(ids, weights, E, capacity).view(ids.shape)
+    kept = torch.zeros_like(selected).scatter_(1, ids.long(), keep)
+    return torch.cat([selected, kept], dim=1)
+
+
+def far_from_ties(N, D, F, E, top_k, options=None, tries=50):
+    """A ``random_moe`` draw whose routing decisions survive perturbations of x and the router 100x
+    a finite-difference step of 1e-6 (gradcheck differentiates a piecewise-smooth function)."""
+    options = options or {}
+    for _ in range(tries):
+        x, r, u, d = random_moe(N=N, D=D, F=F, E=E)
+        base = routing_decisions(x, r, top_k, options)
+        nudged = lambda t: t + 1e-4 * torch.randn_like(t)  # noqa: E731
+        if all(torch.equal(base, routing_decisions(nudged(x), nudged(r), top_k, options)) for _ in range(8)):
+            return x, r, u, d
+    raise RuntimeError(f"far_from_ties: no draw of {tries} kept its routing under 1e-4 perturbations")
+
+
 def run_with_grads(fn, tensors, grad_out, aux_key=None):
     """Runs fn on leaf copies of tensors; returns (out, aux, grads) for loss <out, grad_out> (+ aux)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
@@ -29,7 +61,10 @@ def run_with_grads(fn, tensors, grad_out, aux_key=None):
     loss = (out.float() * grad_out.float()).sum() if out.dtype != torch.float64 else (out * grad_out).sum()
     if aux_key is not None:
         loss = out.sum() * 0 + aux[aux_key]
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    # A loss that does not depend on the inputs (the reference with no tokens) has zero gradients.
+    grads = [None] * len(leaves)
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     return out.detach(), aux, grads
 

@@ -7,7 +7,7 @@ expert, weight or derivative shows up at >= 1e-3).
 
 import pytest
 import torch
-from moe_cases import assert_close, fused_and_reference, random_moe, rel_err
+from moe_cases import assert_close, far_from_ties, fused_and_reference, random_moe, rel_err
 
 import flashfusemoe
 from flashfusemoe.kernels import activation, grouped_gemm, permute, routing
@@ -51,42 +51,111 @@ def test_bmm_overflow_grows_not_drops():
     assert_close(fused, ref, TOL64, "bmm overflow")
 
 
-def _one_expert_router(x, E, winner):
-    """Expert `winner` leads every token's logits by ~5: it wins them all, while its softmax
-    weight stays away from saturation (at a lead of ~50 the router gradient is ~1e-20 and the
-    comparison only measures float64 round-off)."""
+def _one_expert_router(x, E, winner, losers=()):
+    """Expert ``winner`` leads every token's logits by ~5 and each of ``losers`` trails by ~5: the
+    winner takes every token and the losers none, whatever the top-k, while the softmax weights stay
+    away from saturation (at a lead of ~50 the router gradient is ~1e-20 and the comparison only
+    measures float64 round-off)."""
     router_weight = 0.01 * torch.randn(E, x.shape[1], dtype=x.dtype)
-    router_weight[winner] = 5.0 * x.mean(0) / x.mean(0).norm() ** 2
+    direction = x.mean(0) / x.mean(0).norm() ** 2
+    router_weight[winner] = 5.0 * direction
+    for e in losers:
+        router_weight[e] = -5.0 * direction
     return router_weight
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(gemm="grouped"), dict(gemm="bmm"), dict(gemm="bmm", max_tokens_per_expert=4),
+     dict(gemm="grouped", capacity_factor=1.0), dict(gemm="bmm", capacity_factor=1.0)],
+    ids=["grouped", "bmm", "bmm-overflowing", "capacity-grouped", "capacity-bmm"],
+)
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_all_tokens_on_one_expert_and_empty_experts(gemm, top_k):
-    x, _, w_up, w_down = random_moe(N=24, D=16, F=8, E=6)
+def test_all_tokens_on_one_expert_and_empty_experts(options, top_k):
+    N, E, winner, losers = 24, 6, 3, (0, 5)
+    x, _, w_up, w_down = random_moe(N=N, D=16, F=8, E=E)
     x = x.abs() + 0.5  # a shared direction, so one expert wins every token
-    router_weight = _one_expert_router(x, 6, winner=3)
-    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=top_k, gemm=gemm,
+    router_weight = _one_expert_router(x, E, winner, losers)
+    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=top_k, **options,
                                      norm_topk_prob=top_k > 1, return_aux=True)
-    assert int(fused[1]["tokens_per_expert"][3]) == 24
-    assert_close(fused, ref, TOL64, "one expert")
     counts = fused[1]["tokens_per_expert"]
-    for e in range(6):
-        if counts[e] == 0:  # an empty expert's weight gradients are exactly zero
-            assert torch.count_nonzero(fused[2][2][e]) == 0 and torch.count_nonzero(fused[2][3][e]) == 0
+    assert int(counts[winner]) == N and all(int(counts[e]) == 0 for e in losers)
+    assert torch.equal(counts.long(), ref[1]["tokens_per_expert"].long())
+    dropped = int(fused[1]["dropped_tokens"])
+    if "capacity_factor" in options:  # each expert keeps `capacity` of its assignments
+        capacity = -(-N * top_k // E)
+        assert dropped == int((counts.long() - capacity).clamp(min=0).sum()) == int(ref[1]["dropped_tokens"])
+        assert dropped >= N - capacity
+    else:
+        assert dropped == 0
+    assert_close(fused, ref, TOL64, f"one expert {options}")
+    for e in losers:  # an empty expert's weight gradients are exactly zero
+        assert torch.count_nonzero(fused[2][2][e]) == 0 and torch.count_nonzero(fused[2][3][e]) == 0
 
 
-def test_ties_pick_lower_index():
-    x, router_weight, w_up, w_down = random_moe(N=16, D=16, F=8, E=4)
-    router_weight[2] = router_weight[1]  # experts 1 and 2 always tie
-    router_weight[3] = router_weight[0]  # so do 0 and 3
-    # norm_topk_prob=False: with top_k=1 normalised weights are all 1 and the router gradient vanishes
-    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=1, norm_topk_prob=False,
+@pytest.mark.parametrize(
+    "top_k,E,copies,always_chosen,never_chosen",
+    [
+        # experts 0 and 3 always tie, so do 1 and 2: the one slot goes to 0 or 1
+        (1, 4, {3: 0, 2: 1}, (), (2, 3)),
+        # 1 and 2 tie: whether or not expert 0 leads, the tied pair's slot goes to 1
+        (2, 3, {2: 1}, (1,), ()),
+        # the leading pair takes two slots, and the trailing pair's lower index the third
+        (3, 4, {3: 0, 2: 1}, (0, 1), ()),
+    ],
+    ids=["top1", "top2-boundary", "top3-boundary"],
+)
+def test_ties_pick_lower_index(top_k, E, copies, always_chosen, never_chosen):
+    N = 16
+    x, router_weight, w_up, w_down = random_moe(N=N, D=16, F=8, E=E)
+    for copy, original in copies.items():
+        router_weight[copy] = router_weight[original]
+    # norm_topk_prob=False with top_k=1: normalised weights are all 1 and the router gradient vanishes
+    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=top_k, norm_topk_prob=top_k > 1,
                                      return_aux=True)
     counts = fused[1]["tokens_per_expert"]
-    assert counts[2] == 0 and counts[3] == 0
+    assert all(int(counts[e]) == N for e in always_chosen), counts
+    assert all(int(counts[e]) == 0 for e in never_chosen), counts
     assert torch.equal(counts.long(), ref[1]["tokens_per_expert"].long())
     assert_close(fused, ref, TOL64, "ties")
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_capacity_ties_keep_the_lower_token(gemm):
+    """Identical tokens route identically with equal weights: capacity keeps the first ones."""
+    N, E, top_k, capacity_factor = 12, 4, 2, 0.5
+    x, router_weight, w_up, w_down = random_moe(N=N, D=16, F=8, E=E)
+    x = x[:1].expand(N, -1).clone()
+    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=top_k, gemm=gemm,
+                                     capacity_factor=capacity_factor, return_aux=True)
+    capacity = -(-int(capacity_factor * N * top_k) // E)
+    assert int(fused[1]["dropped_tokens"]) == top_k * (N - capacity) == int(ref[1]["dropped_tokens"])
+    out = fused[0]
+    assert torch.count_nonzero(out[capacity:]) == 0  # every later token lost both its experts
+    assert torch.count_nonzero(out[:capacity].abs().sum(1)) == capacity
+    assert_close(fused, ref, TOL64, f"capacity ties {gemm}")
+
+
+def test_topk_equals_num_experts_with_capacity_and_groups():
+    tensors = random_moe(N=20, D=16, F=8, E=4)
+    for options in (dict(capacity_factor=0.5), dict(n_group=2, topk_group=2),
+                    dict(score_func="sigmoid", n_group=2, topk_group=2, capacity_factor=0.75)):
+        fused, ref = fused_and_reference(tensors, top_k=4, return_aux=True, **options)
+        assert torch.equal(fused[1]["tokens_per_expert"].long(), ref[1]["tokens_per_expert"].long())
+        assert int(fused[1]["dropped_tokens"]) == int(ref[1]["dropped_tokens"])
+        assert_close(fused, ref, TOL64, f"top_k=E {options}")
+
+
+def test_expert_bias_gets_no_gradient():
+    """The bias steers selection only: a bias that requires grad gets none, and x and the weights
+    get the reference's gradients."""
+    x, router_weight, w_up, w_down = random_moe(N=24, D=16, F=8, E=4)
+    bias = (0.5 * torch.randn(4, dtype=torch.float64)).requires_grad_(True)
+    out = flashfusemoe.fused_moe(x, router_weight, w_up, w_down, 2, expert_bias=bias)
+    out.sum().backward()
+    assert bias.grad is None or torch.count_nonzero(bias.grad) == 0
+    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=2, expert_bias=bias.detach())
+    assert_close(fused, ref, TOL64, "bias")
 
 
 @pytest.mark.parametrize(
@@ -102,16 +171,24 @@ def test_edge_shapes(N, D, F, E, top_k, gemm):
     assert_close(fused, ref, TOL64, f"N={N} D={D} F={F} E={E} top_k={top_k}")
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
-def test_zero_tokens(gemm):
+@pytest.mark.parametrize(
+    "options",
+    [dict(gemm="grouped"), dict(gemm="bmm"), dict(gemm="bmm", max_tokens_per_expert=8),
+     dict(gemm="grouped", capacity_factor=1.0), dict(gemm="bmm", capacity_factor=1.0)],
+    ids=["grouped", "bmm", "bmm-max8", "capacity-grouped", "capacity-bmm"],
+)
+def test_zero_tokens(options):
     x, router_weight, w_up, w_down = random_moe(N=0, D=16, F=8, E=4)
     leaves = [t.clone().requires_grad_(True) for t in (x, router_weight, w_up, w_down)]
-    out, aux = flashfusemoe.fused_moe(*leaves, 2, gemm=gemm, return_aux=True)
+    out, aux = flashfusemoe.fused_moe(*leaves, 2, **options, return_aux=True)
     assert out.shape == (0, 16)
     (out.sum() + aux["load_balance_loss"] + aux["z_loss"]).backward()
     for t in leaves[1:]:
         assert t.grad is not None and torch.count_nonzero(t.grad) == 0
     assert int(aux["dropped_tokens"]) == 0 and int(aux["tokens_per_expert"].sum()) == 0
+    fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=2, **options, return_aux=True)
+    assert torch.equal(fused[1]["tokens_per_expert"].long(), ref[1]["tokens_per_expert"].long())
+    assert_close(fused, ref, TOL64, f"N=0 {options}")
 
 
 @pytest.mark.parametrize("aux_key", ["load_balance_loss", "z_loss"])
@@ -128,7 +205,7 @@ def test_aux_loss_values_and_gradients(aux_key, score_func):
 
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
 def test_gradcheck(gemm):
-    x, router_weight, w_up, w_down = random_moe(N=6, D=8, F=4, E=4)
+    x, router_weight, w_up, w_down = far_from_ties(N=6, D=8, F=4, E=4, top_k=2)
     leaves = [t.clone().requires_grad_(True) for t in (x, router_weight, w_up, w_down)]
     fn = lambda *ts: flashfusemoe.fused_moe(*ts, 2, gemm=gemm)
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -4,14 +4,12 @@ Output, gradients of x, router and every expert weight, and the gradient of each
 alone. Tolerance as in test_functional: float64 on both sides, 1e-9 relative.
 """
 
-import math
 
 import pytest
 import torch
-from moe_cases import assert_close, fused_and_reference, random_moe, rel_err
+from moe_cases import assert_close, far_from_ties, fused_and_reference, random_moe, rel_err
 
 import flashfusemoe
-from flashfusemoe.kernels import permute, routing
 
 TOL64 = 1e-9
 
@@ -66,38 +64,10 @@ def test_aux_loss_gradients(variant, aux_key):
     assert torch.count_nonzero(fused[2][1]) > 0
 
 
-def _decisions(x, r, options, top_k):
-    """The discrete routing outcome: which (token, expert) pairs are selected and kept."""
-    E = r.shape[0]
-    _, ids, weights = routing.route_forward(x, r, options.get("expert_bias"), top_k,
-                                            options.get("score_func", "softmax"),
-                                            options.get("norm_topk_prob", True), options.get("n_group"),
-                                            options.get("topk_group"),
-                                            options.get("routed_scaling_factor", 1.0))
-    selected = torch.zeros(x.shape[0], E, dtype=torch.bool).scatter_(1, ids.long(), True)
-    if options.get("capacity_factor") is None:
-        return selected
-    capacity = math.ceil(options["capacity_factor"] * x.shape[0] * top_k / E)
-    keep = permute.capacity_keep(ids, weights, E, capacity).view(ids.shape)
-    kept = torch.zeros_like(selected).scatter_(1, ids.long(), keep)
-    return torch.cat([selected, kept], dim=1)
-
-
-def _far_from_ties(E, D, options, top_k, n=6, tries=50):
-    """Inputs whose routing decisions survive perturbations 100x the finite-difference step."""
-    for _ in range(tries):
-        x, r, u, d = random_moe(N=n, D=D, F=4, E=E)
-        base = _decisions(x, r, options, top_k)
-        if all(torch.equal(base, _decisions(x + 1e-4 * torch.randn_like(x), r + 1e-4 * torch.randn_like(r),
-                                             options, top_k)) for _ in range(8)):
-            return x, r, u, d
-    raise RuntimeError("no tie-free draw")
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gradcheck_each_variant(variant):
     options = _options(variant, 8)
-    x, r, u, d = _far_from_ties(8, 8, options, top_k=2)
+    x, r, u, d = far_from_ties(N=6, D=8, F=4, E=8, top_k=2, options=options)
     leaves = [t.clone().requires_grad_(True) for t in (x, r, u, d)]
 
     def fn(*ts):
