@@ -116,6 +116,8 @@ CASES = {
             lead=(2, 6),
         ),
     ),
+    "f32-zero-tokens": (torch.float32, dict(lead=(0,))),
+    "f32-zero-tokens-bmm-capacity": (torch.float32, dict(gemm="bmm", capacity_factor=1.0, lead=(0,))),
 }
 
 

@@ -296,7 +296,7 @@ def _uniform_ok(w, bound):
     """|w| <= bound, the extremes reached, std = bound / sqrt(3) (5% margin: > 7 sigma at >= 4096 values)."""
     w = np.asarray(w, np.float64)
     assert np.max(np.abs(w)) <= bound * (1 + 2**-8)  # bf16 storage may round up to the bound
-    assert np.max(np.abs(w)) > 0.9 * bound  # P(miss) = 0.95**n, n >= 256
+    assert np.max(np.abs(w)) > 0.9 * bound  # P(miss) = 0.9**n, n >= 256
     if w.size >= 4096:
         assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.05
 
