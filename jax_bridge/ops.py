@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import threading
 import warnings
 
 import jax
@@ -55,14 +54,11 @@ from jax.experimental.buffer_callback import buffer_callback
 from flashfusemoe import core
 from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, validate_inputs
 from flashfusemoe.functional import make_plan
-from flashfusemoe.kernels import INTERPRET
+from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 
 __all__ = ["aux_losses", "fused_moe"]
 
 _DL_CUDA, _DL_ROCM = 2, 10
-# The Triton interpreter patches module state while it runs a kernel; shard_map on CPU
-# runs one callback per device in parallel threads.
-_INTERPRETER_LOCK = threading.Lock()
 _PREALLOCATION_CHECKED = False
 
 
@@ -277,8 +273,8 @@ class _TorchScope:
                     restore.enter_context(torch.cuda.device(index))
                 restore.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
                 torch.cuda.set_stream(_external_stream(self.ctx.stream, index))
-            elif INTERPRET:
-                restore.enter_context(_INTERPRETER_LOCK)
+            elif INTERPRET:  # shard_map on CPU runs one callback per device, in parallel threads
+                restore.enter_context(INTERPRETER_LOCK)
             if torch.is_inference_mode_enabled():
                 restore.enter_context(torch.inference_mode(False))
             self.restore = restore.pop_all()

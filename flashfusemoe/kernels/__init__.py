@@ -9,6 +9,7 @@ Each module lists its kernels in ``AOT_SPECS`` (kernel, signature, constexprs) s
 """
 
 import os
+import threading
 
 import torch
 import triton
@@ -18,6 +19,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERP = tl.constexpr(INTERPRET)  # the same, for branches inside kernels
+# The interpreter patches triton.language while it runs a kernel and restores it afterwards, so two
+# threads interpreting kernels at once break each other (e.g. a JAX callback on an XLA thread and
+# torch on the main thread). Every interpreted launch holds this lock; the JAX bridge holds it for
+# a whole callback.
+INTERPRETER_LOCK = threading.RLock()
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -140,6 +146,10 @@ class FastLaunch:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        if INTERPRET and not FastLaunch.enabled:
+            with INTERPRETER_LOCK:
+                self.fn[grid](*args, **kwargs)
+            return
         if not FastLaunch.enabled or _hooks_installed():
             self.fn[grid](*args, **kwargs)
             return

@@ -4,13 +4,14 @@ The CPU tests drive the dispatch logic with a stand-in for Triton's JIT function
 launches a real kernel through both paths.
 """
 
+import threading
 import types
 
 import pytest
 import torch
 
 from flashfusemoe import kernels
-from flashfusemoe.kernels import FastLaunch, permute
+from flashfusemoe.kernels import FastLaunch, activation, permute, routing
 
 
 class FakeJit:
@@ -157,3 +158,32 @@ def test_fast_and_triton_launches_agree(monkeypatch):
             assert permute._combine_rows_kernel.compiled, "no launch reused a compiled kernel"
     for got, want in zip(fast, results):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="the interpreter's patching is what races")
+def test_interpreted_launches_from_two_threads():
+    """The interpreter patches triton.language for the duration of a kernel; without
+    INTERPRETER_LOCK a second thread's kernel (a JAX callback on an XLA thread, say) sees it
+    restored mid-run and fails. Unlocked (a mutation check by hand), it failed in 4 of 5 runs."""
+    x = torch.randn(64, 16, dtype=torch.float64)
+    r = torch.randn(8, 16, dtype=torch.float64)
+    h = torch.randn(64, 32)
+    errors = []
+
+    def launch_many(fn):
+        try:
+            for _ in range(400):
+                fn()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=launch_many, args=(fn,))
+        for fn in (lambda: routing.route_forward(x, r, None, 2, "softmax", True, None, None, 1.0),
+                   lambda: activation.glu_forward(h, "swiglu"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
