@@ -20,11 +20,21 @@ def check_int(name: str, value, minimum: int | None = None) -> None:
         raise ValueError(f"{name}={value} must be >= {minimum}")
 
 
-def _check_positive_finite(name: str, value) -> None:
+def check_finite(name: str, value, allow_zero: bool = False) -> None:
+    """``value`` is a finite float (or int) > 0, or >= 0 with ``allow_zero``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value} must be a finite number > 0")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        finite = False
+    if not finite or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value} must be a finite number {'>=' if allow_zero else '>'} 0")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -53,9 +63,8 @@ class MoEOptions:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("score_func", self.score_func, SCORE_FUNCS)
         _check_choice("gemm", self.gemm, GEMMS)
-        for name in ("norm_topk_prob", "recompute"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool("norm_topk_prob", self.norm_topk_prob)
+        check_bool("recompute", self.recompute)
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError(
                 f"n_group={self.n_group} and topk_group={self.topk_group} must be given together"
@@ -65,11 +74,22 @@ class MoEOptions:
             check_int("topk_group", self.topk_group, minimum=1)
             if self.topk_group > self.n_group:
                 raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
-        _check_positive_finite("routed_scaling_factor", self.routed_scaling_factor)
+        check_finite("routed_scaling_factor", self.routed_scaling_factor)
         if self.capacity_factor is not None:
-            _check_positive_finite("capacity_factor", self.capacity_factor)
+            check_finite("capacity_factor", self.capacity_factor)
         if self.max_tokens_per_expert is not None:
             check_int("max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
+            # It sizes the padded layout, which "grouped" doesn't have and capacity sizes itself.
+            if self.gemm == "grouped":
+                raise ValueError(
+                    f"max_tokens_per_expert={self.max_tokens_per_expert} sizes the padded layout of "
+                    "gemm='bmm' (or 'auto'); gemm='grouped' has none"
+                )
+            if self.capacity_factor is not None:
+                raise ValueError(
+                    f"max_tokens_per_expert={self.max_tokens_per_expert} and "
+                    f"capacity_factor={self.capacity_factor} both size the padded layout; give one"
+                )
 
     def check_num_experts(self, num_experts: int) -> None:
         """Checks the options that depend on E."""
@@ -87,7 +107,10 @@ class MoEOptions:
             )
 
     def capacity(self, num_tokens: int, num_experts: int) -> int:
-        """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``."""
+        """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``, at most N
+        (an expert gets at most one assignment per token, so a larger capacity changes nothing)."""
+        if self.capacity_factor * self.top_k >= num_experts:
+            return num_tokens
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / num_experts)
 
     def heuristic_max_tokens(self, num_tokens: int, num_experts: int) -> int:
@@ -96,8 +119,10 @@ class MoEOptions:
 
 
 def check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
-                     shared_expert_gate) -> None:
+                     shared_expert_gate, use_expert_bias) -> None:
     """Checks the layer-level hyperparameters of ``MoELayer`` (and of the Flax modules)."""
+    check_bool("use_expert_bias", use_expert_bias)
+    check_bool("shared_expert_gate", shared_expert_gate)
     for name, value in (("d_model", d_model), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
         check_int(name, value, minimum=1)
     check_int("num_shared_experts", num_shared_experts, minimum=0)
@@ -113,16 +138,52 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions):
-    """Checks tensor types, ranks, shapes, dtypes and devices. Returns ``(D, E, F)``."""
-    named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
+def _check_float_tensors(named: dict) -> None:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
+
+
+def _check_x_rank(x_name: str, x) -> None:
     if x.dim() < 1:
-        raise ValueError(f"x must be [..., D] with at least one dimension, got {_describe(x)}")
+        raise ValueError(f"{x_name} must be [..., D] with at least one dimension, got {_describe(x)}")
+
+
+def _check_same_device_and_dtype(named: dict, autocast: bool) -> None:
+    """Every tensor on the first's device and (unless autocast casts them all) of its dtype."""
+    x_name, x = next(iter(named.items()))
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {x_name} is on {x.device}; all must share a device"
+            )
+        if t.dtype != x.dtype and not autocast:
+            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; all must share a dtype")
+
+
+def _check_expert_bias(expert_bias, E: int, x_name: str, device) -> None:
+    if expert_bias is None:
+        return
+    if not isinstance(expert_bias, torch.Tensor):
+        raise TypeError(f"expert_bias must be a torch.Tensor or None, got {type(expert_bias).__name__}")
+    if tuple(expert_bias.shape) != (E,):
+        raise ValueError(f"expert_bias must be [E={E}], got {_describe(expert_bias)}")
+    if expert_bias.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"expert_bias must be float32 or float64, got {expert_bias.dtype}")
+    if expert_bias.device != device:
+        raise ValueError(f"expert_bias is on {expert_bias.device} but {x_name} is on {device}")
+
+
+def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, *, autocast=False):
+    """Checks tensor types, ranks, shapes, dtypes and devices. Returns ``(D, E, F)``.
+
+    ``autocast``: torch autocast is on and will cast all four tensors to its dtype, so theirs may differ.
+    """
+    named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
+    _check_float_tensors(named)
+    _check_x_rank("x", x)
     for name, rank in (("router_weight", 2), ("w_up", 3), ("w_down", 3)):
         if named[name].dim() != rank:
             raise ValueError(f"{name} must have rank {rank}, got {_describe(named[name])}")
@@ -139,20 +200,58 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
         raise ValueError(f"w_down must be [E={E}, D={D}, F={F}], got {_describe(w_down)}")
     if E < 1 or D < 1 or F < 1:
         raise ValueError(f"E={E}, D={D} and F={F} must all be >= 1")
-    device, dtype = x.device, x.dtype
-    for name, t in named.items():
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x is on {device}; all must share a device")
-        if t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; all must share a dtype")
-    if expert_bias is not None:
-        if not isinstance(expert_bias, torch.Tensor):
-            raise TypeError(f"expert_bias must be a torch.Tensor or None, got {type(expert_bias).__name__}")
-        if tuple(expert_bias.shape) != (E,):
-            raise ValueError(f"expert_bias must be [E={E}], got {_describe(expert_bias)}")
-        if expert_bias.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"expert_bias must be float32 or float64, got {expert_bias.dtype}")
-        if expert_bias.device != device:
-            raise ValueError(f"expert_bias is on {expert_bias.device} but x is on {device}")
+    _check_same_device_and_dtype(named, autocast)
+    _check_expert_bias(expert_bias, E, "x", x.device)
     options.check_num_experts(E)
     return D, E, F
+
+
+def validate_router_inputs(x, router_weight, expert_bias, options: MoEOptions, *, x_name="x",
+                           autocast=False):
+    """``validate_inputs``' checks of what routing alone reads (``calibrate_max_tokens``).
+    Returns ``(D, E)``."""
+    named = {x_name: x, "router_weight": router_weight}
+    _check_float_tensors(named)
+    _check_x_rank(x_name, x)
+    if router_weight.dim() != 2:
+        raise ValueError(f"router_weight must have rank 2, got {_describe(router_weight)}")
+    D, E = x.shape[-1], router_weight.shape[0]
+    if router_weight.shape[1] != D:
+        raise ValueError(f"router_weight must be [E, D={D}], got {_describe(router_weight)}")
+    if E < 1 or D < 1:
+        raise ValueError(f"E={E} and D={D} must both be >= 1")
+    _check_same_device_and_dtype(named, autocast)
+    _check_expert_bias(expert_bias, E, x_name, x.device)
+    options.check_num_experts(E)
+    return D, E
+
+
+def check_has_data(name: str, t: torch.Tensor) -> None:
+    """The fused kernels read real memory: a ``meta`` tensor (shapes only) can't run."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no data; pass cpu or cuda tensors")
+
+
+def check_aux_shapes(logits_shape: tuple, tokens_shape: tuple, score_func) -> None:
+    """``aux_losses``' arguments: logits ``[N, E]``, tokens_per_expert ``[E]``, a known score_func."""
+    _check_choice("score_func", score_func, SCORE_FUNCS)
+    if len(logits_shape) != 2 or logits_shape[1] < 1:
+        raise ValueError(f"logits must be [N, E] with E >= 1, got shape {logits_shape}")
+    if tokens_shape != (logits_shape[1],):
+        raise ValueError(f"tokens_per_expert must be [E={logits_shape[1]}], got shape {tokens_shape}")
+
+
+def validate_aux_inputs(logits, tokens_per_expert, score_func) -> None:
+    """Checks the arguments of ``aux_losses``."""
+    for name, t in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
+    if tokens_per_expert.is_complex() or tokens_per_expert.dtype == torch.bool:
+        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
+    check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
+    if tokens_per_expert.device != logits.device:
+        raise ValueError(
+            f"tokens_per_expert is on {tokens_per_expert.device} but logits is on {logits.device}"
+        )

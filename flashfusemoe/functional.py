@@ -8,7 +8,16 @@ from collections.abc import Iterable
 import torch
 
 from flashfusemoe import core, ops
-from flashfusemoe.config import MoEOptions, validate_inputs
+from flashfusemoe.config import (
+    MoEOptions,
+    check_bool,
+    check_finite,
+    check_has_data,
+    check_int,
+    validate_aux_inputs,
+    validate_inputs,
+    validate_router_inputs,
+)
 from flashfusemoe.kernels import permute, routing
 
 _AUTO_GEMM_CACHE: dict[tuple, str] = {}
@@ -36,15 +45,18 @@ def fused_moe(x, router_weight, w_up, w_down, top_k, *, activation="swiglu", sco
 
 def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False):
     """``fused_moe`` with the options already in a ``MoEOptions``."""
+    check_bool("return_aux", return_aux)
     out, outputs = moe_outputs(x, router_weight, w_up, w_down, options, expert_bias=expert_bias)
     return (out, make_aux(outputs, options)) if return_aux else out
 
 
 def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None):
     """Validates, runs the fused op, returns ``(out [..., D], core.Outputs)``."""
-    D, E, _ = validate_inputs(x, router_weight, w_up, w_down, expert_bias, options)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = _autocast_dtype(x)
+    D, E, _ = validate_inputs(x, router_weight, w_up, w_down, expert_bias, options,
+                              autocast=dtype is not None)
+    check_has_data("x", x)
+    if dtype is not None:
         x, router_weight, w_up, w_down = (t.to(dtype) for t in (x, router_weight, w_up, w_down))
     lead_shape = x.shape[:-1]
     # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
@@ -60,9 +72,17 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     return out, outputs
 
 
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The dtype torch autocast casts to on ``x``'s device, or None where it is off."""
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+        return None
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def make_aux(outputs: core.Outputs, options: MoEOptions) -> dict:
     """The ``aux`` dict of ``fused_moe(..., return_aux=True)``."""
-    aux = aux_losses(outputs.logits, outputs.tokens_per_expert, options.score_func)
+    aux = _aux_losses(outputs.logits, outputs.tokens_per_expert, options.score_func)
     aux["tokens_per_expert"] = outputs.tokens_per_expert
     aux["dropped_tokens"] = outputs.dropped_tokens
     return aux
@@ -70,6 +90,11 @@ def make_aux(outputs: core.Outputs, options: MoEOptions) -> dict:
 
 def aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func: str) -> dict:
     """Load-balance and z losses from router logits [N, E] (differentiable through logits)."""
+    validate_aux_inputs(logits, tokens_per_expert, score_func)
+    return _aux_losses(logits, tokens_per_expert, score_func)
+
+
+def _aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func: str) -> dict:
     N, E = logits.shape
     if N == 0:
         zero = logits.sum() * 0
@@ -137,18 +162,25 @@ def calibrate_max_tokens(batches: Iterable[torch.Tensor], router_weight, top_k, 
 
     Pass the result as ``max_tokens_per_expert`` with ``gemm="bmm"``. Syncs with the host once per batch.
     """
-    if not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin={margin} must be a finite number >= 0")
+    if isinstance(batches, torch.Tensor):  # iterating it would take its rows as batches
+        raise TypeError("batches must be an iterable of tensors [..., D], got a Tensor: pass [x] for one "
+                        "batch")
+    check_finite("margin", margin, allow_zero=True)
+    check_int("multiple", multiple, minimum=1)
     options = MoEOptions(top_k=top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
                          n_group=n_group, topk_group=topk_group)
-    E = router_weight.shape[0]
-    options.check_num_experts(E)
     peak = 0
     with torch.no_grad():
-        for batch in batches:
-            x2d = batch.reshape(-1, batch.shape[-1]).contiguous()
+        for i, batch in enumerate(batches):
+            dtype = _autocast_dtype(batch)  # routed as the forward would
+            D, E = validate_router_inputs(batch, router_weight, expert_bias, options, x_name=f"batches[{i}]",
+                                          autocast=dtype is not None)
+            check_has_data(f"batches[{i}]", batch)
+            x2d, weight = batch.reshape(-1, D).contiguous(), router_weight
+            if dtype is not None:
+                x2d, weight = x2d.to(dtype), weight.to(dtype)
             _, topk_ids, _ = routing.route_forward(
-                x2d, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group, 1.0
+                x2d, weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group, 1.0
             )
             _, _, _, counts, _ = permute.expert_layout(topk_ids, E)
             peak = max(peak, int(counts.max()) if counts.numel() else 0)

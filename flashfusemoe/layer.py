@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashfusemoe.config import MoEOptions, check_layer_args
+from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, check_bool, check_layer_args
 from flashfusemoe.functional import make_aux, moe_outputs
 
 
@@ -61,7 +61,9 @@ class MoELayer(nn.Module):
                  shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None):
         super().__init__()
         check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
-                         shared_expert_gate)
+                         shared_expert_gate, use_expert_bias)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
         self.options = MoEOptions(
             top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
             n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
@@ -104,6 +106,7 @@ class MoELayer(nn.Module):
             init_uniform_(self.shared_gate_weight, self.d_model)
 
     def forward(self, x, return_aux: bool = False):
+        check_bool("return_aux", return_aux)
         out, outputs = moe_outputs(x, self.router_weight, self.w_up, self.w_down, self.options,
                                    expert_bias=self.expert_bias)
         self._last_loads = outputs.tokens_per_expert.detach()

@@ -27,6 +27,7 @@ __all__ = [
     "PARAM_NAMES",
     "LayerConfig",
     "apply_layer",
+    "check_float_dtype",
     "glu_mlp",
     "init_params",
     "jax_params_to_torch_state_dict",
@@ -71,11 +72,8 @@ class LayerConfig:
     shared_expert_gate: bool = False
 
     def __post_init__(self):
-        for name in ("use_expert_bias", "shared_expert_gate"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_layer_args(self.d_model, self.ffn_dim, self.num_experts, self.num_shared_experts,
-                         self.shared_ffn_dim, self.shared_expert_gate)
+                         self.shared_ffn_dim, self.shared_expert_gate, self.use_expert_bias)
         self.moe_options().check_num_experts(self.num_experts)
 
     def moe_options(self) -> MoEOptions:
@@ -103,6 +101,18 @@ class LayerConfig:
         if self.shared_expert_gate:
             specs["shared_gate_weight"] = ((1, D), D)
         return specs
+
+
+def check_float_dtype(name: str, dtype, allow_none: bool = False) -> None:
+    """``param_dtype`` / ``dtype`` of the Flax modules: a JAX floating dtype (or None where allowed)."""
+    if dtype is None and allow_none:
+        return
+    try:
+        floating = dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"{name} must be a floating dtype{' or None' if allow_none else ''}, got {dtype!r}")
 
 
 def layer_kwargs_from_torch(layer) -> dict:
@@ -220,6 +230,11 @@ def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_a
 # ---- torch <-> JAX -----------------------------------------------------------------------------
 
 
+def _check_mapping(name: str, value) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of names to arrays, got {type(value).__name__}")
+
+
 def torch_to_numpy(t) -> np.ndarray:
     """An exact host copy of a torch tensor (bf16 through its bits)."""
     import torch
@@ -246,13 +261,22 @@ def torch_state_dict_to_jax(state_dict: Mapping, *, prefix: str = "") -> dict[st
     With a prefix (e.g. ``"blocks.0.moe."``) other entries are ignored; without one every entry
     must be a ``MoELayer`` parameter or ``expert_bias``.
     """
+    import torch
+
+    _check_mapping("state_dict", state_dict)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
     out = {}
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be str, got {type(key).__name__} {key!r}")
         if not key.startswith(prefix):
             continue
         name = key[len(prefix) :]
         if name not in PARAM_NAMES + BUFFER_NAMES:
             raise ValueError(f"{key!r} is not a MoELayer parameter or buffer ({PARAM_NAMES + BUFFER_NAMES})")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         out[name] = jnp.asarray(torch_to_numpy(value))
     if not out:
         raise ValueError(f"no state_dict entry starts with prefix {prefix!r}")
@@ -264,11 +288,15 @@ def jax_params_to_torch_state_dict(params: Mapping, *, prefix: str = "") -> dict
 
     Load it with ``MoELayer.load_state_dict`` (which copies to the layer's device).
     """
+    _check_mapping("params", params)
     state_dict = {}
     for name, value in params.items():
         if name not in PARAM_NAMES + BUFFER_NAMES:
             raise ValueError(f"{name!r} is not a MoELayer parameter or buffer ({PARAM_NAMES + BUFFER_NAMES})")
-        state_dict[prefix + name] = numpy_to_torch(np.asarray(value))
+        value = np.asarray(value)
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+        state_dict[prefix + name] = numpy_to_torch(value)
     return state_dict
 
 
@@ -283,6 +311,10 @@ def load_torch_state_dict_into_nnx(module, state_dict: Mapping, *, prefix: str =
     Entries must match the module's parameters and shapes; values are cast to the dtypes the
     module's variables have (exact when they already match). Returns the module.
     """
+    from jax_bridge.nnx import FusedMoE
+
+    if not isinstance(module, FusedMoE):
+        raise TypeError(f"module must be a jax_bridge.nnx.FusedMoE, got {type(module).__name__}")
     module.load_params_dict(torch_state_dict_to_jax(state_dict, prefix=prefix))
     return module
 
@@ -299,6 +331,9 @@ def torch_state_dict_to_linen_variables(state_dict: Mapping, *, prefix: str = ""
 
 def linen_variables_to_torch_state_dict(variables: Mapping, *, prefix: str = "") -> dict:
     """Linen variables of ``jax_bridge.linen.FusedMoE`` -> a torch ``MoELayer`` ``state_dict``."""
+    _check_mapping("variables", variables)
+    if "params" not in variables:
+        raise ValueError(f"variables must hold a 'params' collection, got {sorted(variables)}")
     flat = dict(variables["params"])
     flat.update(variables.get(LINEN_BUFFERS, {}))
     return jax_params_to_torch_state_dict(flat, prefix=prefix)

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_bridge.convert import LINEN_BUFFERS, LayerConfig, apply_layer, uniform_init
+from jax_bridge.convert import LINEN_BUFFERS, LayerConfig, apply_layer, check_float_dtype, uniform_init
 
 __all__ = ["FusedMoE"]
 
@@ -55,6 +55,8 @@ class FusedMoE(nn.Module):
     @nn.compact
     def __call__(self, x, return_aux: bool = False):
         config = self.config
+        check_float_dtype("param_dtype", self.param_dtype)
+        check_float_dtype("dtype", self.dtype, allow_none=True)
         params = {
             name: self.param(name, uniform_init(fan_in), shape, self.param_dtype)
             for name, (shape, fan_in) in config.param_specs().items()

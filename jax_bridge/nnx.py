@@ -10,6 +10,7 @@ from flax import nnx
 from jax_bridge.convert import (
     LayerConfig,
     apply_layer,
+    check_float_dtype,
     init_params,
     layer_kwargs_from_torch,
     torch_state_dict_to_jax,
@@ -82,6 +83,8 @@ class FusedMoE(nnx.Module):
             shared_ffn_dim=shared_ffn_dim,
             shared_expert_gate=shared_expert_gate,
         )
+        check_float_dtype("param_dtype", param_dtype)
+        check_float_dtype("dtype", dtype, allow_none=True)
         self.param_dtype, self.dtype = param_dtype, dtype
         params = init_params(rngs.params(), self.config, param_dtype)
         for name in ("router_weight", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate_weight"):
@@ -92,6 +95,10 @@ class FusedMoE(nnx.Module):
     def from_torch(cls, layer, *, dtype=None) -> FusedMoE:
         """The NNX twin of a torch ``MoELayer``: same hyperparameters, exact copies of its weights
         (``param_dtype`` is the layer's dtype), compute ``dtype`` as given."""
+        import flashfusemoe
+
+        if not isinstance(layer, flashfusemoe.MoELayer):
+            raise TypeError(f"layer must be a flashfusemoe.MoELayer, got {type(layer).__name__}")
         params = torch_state_dict_to_jax(layer.state_dict())
         param_dtype = params["router_weight"].dtype
         module = cls(**layer_kwargs_from_torch(layer), param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0))
@@ -114,6 +121,8 @@ class FusedMoE(nnx.Module):
         for name, value in params.items():
             if tuple(jnp.shape(value)) != current[name].shape:
                 raise ValueError(f"{name} must have shape {current[name].shape}, got {jnp.shape(value)}")
+            if jnp.iscomplexobj(value):  # the cast would drop the imaginary part
+                raise TypeError(f"{name} must be real, got dtype {jnp.asarray(value).dtype}")
         for name, value in params.items():
             getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
 

@@ -52,7 +52,7 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
-from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, validate_inputs
+from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, check_aux_shapes, check_bool, validate_inputs
 from flashfusemoe.functional import make_plan
 from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 
@@ -102,6 +102,7 @@ def fused_moe(
         max_tokens_per_expert=max_tokens_per_expert,
         recompute=recompute,
     )
+    check_bool("return_aux", return_aux)
     x, router_weight, w_up, w_down, expert_bias, plan = _validate_and_plan(
         x, router_weight, w_up, w_down, expert_bias, options
     )
@@ -119,6 +120,15 @@ def fused_moe(
 
 def aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
     """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
+    for name, a in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
+        if not isinstance(a, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
+    if not (jnp.issubdtype(tokens_per_expert.dtype, jnp.integer)
+            or jnp.issubdtype(tokens_per_expert.dtype, jnp.floating)):
+        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
+    check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
     N, E = logits.shape
     if N == 0:
         zero = logits.sum() * 0
@@ -166,6 +176,11 @@ def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoE
     x2d = standins["x"].reshape(-1, D)
     # "auto" would time both layouts on real tensors; inside a trace there are only shapes.
     if options.gemm == "auto":
+        if options.max_tokens_per_expert is not None:
+            raise ValueError(
+                f"max_tokens_per_expert={options.max_tokens_per_expert} sizes the padded layout of "
+                "gemm='bmm', but jax_bridge runs gemm='auto' as 'grouped', which has none: pass gemm='bmm'"
+            )
         options = dataclasses.replace(options, gemm="grouped")
     plan = make_plan(
         options,

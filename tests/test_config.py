@@ -54,6 +54,16 @@ BAD_CALLS = [
     (dict(expert_bias=[0.0] * 4), TypeError, ["expert_bias", "list"]),
     (dict(x=[[1.0] * 8]), TypeError, ["x", "torch.Tensor"]),
     (dict(norm_topk_prob="yes"), TypeError, ["norm_topk_prob"]),
+    (dict(return_aux="yes"), TypeError, ["return_aux", "'yes'"]),
+    (dict(routed_scaling_factor=10**400), ValueError, ["routed_scaling_factor=1000", "finite"]),
+    (dict(gemm="grouped", max_tokens_per_expert=4), ValueError,
+     ["max_tokens_per_expert=4", "gemm='grouped'"]),
+    (dict(gemm="bmm", max_tokens_per_expert=4, capacity_factor=1.0), ValueError,
+     ["max_tokens_per_expert=4", "capacity_factor=1.0"]),
+    (dict(x=torch.empty(4, 8, dtype=torch.float64, device="meta"),
+          router_weight=torch.empty(4, 8, dtype=torch.float64, device="meta"),
+          w_up=torch.empty(4, 8, 8, dtype=torch.float64, device="meta"),
+          w_down=torch.empty(4, 8, 4, dtype=torch.float64, device="meta")), ValueError, ["x", "meta device"]),
 ]
 
 
@@ -78,9 +88,19 @@ def test_no_bare_asserts_in_library():
     import pathlib
 
     root = pathlib.Path(flashfusemoe.__file__).parent
-    offenders = [str(p) for p in root.rglob("*.py") if any(
+    files = [*root.rglob("*.py"), *(root.parent / "jax_bridge").rglob("*.py")]
+    offenders = [str(p) for p in files if any(
         line.lstrip().startswith("assert ") for line in p.read_text().splitlines())]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_huge_capacity_factor_drops_nothing(tensors, gemm):
+    """A capacity above N tokens keeps every assignment (was an OverflowError in the kernel launch)."""
+    x, r, u, d = tensors
+    out, aux = flashfusemoe.fused_moe(x, r, u, d, 2, gemm=gemm, capacity_factor=1e300, return_aux=True)
+    assert int(aux["dropped_tokens"]) == 0
+    assert torch.equal(out, flashfusemoe.fused_moe(x, r, u, d, 2, gemm=gemm))
 
 
 def test_layer_validation():
@@ -90,3 +110,71 @@ def test_layer_validation():
         flashfusemoe.MoELayer(8, 4, 0, 1)
     with pytest.raises(ValueError, match="top_k=3"):
         flashfusemoe.MoELayer(8, 4, 2, 3)
+    with pytest.raises(TypeError, match="dtype must be None or one of .* got torch.int32"):
+        flashfusemoe.MoELayer(8, 4, 4, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="use_expert_bias must be a bool, got 'no'"):
+        flashfusemoe.MoELayer(8, 4, 4, 2, use_expert_bias="no")
+    with pytest.raises(TypeError, match="shared_expert_gate must be a bool, got 'no'"):
+        flashfusemoe.MoELayer(8, 4, 4, 2, num_shared_experts=1, shared_expert_gate="no")
+    with pytest.raises(ValueError, match="max_tokens_per_expert=4"):
+        flashfusemoe.MoELayer(8, 4, 4, 2, gemm="grouped", max_tokens_per_expert=4)
+    layer = flashfusemoe.MoELayer(8, 4, 4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="return_aux must be a bool, got 1"):
+        layer(torch.randn(3, 8, dtype=torch.float64), return_aux=1)
+    meta = flashfusemoe.MoELayer(8, 4, 4, 2, device="meta")
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        meta(torch.empty(3, 8, device="meta"))
+
+
+def _router_problem():
+    x, r, _, _ = random_moe(N=10, D=8, F=4, E=4)
+    return [x], r
+
+
+BAD_CALIBRATIONS = [
+    # (kwargs, exception, substrings); the wrong-D batch and the [3] bias used to return a number
+    (dict(batches=torch.randn(10, 8, dtype=torch.float64)), TypeError, ["batches", "[x]"]),
+    (dict(batches=[torch.randn(10, 7, dtype=torch.float64)]), ValueError, ["router_weight", "D=7"]),
+    (dict(batches=[torch.randn(10, 8)]), TypeError, ["router_weight", "batches[0]", "float32"]),
+    (dict(batches=[torch.ones(10, 8, dtype=torch.int64)]), TypeError, ["batches[0]", "floating"]),
+    (dict(router_weight=torch.randn(1, 4, 8, dtype=torch.float64)), ValueError, ["router_weight", "rank 2"]),
+    (dict(expert_bias=torch.zeros(3)), ValueError, ["expert_bias", "E=4"]),
+    (dict(expert_bias=torch.zeros(4, dtype=torch.int32)), TypeError, ["expert_bias", "int32"]),
+    (dict(margin="0.1"), TypeError, ["margin", "'0.1'"]),
+    (dict(multiple=0), ValueError, ["multiple=0", ">= 1"]),
+    (dict(multiple=2.5), TypeError, ["multiple", "int"]),
+    (dict(top_k=5), ValueError, ["top_k=5", "num_experts=4"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,words", BAD_CALIBRATIONS,
+                         ids=[str(list(c[0])) + str(i) for i, c in enumerate(BAD_CALIBRATIONS)])
+def test_calibrate_max_tokens_bad_input(kwargs, exc, words):
+    batches, r = _router_problem()
+    args = {"batches": batches, "router_weight": r, "top_k": 2, **kwargs}
+    with pytest.raises(exc) as info:
+        flashfusemoe.calibrate_max_tokens(args.pop("batches"), args.pop("router_weight"), args.pop("top_k"),
+                                          **args)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+BAD_AUX = [
+    (dict(score_func="tanh"), ValueError, ["score_func='tanh'"]),  # used to run as sigmoid
+    (dict(tokens_per_expert=torch.ones(1, dtype=torch.int32)), ValueError, ["tokens_per_expert", "E=4"]),
+    (dict(tokens_per_expert=torch.ones(3, dtype=torch.int32)), ValueError, ["tokens_per_expert", "E=4"]),
+    (dict(logits=torch.randn(4)), ValueError, ["logits", "[N, E]"]),
+    (dict(logits=torch.ones(6, 4, dtype=torch.int64)), TypeError, ["logits", "floating"]),
+    (dict(tokens_per_expert=[1, 1, 1, 1]), TypeError, ["tokens_per_expert", "list"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,words", BAD_AUX,
+                         ids=[str(list(c[0])) + str(i) for i, c in enumerate(BAD_AUX)])
+def test_aux_losses_bad_input(kwargs, exc, words):
+    args = {"logits": torch.randn(6, 4), "tokens_per_expert": torch.full((4,), 3, dtype=torch.int32),
+            "score_func": "softmax", **kwargs}
+    with pytest.raises(exc) as info:
+        flashfusemoe.aux_losses(**args)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"

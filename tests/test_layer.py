@@ -5,6 +5,7 @@ import torch
 from moe_cases import rel_err
 
 import flashfusemoe
+from flashfusemoe.layer import glu_mlp
 from flashfusemoe.reference import moe_reference
 
 
@@ -84,3 +85,20 @@ def test_autocast_bf16_cpu():
     operands = (x, layer.router_weight, layer.w_up, layer.w_down)
     exact = flashfusemoe.fused_moe(*(t.detach().bfloat16().double() for t in operands), 2)
     assert rel_err(out, exact) < 5e-2  # bf16 intermediates: ~4e-3 per rounding, two GEMMs
+
+
+def test_autocast_mixed_dtypes_cpu():
+    """Under autocast x and the weights may differ in dtype (all are cast): a bf16 activation into an
+    fp32 layer is the usual case, and used to raise a dtype-mismatch TypeError."""
+    layer = flashfusemoe.MoELayer(32, 16, 4, 2, num_shared_experts=1)
+    x = torch.randn(16, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        mixed = flashfusemoe.fused_moe(x, layer.router_weight, layer.w_up.bfloat16(), layer.w_down, 2)
+    assert out.dtype == mixed.dtype == torch.bfloat16
+    weights = [t.detach().bfloat16() for t in (layer.router_weight, layer.w_up, layer.w_down)]
+    routed = flashfusemoe.fused_moe(x, *weights, 2)
+    assert torch.equal(mixed, routed)
+    shared = glu_mlp(x, layer.shared_w_up.detach().bfloat16(), layer.shared_w_down.detach().bfloat16(),
+                     "swiglu")
+    assert rel_err(out, routed + shared) < 1e-2

@@ -501,6 +501,11 @@ BAD_INPUTS = {
     "gemm": lambda t: ({}, {"gemm": "dense"}),
     "bias dtype": lambda t: ({}, {"expert_bias": torch.zeros(E, dtype=torch.bfloat16)}),
     "bias shape": lambda t: ({}, {"expert_bias": torch.zeros(E + 1)}),
+    "max_tokens with grouped": lambda t: ({}, {"gemm": "grouped", "max_tokens_per_expert": 4}),
+    "max_tokens with capacity": lambda t: (
+        {}, {"gemm": "bmm", "max_tokens_per_expert": 4, "capacity_factor": 1.0}
+    ),
+    "return_aux not bool": lambda t: ({}, {"return_aux": "yes"}),
 }
 
 
@@ -526,6 +531,32 @@ def test_bad_inputs_raise_like_torch(case):
         jax_bridge.fused_moe(*jax_named.values(), top_k, **jax_options)
     # Same text, less the torch device that a JAX array doesn't have.
     assert str(jax_error.value) == re.sub(r", device [a-z]+(:\d+)?", "", str(torch_error.value))
+
+
+def test_max_tokens_with_auto_gemm_raises():
+    """The bridge runs gemm="auto" as "grouped", where max_tokens_per_expert would be ignored."""
+    args = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(ValueError, match="max_tokens_per_expert=4 .* runs gemm='auto' as 'grouped'"):
+        jax_bridge.fused_moe(*args, K, max_tokens_per_expert=4)
+
+
+BAD_AUX = {  # (logits [N, E], counts [E]) -> aux_losses arguments
+    "score_func": lambda lg, c: (lg, c, "tanh"),
+    "logits rank": lambda lg, c: (lg[0], c, "softmax"),
+    "counts broadcast": lambda lg, c: (lg, c[:1], "softmax"),
+    "counts length": lambda lg, c: (lg, c[:-1], "softmax"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_AUX))
+def test_aux_losses_bad_inputs_raise_like_torch(case):
+    counts = torch.full((E,), N * K // E, dtype=torch.int32)
+    logits, counts, score_func = BAD_AUX[case](torch.randn(N, E), counts)
+    with pytest.raises(ValueError) as torch_error:
+        flashfusemoe.aux_losses(logits, counts, score_func)
+    with pytest.raises(ValueError) as jax_error:
+        jax_bridge.aux_losses(jnp.asarray(logits.numpy()), jnp.asarray(counts.numpy()), score_func)
+    assert str(jax_error.value) == str(torch_error.value)
 
 
 def test_non_array_input_raises_type_error():

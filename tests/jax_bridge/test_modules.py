@@ -290,6 +290,35 @@ def test_converters_reject_mismatches():
     wide = flashfusemoe.MoELayer(D, 2 * F, E, K, use_expert_bias=True).state_dict()
     with pytest.raises(ValueError, match="w_up must have shape"):
         convert.load_torch_state_dict_into_nnx(module, {**wrong.state_dict(), "w_up": wide["w_up"]})
+    # Wrong types: a clear TypeError/ValueError naming the entry, not an AttributeError or KeyError.
+    sd = wrong.state_dict()
+    with pytest.raises(TypeError, match=r"state_dict\['w_up'\] must be a torch.Tensor, got ndarray"):
+        convert.torch_state_dict_to_jax({**sd, "w_up": sd["w_up"].numpy()})
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        convert.torch_state_dict_to_jax(list(sd.values()))
+    with pytest.raises(TypeError, match="w_up must be real, got dtype complex64"):
+        convert.load_torch_state_dict_into_nnx(module, {**sd, "w_up": sd["w_up"].to(torch.complex64)})
+    with pytest.raises(TypeError, match="module must be a jax_bridge.nnx.FusedMoE"):
+        convert.load_torch_state_dict_into_nnx(wrong, sd)
+    with pytest.raises(TypeError, match="layer must be a flashfusemoe.MoELayer"):
+        jnnx.FusedMoE.from_torch(module)
+    with pytest.raises(TypeError, match="w_up must be a floating array, got dtype object"):
+        convert.jax_params_to_torch_state_dict({"w_up": None})
+    with pytest.raises(ValueError, match="variables must hold a 'params' collection"):
+        convert.linen_variables_to_torch_state_dict({"buffers": {}})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(param_dtype=jnp.int32), "param_dtype must be a floating dtype"),  # used to give all-zero weights
+    (dict(param_dtype=jnp.complex64), "param_dtype must be a floating dtype"),
+    (dict(dtype=jnp.int32), "dtype must be a floating dtype or None"),
+    (dict(dtype="bogus"), "dtype must be a floating dtype or None"),
+])
+def test_flax_dtypes_must_be_floating(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        jnnx.FusedMoE(D, F, E, K, **kwargs, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=match):
+        jlinen.FusedMoE(D, F, E, K, **kwargs).init(jax.random.key(0), jnp.zeros((2, D)))
 
 
 def _uniform_ok(w, bound):
@@ -365,6 +394,8 @@ def test_param_dtype_and_compute_dtype():
         (dict(activation="gelu"), ValueError, "activation"),
         (dict(n_group=3, topk_group=1), ValueError, "n_group"),
         (dict(d_model=16.0), TypeError, "d_model"),
+        (dict(use_expert_bias="no"), TypeError, "use_expert_bias must be a bool"),
+        (dict(gemm="grouped", max_tokens_per_expert=4), ValueError, "max_tokens_per_expert=4"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, error, match):
