@@ -11,6 +11,7 @@ from moe_cases import assert_close, far_from_ties, fused_and_reference, random_m
 
 import flashfusemoe
 from flashfusemoe.kernels import activation, grouped_gemm, permute, routing
+from flashfusemoe.reference import moe_reference
 
 TOL64 = 1e-9
 
@@ -189,6 +190,31 @@ def test_zero_tokens(options):
     fused, ref = fused_and_reference((x, router_weight, w_up, w_down), top_k=2, **options, return_aux=True)
     assert torch.equal(fused[1]["tokens_per_expert"].long(), ref[1]["tokens_per_expert"].long())
     assert_close(fused, ref, TOL64, f"N=0 {options}")
+
+
+@pytest.mark.parametrize("triton", [True, False], ids=["kernels", "torch-path"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(gemm="grouped"), dict(gemm="bmm"), dict(gemm="grouped", capacity_factor=1.0),
+     dict(gemm="bmm", capacity_factor=1.0)],
+    ids=["grouped", "bmm", "capacity-grouped", "capacity-bmm"],
+)
+def test_nan_token_stays_in_its_row(options, triton, monkeypatch):
+    """A token whose scores are all NaN still picks K real experts (its row is NaN); before, the
+    routing kernel gave it expert id E, which corrupted other rows or failed an index check."""
+    if not triton:
+        for module in (activation, grouped_gemm, permute, routing):
+            monkeypatch.setattr(module, "use_triton", lambda t: False)
+    x, r, u, d = random_moe(N=12, D=8, F=4, E=4)
+    x[1, 3] = float("nan")
+    out, aux = flashfusemoe.fused_moe(x, r, u, d, 2, **options, return_aux=True)
+    assert torch.isnan(out[1]).all()
+    assert int(aux["tokens_per_expert"].sum()) == 12 * 2  # every assignment went to a real expert
+    others = [i for i in range(12) if i != 1]
+    if "capacity_factor" in options:  # which assignments a NaN weight displaces is not specified
+        assert torch.isfinite(out[others]).all()
+    else:
+        assert rel_err(out[others], moe_reference(x, r, u, d, 2)[others]) < TOL64
 
 
 @pytest.mark.parametrize("aux_key", ["load_balance_loss", "z_loss"])

@@ -23,6 +23,9 @@ from flashfusemoe.kernels import (
 
 # Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
 _NEG = tl.constexpr(-1.0e30)
+# Where a NaN selection score goes (a NaN in x, the router or the bias): below every number, above
+# the masked columns, so a token picks K distinct real experts even when all its scores are NaN.
+_NAN_SEL = tl.constexpr(-0.5e30)
 
 
 def _block_e(E: int) -> int:
@@ -140,6 +143,7 @@ def _route_fwd_kernel(
     sel = s
     if HAS_BIAS:
         sel = sel + tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(acc_ty)[None, :]
+    sel = tl.where(sel == sel, sel, _NAN_SEL)
     allowed = col_mask[None, :] & (rows >= 0)[:, None]
 
     if N_GROUP > 0:
@@ -280,6 +284,7 @@ def _route_forward_torch(
     logits = x.to(cdt) @ router_weight.to(cdt).T
     scores = _scores_torch(logits, score_func)
     sel = scores if expert_bias is None else scores + expert_bias.to(cdt)
+    sel = sel.nan_to_num(nan=torch.finfo(cdt).min, posinf=float("inf"), neginf=float("-inf"))  # as the kernel
     if n_group is not None:
         G = E // n_group
         grouped = sel.view(N, n_group, G)
