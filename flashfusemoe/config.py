@@ -151,6 +151,16 @@ def _check_x_rank(x_name: str, x) -> None:
         raise ValueError(f"{x_name} must be [..., D] with at least one dimension, got {_describe(x)}")
 
 
+def _router_dims(x, router_weight) -> tuple[int, int]:
+    """``(D, E)`` of ``x [..., D]`` and a rank-2 ``router_weight [E, D]``."""
+    if router_weight.dim() != 2:
+        raise ValueError(f"router_weight must have rank 2, got {_describe(router_weight)}")
+    D, E = x.shape[-1], router_weight.shape[0]
+    if router_weight.shape[1] != D:
+        raise ValueError(f"router_weight must be [E, D={D}], got {_describe(router_weight)}")
+    return D, E
+
+
 def _check_same_device_and_dtype(named: dict, autocast: bool) -> None:
     """Every tensor on the first's device and (unless autocast casts them all) of its dtype."""
     x_name, x = next(iter(named.items()))
@@ -184,13 +194,10 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
     named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
     _check_float_tensors(named)
     _check_x_rank("x", x)
-    for name, rank in (("router_weight", 2), ("w_up", 3), ("w_down", 3)):
+    D, E = _router_dims(x, router_weight)
+    for name, rank in (("w_up", 3), ("w_down", 3)):
         if named[name].dim() != rank:
             raise ValueError(f"{name} must have rank {rank}, got {_describe(named[name])}")
-    D = x.shape[-1]
-    E = router_weight.shape[0]
-    if router_weight.shape[1] != D:
-        raise ValueError(f"router_weight must be [E, D={D}], got {_describe(router_weight)}")
     if w_up.shape[0] != E or w_up.shape[2] != D:
         raise ValueError(f"w_up must be [E={E}, 2F, D={D}], got {_describe(w_up)}")
     if w_up.shape[1] % 2:
@@ -213,11 +220,7 @@ def validate_router_inputs(x, router_weight, expert_bias, options: MoEOptions, *
     named = {x_name: x, "router_weight": router_weight}
     _check_float_tensors(named)
     _check_x_rank(x_name, x)
-    if router_weight.dim() != 2:
-        raise ValueError(f"router_weight must have rank 2, got {_describe(router_weight)}")
-    D, E = x.shape[-1], router_weight.shape[0]
-    if router_weight.shape[1] != D:
-        raise ValueError(f"router_weight must be [E, D={D}], got {_describe(router_weight)}")
+    D, E = _router_dims(x, router_weight)
     if E < 1 or D < 1:
         raise ValueError(f"E={E} and D={D} must both be >= 1")
     _check_same_device_and_dtype(named, autocast)

@@ -112,7 +112,7 @@ def fused_moe(
     out = out.reshape(*lead_shape, D)
     if not return_aux:
         return out
-    aux = aux_losses(logits, tokens_per_expert, options.score_func)
+    aux = _aux_losses(logits, tokens_per_expert, options.score_func)
     aux["tokens_per_expert"] = tokens_per_expert
     aux["dropped_tokens"] = dropped
     return out, aux
@@ -129,6 +129,10 @@ def aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
             or jnp.issubdtype(tokens_per_expert.dtype, jnp.floating)):
         raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
     check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
+    return _aux_losses(logits, tokens_per_expert, score_func)
+
+
+def _aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
     N, E = logits.shape
     if N == 0:
         zero = logits.sum() * 0

@@ -146,12 +146,12 @@ class FastLaunch:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
-        if INTERPRET and not FastLaunch.enabled:
-            with INTERPRETER_LOCK:
-                self.fn[grid](*args, **kwargs)
-            return
         if not FastLaunch.enabled or _hooks_installed():
-            self.fn[grid](*args, **kwargs)
+            if INTERPRET:
+                with INTERPRETER_LOCK:
+                    self.fn[grid](*args, **kwargs)
+            else:
+                self.fn[grid](*args, **kwargs)
             return
         device = torch._C._cuda_getDevice()
         # Ints by value (which fixes what Triton reads from them: == 1, % 16, width), tensors by
