@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -44,7 +45,33 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class MoEOptions:
-    """Everything about one MoE call except its tensors. Checked on construction."""
+    """Everything about one MoE call except its tensors; the one place an option is declared.
+
+    ``fused_moe``, ``MoELayer``, ``jax_bridge.fused_moe`` and the Flax modules take these fields as
+    keyword arguments. Construction checks every value and raises ``TypeError`` (wrong type) or
+    ``ValueError`` (bad value or combination) naming the option; ``check_num_experts`` checks what
+    depends on E. Exact semantics: ``docs/design.md``.
+
+    - ``top_k``: experts per token, 1 <= top_k <= E.
+    - ``activation``: the GLU of each expert, ``"swiglu"`` (silu), ``"geglu"`` (erf gelu) or
+      ``"relu2"`` (relu squared); ``w_up`` rows 0:F are the gate, F:2F the up projection.
+    - ``score_func``: ``"softmax"`` or ``"sigmoid"`` router scores.
+    - ``norm_topk_prob``: renormalise the K selected scores to sum to 1.
+    - ``n_group``, ``topk_group``: group-limited routing (DeepSeek-V3): experts form ``n_group``
+      groups, a token picks among the ``topk_group`` groups with the best top-2 score sums.
+    - ``routed_scaling_factor``: multiplies the routing weights.
+    - ``capacity_factor``: opt-in token dropping: each expert keeps at most
+      ``ceil(capacity_factor * N * top_k / E)`` assignments (the highest-weight ones), and the
+      drops are counted in ``aux["dropped_tokens"]``. None (default): dropless.
+    - ``gemm``: the row layout of the expert GEMMs. ``"grouped"``: unpadded, dropless, no host
+      sync. ``"bmm"``: the padded ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing
+      expert grows it with one host sync in eager mode, and raises ``CapacityOverflowError`` where
+      it can't grow). ``"auto"`` (default): ``"grouped"``, the same rule in torch and JAX.
+    - ``max_tokens_per_expert``: the padded layout's rows per expert with ``gemm="bmm"`` (default:
+      twice the mean load; see ``calibrate_max_tokens``).
+    - ``recompute``: save only x and the routing metadata for backward and recompute the
+      pre-activation there (less memory, one more GEMM).
+    """
 
     top_k: int
     activation: str = "swiglu"
@@ -80,10 +107,12 @@ class MoEOptions:
         if self.max_tokens_per_expert is not None:
             check_int("max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
             # It sizes the padded layout, which "grouped" doesn't have and capacity sizes itself.
-            if self.gemm == "grouped":
+            if self.gemm != "bmm":
+                runs = "gemm='grouped' has none" if self.gemm == "grouped" else (
+                    "it runs gemm='auto' as 'grouped', which has none: pass gemm='bmm'")
                 raise ValueError(
                     f"max_tokens_per_expert={self.max_tokens_per_expert} sizes the padded layout of "
-                    "gemm='bmm' (or 'auto'); gemm='grouped' has none"
+                    f"gemm='bmm'; {runs}"
                 )
             if self.capacity_factor is not None:
                 raise ValueError(
@@ -106,6 +135,10 @@ class MoEOptions:
                 f"of n_group={self.n_group} groups leave"
             )
 
+    def resolved_gemm(self) -> str:
+        """The layout ``gemm`` runs: ``"auto"`` is ``"grouped"`` (dropless, no host sync)."""
+        return "grouped" if self.gemm == "auto" else self.gemm
+
     def capacity(self, num_tokens: int, num_experts: int) -> int:
         """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``, at most N
         (an expert gets at most one assignment per token, so a larger capacity changes nothing)."""
@@ -116,6 +149,94 @@ class MoEOptions:
     def heuristic_max_tokens(self, num_tokens: int, num_experts: int) -> int:
         """The seed's padded-layout size: mean load + 100%, never more than N."""
         return max(1, min(num_tokens, 2 * math.ceil(num_tokens * self.top_k / num_experts)))
+
+
+OPTION_NAMES = tuple(f.name for f in fields(MoEOptions))
+
+
+def signature_with_options(fn, exclude: tuple[str, ...] = ("top_k",)):
+    """Lists ``MoEOptions``' fields in the signature of ``fn(..., **options)`` (for ``help()`` and
+    IDEs), as keyword-only parameters with their defaults. Returns ``fn``."""
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    own = {p.name for p in params} | set(exclude)
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in fields(MoEOptions) if f.name not in own]
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
+
+
+def make_options(top_k, options: dict, caller: str) -> MoEOptions:
+    """``MoEOptions(top_k=top_k, **options)``; an unknown name is a ``TypeError`` naming ``caller``."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; its options are "
+                        f"{OPTION_NAMES[1:]}")
+    return MoEOptions(top_k=top_k, **options)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The hyperparameters of ``MoELayer`` and of its Flax twins, checked on construction.
+
+    ``d_model`` D, ``ffn_dim`` F, ``num_experts`` E and the routed experts' ``options``; a shared
+    dense GLU expert of width ``shared_ffn_dim`` (default ``ffn_dim * num_shared_experts``) when
+    ``num_shared_experts >= 1``, gated by ``sigmoid(x @ shared_gate_weight.T)`` with
+    ``shared_expert_gate``; ``use_expert_bias``: an fp32 selection bias ``[E]`` (state, not trained).
+    """
+
+    d_model: int
+    ffn_dim: int
+    num_experts: int
+    options: MoEOptions
+    use_expert_bias: bool = False
+    num_shared_experts: int = 0
+    shared_ffn_dim: int | None = None
+    shared_expert_gate: bool = False
+
+    def __post_init__(self):
+        check_layer_args(self.d_model, self.ffn_dim, self.num_experts, self.num_shared_experts,
+                         self.shared_ffn_dim, self.shared_expert_gate, self.use_expert_bias)
+        self.options.check_num_experts(self.num_experts)
+
+    @classmethod
+    def from_kwargs(cls, d_model, ffn_dim, num_experts, top_k, caller: str, **kwargs) -> LayerConfig:
+        """From a layer constructor's flat keyword arguments: layer fields and ``MoEOptions`` fields."""
+        layer_names = {f.name for f in fields(cls)} - {"options"}
+        layer = {k: v for k, v in kwargs.items() if k in layer_names}
+        options = make_options(top_k, {k: v for k, v in kwargs.items() if k not in layer_names}, caller)
+        return cls(d_model, ffn_dim, num_experts, options, **layer)
+
+    def kwargs(self) -> dict:
+        """The flat keyword arguments that ``from_kwargs`` takes (``caller`` aside)."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**flat, **{name: getattr(self.options, name) for name in OPTION_NAMES}}
+
+    @property
+    def resolved_shared_ffn_dim(self) -> int:
+        """``Fs``: 0 without shared experts, else ``shared_ffn_dim or ffn_dim * num_shared_experts``."""
+        if not self.num_shared_experts:
+            return 0
+        return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
+
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """``{name: (shape, fan_in)}`` of the trainable parameters this config has."""
+        D, F, E, Fs = self.d_model, self.ffn_dim, self.num_experts, self.resolved_shared_ffn_dim
+        specs = {"router_weight": ((E, D), D), "w_up": ((E, 2 * F, D), D), "w_down": ((E, D, F), F)}
+        if Fs:
+            specs["shared_w_up"] = ((2 * Fs, D), D)
+            specs["shared_w_down"] = ((D, Fs), Fs)
+        if self.shared_expert_gate:
+            specs["shared_gate_weight"] = ((1, D), D)
+        return specs
+
+
+def layer_fields() -> list[tuple[str, str, object]]:
+    """``(name, annotation, default)`` of every layer keyword argument after ``top_k``: the layer's
+    own fields, then the options (the Linen module declares its fields from this)."""
+    own = [(f.name, f.type, f.default) for f in fields(LayerConfig) if f.name not in
+           ("d_model", "ffn_dim", "num_experts", "options")]
+    return own + [(f.name, f.type, f.default) for f in fields(MoEOptions) if f.name != "top_k"]
 
 
 def check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,

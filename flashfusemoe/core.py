@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from flashfusemoe.config import MoEOptions
-from flashfusemoe.kernels import activation, compute_dtype, fits_output, grouped_gemm, permute, routing
+from flashfusemoe.kernels import activation, deliver, grouped_gemm, out_buffer, permute, routing
 
 
 class CapacityOverflowError(RuntimeError):
@@ -33,19 +33,49 @@ class Plan:
 
 
 class Outputs(NamedTuple):
-    out: torch.Tensor  # [N, D], x.dtype
-    logits: torch.Tensor  # [N, E], routing dtype; differentiable (aux losses)
-    tokens_per_expert: torch.Tensor  # [E] int32, after top-k, before capacity
-    dropped_tokens: torch.Tensor  # [] int32, dropped assignments
+    """What a forward call returns to its caller."""
+
+    out: torch.Tensor | None = None  # [N, D], x.dtype
+    logits: torch.Tensor | None = None  # [N, E], routing dtype; differentiable (aux losses)
+    tokens_per_expert: torch.Tensor | None = None  # [E] int32, after top-k, before capacity
+    dropped_tokens: torch.Tensor | None = None  # [] int32, dropped assignments
 
 
 class Residuals(NamedTuple):
-    topk_ids: torch.Tensor  # [N, K] int32
-    topk_weights: torch.Tensor  # [N, K] routing dtype
-    assign_to_row: torch.Tensor  # [N*K] int32
-    row_to_assign: torch.Tensor  # [R] int32
-    expert_ends: torch.Tensor  # [E] int32
-    h: torch.Tensor  # [R, 2F] pre-activation; [0, 2F] when recompute=True
+    """What backward needs besides the inputs and ``logits``."""
+
+    topk_ids: torch.Tensor | None = None  # [N, K] int32
+    topk_weights: torch.Tensor | None = None  # [N, K] routing dtype
+    assign_to_row: torch.Tensor | None = None  # [N*K] int32
+    row_to_assign: torch.Tensor | None = None  # [R] int32
+    expert_ends: torch.Tensor | None = None  # [E] int32
+    h: torch.Tensor | None = None  # [R, 2F] pre-activation; [0, 2F] when recompute=True
+
+
+class Grads(NamedTuple):
+    """Gradients of the four differentiable inputs, each shaped like its input."""
+
+    x: torch.Tensor | None = None
+    router_weight: torch.Tensor | None = None
+    w_up: torch.Tensor | None = None
+    w_down: torch.Tensor | None = None
+
+
+# Destinations: ``forward`` and ``backward`` take an ``Outputs``/``Residuals``/``Grads`` of
+# optional tensors (``*_into``; the JAX bridge passes XLA's output buffers). The policy is that of
+# every ``*_out`` buffer in ``flashfusemoe.kernels``: a destination must fit its result exactly
+# (``ValueError`` otherwise) and holds it on return, written there by the kernel that produces it
+# where that kernel can (routing, the dropless layout, ``h``, ``out``, ``grad_x``, the router
+# gradient, the TMA/bmm weight gradients), else copied there once (``_settle``).
+
+
+def _settle(results: NamedTuple, into: NamedTuple | None) -> NamedTuple:
+    """``results`` with each one that has a destination in ``into`` placed there."""
+    if into is None:
+        return results
+    kind = type(results).__name__
+    return type(results)(*(deliver(r, d, f"{kind}.{name}")
+                           for r, d, name in zip(results, into, results._fields, strict=True)))
 
 
 def result_specs(num_tokens: int, d_model: int, num_experts: int, two_f: int, options: MoEOptions,
@@ -83,10 +113,11 @@ def _expert_mm(a, b, expert_ends, plan: Plan, trans_b: bool):
 
 def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int, out=None):
     """Per-expert ``a_e.T @ b_e``: a [R, M], b [R, Nout] -> [E, M, Nout] (zeros for empty experts),
-    written into ``out`` when given."""
+    in ``out`` when given."""
     if plan.gemm == "bmm":
         M = plan.rows_per_expert
         a3, b3 = a.view(num_experts, M, a.shape[1]), b.view(num_experts, M, b.shape[1])
+        out = out_buffer(out, (num_experts, a.shape[1], b.shape[1]), a.dtype, a.device, "out")
         return torch.bmm(a3.transpose(1, 2), b3, out=out)
     return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends, out=out)
 
@@ -99,51 +130,39 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
-def _destination(into, index: int, shape, like: torch.Tensor, dtype: torch.dtype):
-    """``into[index]`` if it can take a ``shape`` result of ``dtype`` on ``like``'s device in place."""
-    t = None if into is None else into[index]
-    return t if t is not None and fits_output(t, shape, dtype, like.device) else None
-
-
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
-            allow_grow: bool = False, into=None) -> tuple[Outputs, Residuals, Plan]:
+            allow_grow: bool = False, outputs_into: Outputs | None = None,
+            residuals_into: Residuals | None = None) -> tuple[Outputs, Residuals, Plan]:
     """Fused MoE forward.
 
     x [N, D]; router_weight [E, D]; w_up [E, 2F, D]; w_down [E, D, F]; expert_bias [E] or None.
     Returns the outputs, the residuals backward needs, and the plan actually used: with
     ``gemm="bmm"`` an overflow of the padded layout grows it (one host sync) when
     ``allow_grow``, and raises ``CapacityOverflowError`` otherwise. Capacity mode never overflows.
-    ``into``: destinations by index of ``(*Outputs, *Residuals)`` (None entries allowed, e.g. the
-    JAX bridge's output buffers): the kernels that produce a result write it there when it fits
-    (the routing outputs, the dropless layout's maps, ``h`` and ``out``), and it is returned as
-    that tensor.
+    ``outputs_into``/``residuals_into``: destinations (see ``_settle``).
     """
-    N, K = x.shape[0], options.top_k
+    K = options.top_k
     E = router_weight.shape[0]
-    route_dtype, i32 = compute_dtype(x.dtype), torch.int32
-    route_args = (x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
-                  options.n_group, options.topk_group, float(options.routed_scaling_factor))
-    route_into = None if into is None else (_destination(into, 1, (N, E), x, route_dtype),
-                                            _destination(into, 4, (N, K), x, i32),
-                                            _destination(into, 5, (N, K), x, route_dtype))
-    if plan.gemm == "grouped":
+    o = outputs_into or Outputs()
+    r = residuals_into or Residuals()
+    grouped = plan.gemm == "grouped"
+    route = routing.route_forward(
+        x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob, options.n_group,
+        options.topk_group, float(options.routed_scaling_factor), with_block_counts=grouped,
+        logits_out=o.logits, ids_out=r.topk_ids, weights_out=r.topk_weights,
+    )
+    logits, topk_ids, topk_weights = route[:3]
+    if grouped:
         # Default path: the routing kernel counts tokens per block and expert, so the layout and
         # the row gather take one launch. Capacity then drops rows in place (zeros, -1 maps).
-        logits, topk_ids, topk_weights, block_counts, block_n = routing.route_forward(
-            *route_args, with_block_counts=True, out=route_into)
-        layout_into = None
-        if into is not None:
-            dropped = _destination(into, 3, (), x, i32)
-            layout_into = (_destination(into, 6, (N * K,), x, i32), _destination(into, 7, (N * K,), x, i32),
-                           _destination(into, 8, (E,), x, i32), _destination(into, 2, (E,), x, i32),
-                           None if dropped is None else dropped.view(1))
+        layout_out = permute.Layout(r.assign_to_row, r.row_to_assign, r.expert_ends, o.tokens_per_expert,
+                                    None if o.dropped_tokens is None else o.dropped_tokens.view(1))
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = (
-            permute.layout_and_gather(x, topk_ids, E, block_counts, block_n, out=layout_into))
+            permute.layout_and_gather(x, topk_ids, E, *route[3:], out=layout_out))
         if options.capacity_factor is not None:
             num_unplaced = permute.capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign,
                                                  expert_ends, options.capacity(x.shape[0], E))
     else:
-        logits, topk_ids, topk_weights = routing.route_forward(*route_args, out=route_into)
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
             topk_ids, topk_weights, E, plan, options)
         if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:
@@ -161,32 +180,30 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
                     topk_ids, topk_weights, E, plan, options)
         x_sorted = permute.gather_rows(x, row_to_assign, K)
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
-    h_into = None if options.recompute else _destination(into, 9, h.shape, h, h.dtype)
-    a = activation.glu_forward(h, options.activation, h_copy=h_into)
-    if h_into is not None:
-        h = h_into
+    h_into = None if options.recompute else r.h
+    a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
-    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype,
-                               out=_destination(into, 0, x.shape, x, x.dtype))
+    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype, out=o.out)
     if options.recompute:
         h = h.new_empty((0, h.shape[1]))
+    elif h_into is not None:
+        h = h_into
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
-    return outputs, residuals, plan
+    return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
 
 
 def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_out, grad_logits,
-             options: MoEOptions, plan: Plan, *, into=None):
+             options: MoEOptions, plan: Plan, *, into: Grads | None = None) -> Grads:
     """Fused MoE backward.
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
-    Returns ``(grad_x [N, D], grad_router_weight [E, D], grad_w_up [E, 2F, D], grad_w_down [E, D, F])``,
-    each written ``into`` its given destination, as in ``forward`` (the expert weight gradients
-    in place where their GEMM can write there: the TMA kernel or ``torch.bmm``, else copied).
+    Returns the ``Grads`` of x, router_weight, w_up and w_down; ``into``: destinations (see ``_settle``).
     """
     K = options.top_k
     E = router_weight.shape[0]
     r = residuals
+    g = into or Grads()
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if plan.gemm == "grouped" and options.capacity_factor is None:  # every row has its assignment
@@ -198,11 +215,9 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     dh, a_weighted, grad_w_row = activation.glu_backward(
         h, da, options.activation, r.row_to_assign, r.topk_weights
     )
-    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E,
-                                      out=_destination(into, 3, w_down.shape, x, x.dtype))
+    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
-    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E,
-                                    out=_destination(into, 2, w_up.shape, x, x.dtype))
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(
@@ -210,11 +225,10 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         options.norm_topk_prob, float(options.routed_scaling_factor), out_dtype=x.dtype,
     )
     grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, logit_grad=grad_logits,
-                                  router_weight=router_weight, out_dtype=x.dtype,
-                                  out=_destination(into, 0, x.shape, x, x.dtype))
-    grad_router_into = _destination(into, 1, router_weight.shape, x, x.dtype)
-    if grad_router_into is None:
+                                  router_weight=router_weight, out_dtype=x.dtype, out=g.x)
+    if g.router_weight is None:
         grad_router = grad_logits.t() @ x
-    else:
-        grad_router = torch.mm(grad_logits.t(), x, out=grad_router_into)
-    return grad_x, grad_router, grad_w_up, grad_w_down
+    else:  # (torch.mm's out= would resize a mis-shaped buffer: check it first)
+        grad_router = torch.mm(grad_logits.t(), x, out=out_buffer(
+            g.router_weight, router_weight.shape, x.dtype, x.device, "Grads.router_weight"))
+    return _settle(Grads(grad_x, grad_router, grad_w_up, grad_w_down), into)

@@ -14,32 +14,26 @@ from flashfusemoe.config import (
     check_finite,
     check_has_data,
     check_int,
+    make_options,
+    signature_with_options,
     validate_aux_inputs,
     validate_inputs,
     validate_router_inputs,
 )
 from flashfusemoe.kernels import permute, routing
 
-_AUTO_GEMM_CACHE: dict[tuple, str] = {}
 
-
-def fused_moe(x, router_weight, w_up, w_down, top_k, *, activation="swiglu", score_func="softmax",
-              norm_topk_prob=True, expert_bias=None, n_group=None, topk_group=None,
-              routed_scaling_factor=1.0, capacity_factor=None, gemm="auto", max_tokens_per_expert=None,
-              recompute=False, return_aux=False):
+@signature_with_options
+def fused_moe(x, router_weight, w_up, w_down, top_k, *, expert_bias=None, return_aux=False, **options):
     """Top-k routed GLU mixture of experts, fused.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
-    expert_bias [E] fp32 (selection only). Returns ``out`` shaped like x, or ``(out, aux)`` with
+    expert_bias [E] fp32 (selection only). ``top_k`` and ``options``: ``MoEOptions``' fields.
+    Returns ``out`` shaped like x, or ``(out, aux)`` with
     ``aux = {load_balance_loss, z_loss, tokens_per_expert [E], dropped_tokens []}``.
     Routing semantics: ``docs/design.md``.
     """
-    options = MoEOptions(
-        top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
-        n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-        capacity_factor=capacity_factor, gemm=gemm, max_tokens_per_expert=max_tokens_per_expert,
-        recompute=recompute,
-    )
+    options = make_options(top_k, options, "fused_moe")
     return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
 
 
@@ -61,7 +55,7 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     lead_shape = x.shape[:-1]
     # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
     x2d = x.contiguous() if x.dim() == 2 else x.reshape(-1, D).contiguous()
-    plan = make_plan(options, x2d, router_weight, w_up, w_down, expert_bias)
+    plan = make_plan(options, x2d.shape[0], router_weight.shape[0])
     # Growing an overflowing padded layout changes residual shapes, which a traced graph can't follow.
     allow_grow = not torch.compiler.is_compiling()
     outputs = ops.moe_forward_call(
@@ -110,49 +104,18 @@ def _aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_fun
     return {"load_balance_loss": load_balance, "z_loss": z_loss}
 
 
-def make_plan(options: MoEOptions, x2d, router_weight, w_up, w_down, expert_bias) -> core.Plan:
-    """Resolves ``gemm`` ("auto" measured once per shape on CUDA) and the padded layout size."""
-    N, E = x2d.shape[0], router_weight.shape[0]
-    gemm = options.gemm
-    if gemm == "auto":
-        gemm = _auto_gemm(options, x2d, router_weight, w_up, w_down, expert_bias)
-    if gemm == "grouped":
+def make_plan(options: MoEOptions, num_tokens: int, num_experts: int) -> core.Plan:
+    """The row layout of a call: ``options.resolved_gemm()`` and, for ``"bmm"``, the padded size
+    (the capacity, ``max_tokens_per_expert``, or twice the mean load)."""
+    if options.resolved_gemm() == "grouped":
         return core.Plan("grouped")
     if options.capacity_factor is not None:
-        rows = min(options.capacity(N, E), max(N, 1))
+        rows = min(options.capacity(num_tokens, num_experts), max(num_tokens, 1))
     elif options.max_tokens_per_expert is not None:
         rows = options.max_tokens_per_expert
     else:
-        rows = options.heuristic_max_tokens(N, E)
+        rows = options.heuristic_max_tokens(num_tokens, num_experts)
     return core.Plan("bmm", rows)
-
-
-def _auto_gemm(options, x2d, router_weight, w_up, w_down, expert_bias) -> str:
-    """"grouped" unless a one-off CUDA timing of this shape finds the padded bmm layout faster."""
-    if not x2d.is_cuda or x2d.shape[0] == 0:
-        return "grouped"
-    key = (x2d.device, x2d.dtype, tuple(x2d.shape), tuple(w_up.shape), options)
-    if key in _AUTO_GEMM_CACHE:
-        return _AUTO_GEMM_CACHE[key]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return "grouped"
-    times = {}
-    with torch.no_grad():
-        for gemm in ("grouped", "bmm"):
-            opts = MoEOptions(**{**options.__dict__, "gemm": gemm})
-            plan = make_plan(opts, x2d, router_weight, w_up, w_down, expert_bias)
-            run = lambda: core.forward(x2d, router_weight, w_up, w_down, expert_bias, opts, plan,  # noqa: B023
-                                       allow_grow=True)
-            run()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run()
-            end.record()
-            end.synchronize()
-            times[gemm] = start.elapsed_time(end)
-    _AUTO_GEMM_CACHE[key] = min(times, key=times.get)
-    return _AUTO_GEMM_CACHE[key]
 
 
 def calibrate_max_tokens(batches: Iterable[torch.Tensor], router_weight, top_k, *, score_func="softmax",

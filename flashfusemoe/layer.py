@@ -8,20 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, check_bool, check_layer_args
+from flashfusemoe.config import FLOAT_DTYPES, LayerConfig, check_bool, signature_with_options
 from flashfusemoe.functional import make_aux, moe_outputs
+from flashfusemoe.kernels.activation import ACT_TORCH
 
 
 def glu_mlp(x, w_up, w_down, activation: str):
     """Dense GLU MLP: x [N, D], w_up [2F, D], w_down [D, F] -> [N, D]."""
     gate, up = F.linear(x, w_up).chunk(2, dim=-1)
-    if activation == "swiglu":
-        act = F.silu(gate)
-    elif activation == "geglu":
-        act = F.gelu(gate)
-    else:
-        act = F.relu(gate).square()
-    return F.linear(act * up, w_down)
+    return F.linear(ACT_TORCH[activation](gate) * up, w_down)
 
 
 def init_uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -43,6 +38,8 @@ def routing_stats(tokens_per_expert: torch.Tensor, dropped_tokens: torch.Tensor)
 class MoELayer(nn.Module):
     """Top-k routed GLU experts (+ optional shared expert) on the fused kernels.
 
+    ``d_model``, ``ffn_dim``, ``num_experts``, the shared expert and the expert bias: see
+    ``LayerConfig``; ``top_k`` and the other options: ``MoEOptions``' fields.
     Parameters: ``router_weight [E, D]``, ``w_up [E, 2F, D]``, ``w_down [E, D, F]``; with shared
     experts ``shared_w_up [2Fs, D]``, ``shared_w_down [D, Fs]`` and, with ``shared_expert_gate``,
     ``shared_gate_weight [1, D]``. ``use_expert_bias`` adds an fp32 buffer ``expert_bias [E]``
@@ -54,23 +51,17 @@ class MoELayer(nn.Module):
     ``accumulated_dropped`` keep running sums. Neither syncs with the host.
     """
 
-    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
-                 activation="swiglu", score_func="softmax", norm_topk_prob=True, use_expert_bias=False,
-                 n_group=None, topk_group=None, routed_scaling_factor=1.0, capacity_factor=None,
-                 gemm="auto", max_tokens_per_expert=None, recompute=False, num_shared_experts=0,
-                 shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None):
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *, use_expert_bias=False,
+                 num_shared_experts=0, shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None,
+                 **options):
         super().__init__()
-        check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
-                         shared_expert_gate, use_expert_bias)
+        self.config = LayerConfig.from_kwargs(
+            d_model, ffn_dim, num_experts, top_k, "MoELayer", use_expert_bias=use_expert_bias,
+            num_shared_experts=num_shared_experts, shared_ffn_dim=shared_ffn_dim,
+            shared_expert_gate=shared_expert_gate, **options)
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
-        self.options = MoEOptions(
-            top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
-            n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-            capacity_factor=capacity_factor, gemm=gemm, max_tokens_per_expert=max_tokens_per_expert,
-            recompute=recompute,
-        )
-        self.options.check_num_experts(num_experts)
+        self.options = self.config.options
         self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
         kw = {"device": device, "dtype": dtype}
         self.router_weight = nn.Parameter(torch.empty(num_experts, d_model, **kw))
@@ -80,9 +71,8 @@ class MoELayer(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:
             self.expert_bias = None
-        self.shared_ffn_dim = 0
-        if num_shared_experts:
-            self.shared_ffn_dim = shared_ffn_dim or ffn_dim * num_shared_experts
+        self.shared_ffn_dim = self.config.resolved_shared_ffn_dim
+        if self.shared_ffn_dim:
             self.shared_w_up = nn.Parameter(torch.empty(2 * self.shared_ffn_dim, d_model, **kw))
             self.shared_w_down = nn.Parameter(torch.empty(d_model, self.shared_ffn_dim, **kw))
         self.shared_gate_weight = nn.Parameter(torch.empty(1, d_model, **kw)) if shared_expert_gate else None
@@ -94,6 +84,8 @@ class MoELayer(nn.Module):
         self.register_buffer("accumulated_dropped", torch.zeros((), dtype=torch.int64, device=device),
                              persistent=False)
         self.reset_parameters()
+
+    __init__ = signature_with_options(__init__)
 
     def reset_parameters(self):
         init_uniform_(self.router_weight, self.d_model)

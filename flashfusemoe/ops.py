@@ -1,43 +1,40 @@
 """Torch wiring of the functional core: two ``torch.library.custom_op``s and their autograd.
 
 ``custom_op`` + ``register_fake`` + ``register_autograd`` is what lets ``torch.compile``
-(fullgraph) trace a model containing the layer, forward and backward.
+(fullgraph) trace a model containing the layer, forward and backward. The ops' schemas are
+derived from ``MoEOptions``' fields, so an option added there reaches the ops with no edit here.
 """
 
 import contextlib
-from typing import Optional
+import dataclasses
 
 import torch
-from torch import Tensor
 
 from flashfusemoe import core
 from flashfusemoe.config import MoEOptions
 from flashfusemoe.kernels import compute_dtype
 
-
-def _options_to_args(options: MoEOptions) -> dict:
-    """Flattens options into the primitive arguments a custom op schema accepts (None -> 0)."""
-    return dict(
-        top_k=options.top_k,
-        activation=options.activation,
-        score_func=options.score_func,
-        norm_topk_prob=options.norm_topk_prob,
-        n_group=options.n_group or 0,
-        topk_group=options.topk_group or 0,
-        routed_scaling_factor=float(options.routed_scaling_factor),
-        capacity_factor=float(options.capacity_factor or 0.0),
-        recompute=options.recompute,
-    )
+# Schema type of each MoEOptions field annotation (the dataclass's annotations are strings).
+_SCHEMA_TYPES = {"int": "int", "bool": "bool", "float": "float", "str": "str",
+                 "int | None": "int?", "float | None": "float?"}
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(MoEOptions))
+_CONFIG_SCHEMA = ", ".join(
+    [f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasses.fields(MoEOptions)]
+    + ["str plan_gemm", "int plan_rows_per_expert"]
+)
+_FORWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "expert_bias")
+_FORWARD_ARGS = (*_FORWARD_TENSORS, *OPTION_NAMES, "plan_gemm", "plan_rows_per_expert", "allow_grow")
+_NUM_FORWARD_RESULTS = len(core.Outputs._fields) + len(core.Residuals._fields)
 
 
-def _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, topk_group,
-                       routed_scaling_factor, capacity_factor, recompute) -> MoEOptions:
-    return MoEOptions(
-        top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
-        n_group=n_group or None, topk_group=topk_group or None,
-        routed_scaling_factor=routed_scaling_factor, capacity_factor=capacity_factor or None,
-        recompute=recompute,
-    )
+def _config_args(options: MoEOptions, plan: core.Plan) -> tuple:
+    """The options and the plan as the ops' trailing primitive arguments."""
+    return (*(getattr(options, name) for name in OPTION_NAMES), plan.gemm, plan.rows_per_expert)
+
+
+def _config_from(named: dict) -> tuple[MoEOptions, core.Plan]:
+    options = MoEOptions(**{name: named[name] for name in OPTION_NAMES})
+    return options, core.Plan(named["plan_gemm"], named["plan_rows_per_expert"])
 
 
 def _no_autocast(device_type: str):
@@ -47,53 +44,54 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-@torch.library.custom_op("flashfusemoe::moe_forward", mutates_args=())
-def moe_forward(
-    x: Tensor, router_weight: Tensor, w_up: Tensor, w_down: Tensor, expert_bias: Optional[Tensor],
-    top_k: int, activation: str, score_func: str, norm_topk_prob: bool, n_group: int, topk_group: int,
-    routed_scaling_factor: float, capacity_factor: float, recompute: bool,
-    gemm: str, rows_per_expert: int, allow_grow: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+_RESULTS = "(" + ", ".join(["Tensor"] * _NUM_FORWARD_RESULTS) + ")"
+
+
+@torch.library.custom_op(
+    "flashfusemoe::moe_forward", mutates_args=(),
+    schema=f"(Tensor x, Tensor router_weight, Tensor w_up, Tensor w_down, Tensor? expert_bias, "
+           f"{_CONFIG_SCHEMA}, bool allow_grow) -> {_RESULTS}",
+)
+def moe_forward(*args):
     """Returns ``(*core.Outputs, *core.Residuals)``."""
-    options = _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, topk_group,
-                                 routed_scaling_factor, capacity_factor, recompute)
-    with _no_autocast(x.device.type):
-        outputs, residuals, _ = core.forward(
-            x, router_weight, w_up, w_down, expert_bias, options, core.Plan(gemm, rows_per_expert),
-            allow_grow=allow_grow,
-        )
+    named = dict(zip(_FORWARD_ARGS, args, strict=True))
+    options, plan = _config_from(named)
+    tensors = [named[name] for name in _FORWARD_TENSORS]
+    with _no_autocast(named["x"].device.type):
+        outputs, residuals, _ = core.forward(*tensors, options, plan, allow_grow=named["allow_grow"])
     return (*outputs, *residuals)
 
 
 @moe_forward.register_fake
-def _(x, router_weight, w_up, w_down, expert_bias, top_k, activation, score_func, norm_topk_prob,
-      n_group, topk_group, routed_scaling_factor, capacity_factor, recompute, gemm, rows_per_expert,
-      allow_grow):
-    options = _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, topk_group,
-                                 routed_scaling_factor, capacity_factor, recompute)
-    specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options,
-                              core.Plan(gemm, rows_per_expert))
+def _(*args):
+    named = dict(zip(_FORWARD_ARGS, args, strict=True))
+    options, plan = _config_from(named)
+    x, w_up = named["x"], named["w_up"]
+    specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options, plan)
     dtypes = {"input": x.dtype, "route": compute_dtype(x.dtype), "int32": torch.int32}
     return tuple(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs)
 
 
-@torch.library.custom_op("flashfusemoe::moe_backward", mutates_args=())
-def moe_backward(
-    x: Tensor, router_weight: Tensor, w_up: Tensor, w_down: Tensor, logits: Tensor,
-    topk_ids: Tensor, topk_weights: Tensor, assign_to_row: Tensor, row_to_assign: Tensor,
-    expert_ends: Tensor, h: Tensor, grad_out: Optional[Tensor], grad_logits: Optional[Tensor],
-    top_k: int, activation: str, score_func: str, norm_topk_prob: bool, n_group: int, topk_group: int,
-    routed_scaling_factor: float, capacity_factor: float, recompute: bool, gemm: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(grad_x, grad_router_weight, grad_w_up, grad_w_down)``."""
-    options = _options_from_args(top_k, activation, score_func, norm_topk_prob, n_group, topk_group,
-                                 routed_scaling_factor, capacity_factor, recompute)
-    E = router_weight.shape[0]
-    plan = core.Plan(gemm, row_to_assign.shape[0] // E if gemm == "bmm" else 0)
-    residuals = core.Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
+_BACKWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "logits", *core.Residuals._fields)
+_BACKWARD_ARGS = (*_BACKWARD_TENSORS, "grad_out", "grad_logits", *OPTION_NAMES, "plan_gemm",
+                  "plan_rows_per_expert")
+
+
+@torch.library.custom_op(
+    "flashfusemoe::moe_backward", mutates_args=(),
+    schema="(" + ", ".join(f"Tensor {name}" for name in _BACKWARD_TENSORS)
+           + f", Tensor? grad_out, Tensor? grad_logits, {_CONFIG_SCHEMA}) -> "
+           + "(" + ", ".join(["Tensor"] * len(core.Grads._fields)) + ")",
+)
+def moe_backward(*args):
+    """Returns ``core.Grads``' four tensors."""
+    named = dict(zip(_BACKWARD_ARGS, args, strict=True))
+    options, plan = _config_from(named)
+    residuals = core.Residuals(*(named[name] for name in core.Residuals._fields))
+    x = named["x"]
     with _no_autocast(x.device.type):
-        return core.backward(x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits,
-                             options, plan)
+        return tuple(core.backward(x, named["router_weight"], named["w_up"], named["w_down"], named["logits"],
+                                   residuals, named["grad_out"], named["grad_logits"], options, plan))
 
 
 @moe_backward.register_fake
@@ -103,9 +101,11 @@ def _(x, router_weight, w_up, w_down, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    x, router_weight, w_up, w_down = inputs[:4]
-    ctx.option_args = inputs[5:15]  # top_k .. gemm: moe_backward's trailing arguments, in order
-    ctx.save_for_backward(x, router_weight, w_up, w_down, output[1], *output[4:])
+    named = dict(zip(_FORWARD_ARGS, inputs, strict=True))
+    ctx.config_args = _config_args(*_config_from(named))
+    outputs = core.Outputs(*output[: len(core.Outputs._fields)])
+    ctx.save_for_backward(*(named[name] for name in _FORWARD_TENSORS[:4]), outputs.logits,
+                          *output[len(core.Outputs._fields):])
     # Residuals carry no gradient, and unused outputs must not be materialised as zero tensors
     # (a zero [R, 2F] gradient for h would cost a full memset).
     ctx.mark_non_differentiable(*output[2:])
@@ -113,16 +113,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_logits, *unused):
-    saved = ctx.saved_tensors
-    grads = moe_backward(*saved, grad_out, grad_logits, *ctx.option_args)
-    return (*grads, *([None] * 13))
+    grads = moe_backward(*ctx.saved_tensors, grad_out, grad_logits, *ctx.config_args)
+    return (*grads, *([None] * (len(_FORWARD_ARGS) - len(grads))))
 
 
 torch.library.register_autograd("flashfusemoe::moe_forward", _backward, setup_context=_setup_context)
 
+
 class _EagerMoE(torch.autograd.Function):
-    """The same core without the custom-op dispatch, whose Python overhead (~1 ms per call on
-    an H200 host) exceeds the whole layer's GPU time at the seed shape. Used outside tracing."""
+    """The same core without the custom-op dispatch, whose Python overhead per call exceeds the
+    whole layer's GPU time at the seed shape (``docs/benchmarks.md``). Used outside tracing."""
 
     @staticmethod
     def forward(ctx, x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow):
@@ -145,14 +145,14 @@ class _EagerMoE(torch.autograd.Function):
 
 
 def moe_forward_call(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: core.Plan,
-                     allow_grow: bool):
+                     allow_grow: bool) -> core.Outputs:
     """Runs the fused MoE: the custom op when traced by torch.compile, else ``_EagerMoE``.
 
-    Both call ``core.forward``/``core.backward``. Returns ``core.Outputs``.
+    Both call ``core.forward``/``core.backward``.
     """
     if torch.compiler.is_compiling():
-        results = moe_forward(x, router_weight, w_up, w_down, expert_bias, **_options_to_args(options),
-                              gemm=plan.gemm, rows_per_expert=plan.rows_per_expert, allow_grow=allow_grow)
+        results = moe_forward(x, router_weight, w_up, w_down, expert_bias, *_config_args(options, plan),
+                              allow_grow)
     else:
         results = _EagerMoE.apply(x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow)
-    return core.Outputs(*results[:4])
+    return core.Outputs(*results[: len(core.Outputs._fields)])

@@ -13,19 +13,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashfusemoe.config import MoEOptions, check_layer_args
-from jax_bridge.ops import fused_moe
+from flashfusemoe.config import LayerConfig
+from jax_bridge.ops import moe
 
 __all__ = [
     "BUFFER_NAMES",
     "PARAM_NAMES",
-    "LayerConfig",
     "apply_layer",
     "check_float_dtype",
     "glu_mlp",
@@ -48,61 +46,6 @@ LINEN_BUFFERS = "buffers"  # the Linen collection holding expert_bias
 _HI = jax.lax.Precision.HIGHEST
 
 
-@dataclass(frozen=True)
-class LayerConfig:
-    """The hyperparameters of ``flashfusemoe.MoELayer``, checked the same way."""
-
-    d_model: int
-    ffn_dim: int
-    num_experts: int
-    top_k: int
-    activation: str = "swiglu"
-    score_func: str = "softmax"
-    norm_topk_prob: bool = True
-    use_expert_bias: bool = False
-    n_group: int | None = None
-    topk_group: int | None = None
-    routed_scaling_factor: float = 1.0
-    capacity_factor: float | None = None
-    gemm: str = "auto"
-    max_tokens_per_expert: int | None = None
-    recompute: bool = False
-    num_shared_experts: int = 0
-    shared_ffn_dim: int | None = None
-    shared_expert_gate: bool = False
-
-    def __post_init__(self):
-        check_layer_args(self.d_model, self.ffn_dim, self.num_experts, self.num_shared_experts,
-                         self.shared_ffn_dim, self.shared_expert_gate, self.use_expert_bias)
-        self.moe_options().check_num_experts(self.num_experts)
-
-    def moe_options(self) -> MoEOptions:
-        names = MoEOptions.__dataclass_fields__
-        return MoEOptions(**{k: v for k, v in asdict(self).items() if k in names})
-
-    def fused_moe_kwargs(self) -> dict:
-        """Keyword options of ``fused_moe`` (all but ``top_k``, ``expert_bias``, ``return_aux``)."""
-        return {k: v for k, v in asdict(self.moe_options()).items() if k != "top_k"}
-
-    @property
-    def resolved_shared_ffn_dim(self) -> int:
-        """``Fs``: 0 without shared experts, else ``shared_ffn_dim or ffn_dim * num_shared_experts``."""
-        if not self.num_shared_experts:
-            return 0
-        return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
-
-    def param_specs(self) -> dict[str, tuple[tuple[int, ...], int]]:
-        """``{name: (shape, fan_in)}`` of the trainable parameters this config has."""
-        D, F, E, Fs = self.d_model, self.ffn_dim, self.num_experts, self.resolved_shared_ffn_dim
-        specs = {"router_weight": ((E, D), D), "w_up": ((E, 2 * F, D), D), "w_down": ((E, D, F), F)}
-        if Fs:
-            specs["shared_w_up"] = ((2 * Fs, D), D)
-            specs["shared_w_down"] = ((D, Fs), Fs)
-        if self.shared_expert_gate:
-            specs["shared_gate_weight"] = ((1, D), D)
-        return specs
-
-
 def check_float_dtype(name: str, dtype, allow_none: bool = False) -> None:
     """``param_dtype`` / ``dtype`` of the Flax modules: a JAX floating dtype (or None where allowed)."""
     if dtype is None and allow_none:
@@ -116,18 +59,8 @@ def check_float_dtype(name: str, dtype, allow_none: bool = False) -> None:
 
 
 def layer_kwargs_from_torch(layer) -> dict:
-    """Hyperparameters of a torch ``MoELayer`` as ``LayerConfig`` / module keyword arguments."""
-    kwargs = asdict(layer.options)
-    kwargs.update(
-        d_model=layer.d_model,
-        ffn_dim=layer.ffn_dim,
-        num_experts=layer.num_experts,
-        use_expert_bias=layer.expert_bias is not None,
-        shared_expert_gate=layer.shared_gate_weight is not None,
-    )
-    if layer.shared_ffn_dim:
-        kwargs.update(num_shared_experts=1, shared_ffn_dim=layer.shared_ffn_dim)
-    return kwargs
+    """Hyperparameters of a torch ``MoELayer`` as the Flax modules' keyword arguments."""
+    return layer.config.kwargs()
 
 
 def uniform_init(fan_in: int):
@@ -207,19 +140,11 @@ def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_a
     expert_bias = params.get("expert_bias")
     if expert_bias is not None:
         expert_bias = jax.lax.stop_gradient(jnp.asarray(expert_bias, jnp.float32))
-    result = fused_moe(
-        x,
-        w["router_weight"],
-        w["w_up"],
-        w["w_down"],
-        config.top_k,
-        expert_bias=expert_bias,
-        return_aux=return_aux,
-        **config.fused_moe_kwargs(),
-    )
+    result = moe(x, w["router_weight"], w["w_up"], w["w_down"], config.options, expert_bias=expert_bias,
+                 return_aux=return_aux)
     out, aux = result if return_aux else (result, None)
     if config.num_shared_experts:
-        shared = glu_mlp(x, w["shared_w_up"], w["shared_w_down"], config.activation)
+        shared = glu_mlp(x, w["shared_w_up"], w["shared_w_down"], config.options.activation)
         if config.shared_expert_gate:
             gate = jnp.matmul(x, w["shared_gate_weight"].T, precision=_HI)
             shared = shared * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dtype)

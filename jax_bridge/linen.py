@@ -7,7 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jax_bridge.convert import LINEN_BUFFERS, LayerConfig, apply_layer, check_float_dtype, uniform_init
+from flashfusemoe.config import LayerConfig, layer_fields
+from jax_bridge.convert import LINEN_BUFFERS, apply_layer, check_float_dtype, uniform_init
 
 __all__ = ["FusedMoE"]
 
@@ -31,26 +32,20 @@ class FusedMoE(nn.Module):
     ffn_dim: int
     num_experts: int
     top_k: int
-    activation: str = "swiglu"
-    score_func: str = "softmax"
-    norm_topk_prob: bool = True
-    use_expert_bias: bool = False
-    n_group: int | None = None
-    topk_group: int | None = None
-    routed_scaling_factor: float = 1.0
-    capacity_factor: float | None = None
-    gemm: str = "auto"
-    max_tokens_per_expert: int | None = None
-    recompute: bool = False
-    num_shared_experts: int = 0
-    shared_ffn_dim: int | None = None
-    shared_expert_gate: bool = False
+    # The layer's keyword arguments (the shared expert, the expert bias and MoEOptions' fields),
+    # declared from their one definition.
+    for _name, _annotation, _default in layer_fields():
+        __annotations__[_name] = _annotation
+        locals()[_name] = _default
+    del _name, _annotation, _default
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
     @property
     def config(self) -> LayerConfig:
-        return LayerConfig(**{name: getattr(self, name) for name in LayerConfig.__dataclass_fields__})
+        kwargs = {name: getattr(self, name) for name, _, _ in layer_fields()}
+        return LayerConfig.from_kwargs(self.d_model, self.ffn_dim, self.num_experts, self.top_k, "FusedMoE",
+                                       **kwargs)
 
     @nn.compact
     def __call__(self, x, return_aux: bool = False):

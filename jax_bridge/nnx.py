@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from flashfusemoe.config import LayerConfig, signature_with_options
 from jax_bridge.convert import (
-    LayerConfig,
     apply_layer,
     check_float_dtype,
     init_params,
@@ -38,51 +38,13 @@ class FusedMoE(nnx.Module):
     ``flashfusemoe.fused_moe``'s.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        ffn_dim: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        activation="swiglu",
-        score_func="softmax",
-        norm_topk_prob=True,
-        use_expert_bias=False,
-        n_group=None,
-        topk_group=None,
-        routed_scaling_factor=1.0,
-        capacity_factor=None,
-        gemm="auto",
-        max_tokens_per_expert=None,
-        recompute=False,
-        num_shared_experts=0,
-        shared_ffn_dim=None,
-        shared_expert_gate=False,
-        param_dtype=jnp.float32,
-        dtype=None,
-        rngs: nnx.Rngs,
-    ):
-        self.config = LayerConfig(
-            d_model=d_model,
-            ffn_dim=ffn_dim,
-            num_experts=num_experts,
-            top_k=top_k,
-            activation=activation,
-            score_func=score_func,
-            norm_topk_prob=norm_topk_prob,
-            use_expert_bias=use_expert_bias,
-            n_group=n_group,
-            topk_group=topk_group,
-            routed_scaling_factor=routed_scaling_factor,
-            capacity_factor=capacity_factor,
-            gemm=gemm,
-            max_tokens_per_expert=max_tokens_per_expert,
-            recompute=recompute,
-            num_shared_experts=num_shared_experts,
-            shared_ffn_dim=shared_ffn_dim,
-            shared_expert_gate=shared_expert_gate,
-        )
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *, use_expert_bias=False,
+                 num_shared_experts=0, shared_ffn_dim=None, shared_expert_gate=False, param_dtype=jnp.float32,
+                 dtype=None, rngs: nnx.Rngs, **options):
+        self.config = LayerConfig.from_kwargs(
+            d_model, ffn_dim, num_experts, top_k, "FusedMoE", use_expert_bias=use_expert_bias,
+            num_shared_experts=num_shared_experts, shared_ffn_dim=shared_ffn_dim,
+            shared_expert_gate=shared_expert_gate, **options)
         check_float_dtype("param_dtype", param_dtype)
         check_float_dtype("dtype", dtype, allow_none=True)
         self.param_dtype, self.dtype = param_dtype, dtype
@@ -90,6 +52,8 @@ class FusedMoE(nnx.Module):
         for name in ("router_weight", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate_weight"):
             setattr(self, name, nnx.Param(params[name]) if name in params else None)
         self.expert_bias = ExpertBias(params["expert_bias"]) if use_expert_bias else None
+
+    __init__ = signature_with_options(__init__)
 
     @classmethod
     def from_torch(cls, layer, *, dtype=None) -> FusedMoE:

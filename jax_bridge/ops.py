@@ -1,45 +1,16 @@
 """``fused_moe`` on JAX arrays: the torch functional core run inside XLA buffer callbacks.
 
-The forward and the backward of a ``jax.custom_vjp`` each call ``flashfusemoe.core``
-(``forward`` / ``backward``, the code torch's custom op runs) through
-``jax.experimental.buffer_callback``. Inside a callback XLA's buffers are viewed as torch
-tensors by DLPack (zero-copy); on GPU torch and Triton launch on XLA's own stream
-(``torch.cuda.ExternalStream(ctx.stream)``) with no device-wide synchronisation. The core
-writes its results into XLA's output buffers itself (``core.forward/backward(..., into=)``):
-the routing outputs, the dropless layout's maps, ``out``, ``grad_x``, the router-weight
-gradient and (16-bit, sm90+: the TMA kernel) the expert weight gradients come from the kernels
-that produce them, and the activation kernel copies the pre-activation ``h`` there from the
-reads it makes anyway (``torch._grouped_mm``, which computes it, has no ``out=``). Anything
-else is copied in, stream-ordered. Residuals leave the forward as extra JAX outputs and come
-back to the backward as inputs: nothing torch-side outlives a callback. ``jax.export`` cannot
-serialize the callbacks.
-
-Shapes are static, so the row layout (``core.Plan``) is fixed on the host from shapes:
-``gemm="auto"`` means ``"grouped"`` (no timing inside a trace). With ``gemm="bmm"`` the padded
-layout cannot grow inside a trace: an expert receiving more than ``max_tokens_per_expert``
-tokens raises ``flashfusemoe.CapacityOverflowError`` in the callback, which JAX reports as
-a ``JaxRuntimeError`` naming it. ``gemm="bmm"`` also syncs XLA's stream with the host once
-per forward (the overflow check).
-
-GPU: JAX preallocates 75% of GPU memory by default, leaving torch little. Set
-``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (or a small ``XLA_PYTHON_CLIENT_MEM_FRACTION``)
-before JAX starts; the first GPU call warns otherwise.
-
-Transformations: ``jit``, ``grad``/``vjp``, ``checkpoint``, ``lax.scan``, ``vmap`` and
-``shard_map``. Under ``vmap`` without differentiation and with shared (unbatched) weights,
-the batch is folded into tokens: one call (``gemm="grouped"`` without ``capacity_factor``;
-capacity and the padded layout are per call). Every other batched call runs once per batch
-element (``vmap_method="sequential"``), differentiated ones included: a batching rule cannot
-tell a gradient of a vmapped loss (summed weight gradients) from a vmapped gradient
-(per-example ones), and a folded call yields only the sum. To train on a batch, pass it as
-leading dims of ``x`` rather than vmapping. Under ``shard_map`` (``check_vma=True``) with
-replicated weights, the weight gradients are summed over the devices that vary ``x``.
+A ``jax.custom_vjp`` whose forward and backward each call ``flashfusemoe.core`` through
+``jax.experimental.buffer_callback``: XLA's buffers are viewed as torch tensors by DLPack
+(zero-copy), torch launches on XLA's own stream, and the core writes its results straight into
+XLA's output buffers (its destinations). Residuals leave the forward as extra JAX outputs, so
+nothing torch-side outlives a callback. ``docs/design.md`` (JAX bridge) covers the shapes, the
+``gemm="bmm"`` overflow, GPU memory, and ``vmap``/``shard_map``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import warnings
@@ -52,56 +23,40 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
-from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, check_aux_shapes, check_bool, validate_inputs
+from flashfusemoe.config import (
+    FLOAT_DTYPES,
+    MoEOptions,
+    check_aux_shapes,
+    check_bool,
+    make_options,
+    signature_with_options,
+    validate_inputs,
+)
 from flashfusemoe.functional import make_plan
 from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 
-__all__ = ["aux_losses", "fused_moe"]
+__all__ = ["aux_losses", "fused_moe", "moe"]
 
 _DL_CUDA, _DL_ROCM = 2, 10
 _PREALLOCATION_CHECKED = False
 
 
-def fused_moe(
-    x,
-    router_weight,
-    w_up,
-    w_down,
-    top_k,
-    *,
-    activation="swiglu",
-    score_func="softmax",
-    norm_topk_prob=True,
-    expert_bias=None,
-    n_group=None,
-    topk_group=None,
-    routed_scaling_factor=1.0,
-    capacity_factor=None,
-    gemm="auto",
-    max_tokens_per_expert=None,
-    recompute=False,
-    return_aux=False,
-):
+@signature_with_options
+def fused_moe(x, router_weight, w_up, w_down, top_k, *, expert_bias=None, return_aux=False, **options):
     """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
-    expert_bias [E] float32/float64 (selection only, zero gradient). Returns ``out`` shaped like x,
-    or ``(out, aux)`` with ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32,
-    dropped_tokens [] int32}``; the losses are differentiable. ``gemm="auto"`` runs "grouped".
+    expert_bias [E] float32/float64 (selection only, zero gradient); ``top_k`` and ``options``:
+    ``MoEOptions``' fields. Returns ``out`` shaped like x, or ``(out, aux)`` with
+    ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32, dropped_tokens [] int32}``;
+    the losses are differentiable.
     """
-    options = MoEOptions(
-        top_k=top_k,
-        activation=activation,
-        score_func=score_func,
-        norm_topk_prob=norm_topk_prob,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-        capacity_factor=capacity_factor,
-        gemm=gemm,
-        max_tokens_per_expert=max_tokens_per_expert,
-        recompute=recompute,
-    )
+    options = make_options(top_k, options, "fused_moe")
+    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
+
+
+def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False):
+    """``fused_moe`` with the options already in a ``MoEOptions``."""
     check_bool("return_aux", return_aux)
     x, router_weight, w_up, w_down, expert_bias, plan = _validate_and_plan(
         x, router_weight, w_up, w_down, expert_bias, options
@@ -177,23 +132,7 @@ def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoE
         )
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace(", device meta", "")) from None
-    x2d = standins["x"].reshape(-1, D)
-    # "auto" would time both layouts on real tensors; inside a trace there are only shapes.
-    if options.gemm == "auto":
-        if options.max_tokens_per_expert is not None:
-            raise ValueError(
-                f"max_tokens_per_expert={options.max_tokens_per_expert} sizes the padded layout of "
-                "gemm='bmm', but jax_bridge runs gemm='auto' as 'grouped', which has none: pass gemm='bmm'"
-            )
-        options = dataclasses.replace(options, gemm="grouped")
-    plan = make_plan(
-        options,
-        x2d,
-        standins["router_weight"],
-        standins["w_up"],
-        standins["w_down"],
-        standins.get("expert_bias"),
-    )
+    plan = make_plan(options, standins["x"].reshape(-1, D).shape[0], standins["router_weight"].shape[0])
     arrays = [None if a is None else jnp.asarray(a) for a in (x, router_weight, w_up, w_down, expert_bias)]
     return (*arrays, plan)
 
@@ -315,30 +254,14 @@ def _as_torch(buffer) -> torch.Tensor:
     return torch.from_dlpack(buffer.__dlpack__())
 
 
-def _write(out_views, results) -> None:
-    """Copies the core's results into XLA's output buffers (torch views), except those it wrote
-    there itself."""
-    dsts, srcs = [], []
-    for dst, result in zip(out_views, results, strict=True):
-        if dst.shape != result.shape or dst.dtype != result.dtype:
-            raise TypeError(
-                f"the core returned {tuple(result.shape)} {result.dtype} where the bridge "
-                f"declared {tuple(dst.shape)} {dst.dtype}"
-            )
-        if dst.data_ptr() != result.data_ptr():
-            dsts.append(dst)
-            srcs.append(result)
-    if dsts:
-        torch._foreach_copy_(dsts, srcs)  # one call (and few launches) for all of them
-
-
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):
     with _TorchScope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down)]
         bias = None if expert_bias is None else _as_torch(expert_bias)
         dsts = [_as_torch(b) for b in outs]
-        outputs, residuals, _ = core.forward(*tensors, bias, options, plan, allow_grow=False, into=dsts)
-        _write(dsts, (*outputs, *residuals))
+        n_out = len(core.Outputs._fields)
+        core.forward(*tensors, bias, options, plan, allow_grow=False,
+                     outputs_into=core.Outputs(*dsts[:n_out]), residuals_into=core.Residuals(*dsts[n_out:]))
 
 
 def _backward_callback(
@@ -347,10 +270,8 @@ def _backward_callback(
     with _TorchScope(ctx, x):
         tensors = [_as_torch(b) for b in (x, router_weight, w_up, w_down, logits)]
         saved = core.Residuals(*(_as_torch(b) for b in residuals))
-        dsts = [_as_torch(b) for b in outs]
-        grads = core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan,
-                              into=dsts)
-        _write(dsts, grads)
+        into = core.Grads(*(_as_torch(b) for b in outs))
+        core.backward(*tensors, saved, _as_torch(grad_out), _as_torch(grad_logits), options, plan, into=into)
 
 
 def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan):

@@ -176,19 +176,16 @@ def moe_reference(
     top_k,
     *,
     activation="swiglu",
-    score_func="softmax",
-    norm_topk_prob=True,
-    expert_bias=None,
-    n_group=None,
-    topk_group=None,
-    routed_scaling_factor=1.0,
-    capacity_factor=None,
     shared_w_up=None,
     shared_w_down=None,
     shared_gate_weight=None,
     return_aux=False,
+    **routing_options,
 ):
     """Dense MoE ground truth: ``x [..., D] -> out [..., D]`` (dtype of ``x``).
+
+    ``routing_options``: ``route_reference``'s keyword arguments (``score_func``, ``expert_bias``,
+    groups, scaling, ``capacity_factor``).
 
     ``router_weight [E, D]``, ``w_up [E, 2F, D]`` (rows ``0:F`` gate, ``F:2F`` up),
     ``w_down [E, D, F]``; optional shared expert ``shared_w_up [2Fs, D]``,
@@ -218,18 +215,7 @@ def moe_reference(
             raise ValueError(f"shared_gate_weight must be [1, D={d}], got {jnp.shape(shared_gate_weight)}")
 
     x = jnp.asarray(x)
-    routing = route_reference(
-        x,
-        router_weight,
-        top_k,
-        score_func=score_func,
-        norm_topk_prob=norm_topk_prob,
-        expert_bias=expert_bias,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-        capacity_factor=capacity_factor,
-    )
+    routing = route_reference(x, router_weight, top_k, **routing_options)
     cd = routing.logits.dtype
     x2 = x.reshape(-1, d).astype(cd)
 
@@ -254,7 +240,7 @@ def moe_reference(
     logits = routing.logits
     tokens_per_expert = onehot.sum(axis=(0, 1)).astype(jnp.int32)
     dropped = (~routing.kept).sum().astype(jnp.int32)
-    if score_func == "softmax":
+    if routing_options.get("score_func", "softmax") == "softmax":
         probs = jax.nn.softmax(logits, axis=-1)
     else:
         s = jax.nn.sigmoid(logits)

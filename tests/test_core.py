@@ -1,4 +1,4 @@
-"""``core.forward``/``core.backward`` with ``into=``: results written in place change nothing.
+"""``core.forward``/``core.backward`` with destinations: results written in place change nothing.
 
 The JAX bridge passes its output buffers, so the core writes ``out``, ``h``, the routing outputs,
 the layout maps and every gradient straight into them (bf16 weight gradients through the TMA
@@ -19,7 +19,7 @@ from tests.moe_cases import random_moe
 def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
     x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=dtype, device=device)
     opts = MoEOptions(top_k=2, gemm=gemm)
-    plan = make_plan(opts, x, router_weight, w_up, w_down, None)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0])
     grad_out = torch.randn_like(x)
     outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
     grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
@@ -27,7 +27,10 @@ def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
 
     results = (*outputs, *residuals)
     into = [torch.full_like(r, -7) for r in results]  # every buffer garbage-filled
-    outputs2, residuals2, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan, into=into)
+    n_out = len(core.Outputs._fields)
+    outputs2, residuals2, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan,
+                                           outputs_into=core.Outputs(*into[:n_out]),
+                                           residuals_into=core.Residuals(*into[n_out:]))
     in_place = {i for i, r in enumerate((*outputs2, *residuals2)) if r.data_ptr() == into[i].data_ptr()}
     # out, h, and the routing outputs on every path; the dropless layout's maps too
     assert in_place >= ({0, 1, 4, 5, 9} | ({2, 3, 6, 7, 8} if gemm == "grouped" else set()))
@@ -36,19 +39,23 @@ def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
 
     into = [torch.full_like(g, float("nan")) for g in grads]
     grads2 = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
-                           plan, into=into)
+                           plan, into=core.Grads(*into))
     assert all(got is dst for got, dst in zip(grads2, into, strict=True))
     for got, want in zip(grads2, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_into_skips_destinations_that_do_not_fit(device):
+def test_destination_that_does_not_fit_raises(device):
     x, router_weight, w_up, w_down = random_moe(12, 16, 8, 4, dtype=torch.float32, device=device)
     opts = MoEOptions(top_k=2, gemm="grouped")
-    plan = make_plan(opts, x, router_weight, w_up, w_down, None)
-    into = [None] * 10
-    into[0] = torch.empty(12, 16, dtype=torch.float64, device=device)  # wrong dtype
-    into[9] = torch.empty(16, 24, device=device).t()  # [24, 16]: wrong shape (and not contiguous)
-    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan, into=into)
-    assert outputs.out is not into[0] and residuals.h is not into[9]
-    assert outputs.out.dtype == torch.float32 and residuals.h.shape == (24, 16)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0])
+    wrong_dtype = core.Outputs(out=torch.empty(12, 16, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=r"must be a contiguous \(12, 16\) torch.float32"):
+        core.forward(x, router_weight, w_up, w_down, None, opts, plan, outputs_into=wrong_dtype)
+    not_contiguous = core.Residuals(h=torch.empty(16, 24, device=device).t())  # [24, 16], strided
+    with pytest.raises(ValueError, match="h_copy must be a contiguous"):
+        core.forward(x, router_weight, w_up, w_down, None, opts, plan, residuals_into=not_contiguous)
+    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
+    with pytest.raises(ValueError, match="Grads.router_weight must be a contiguous"):
+        core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, torch.randn_like(x), None,
+                      opts, plan, into=core.Grads(router_weight=torch.empty(4, 17, device=device)))

@@ -14,7 +14,7 @@ from flashfusemoe.core import Plan
 def test_opcheck(gemm):
     x, r, u, d = (t.requires_grad_(True) for t in random_moe(N=8, D=16, F=8, E=4))
     options = MoEOptions(top_k=2)
-    args = (x, r, u, d, None, *ops._options_to_args(options).values(), gemm, 8 if gemm == "bmm" else 0, False)
+    args = (x, r, u, d, None, *ops._config_args(options, Plan(gemm, 8 if gemm == "bmm" else 0)), False)
     torch.library.opcheck(ops.moe_forward, args)
 
 

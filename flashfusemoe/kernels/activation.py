@@ -10,13 +10,13 @@ import triton.language as tl
 
 from flashfusemoe.kernels import (
     cdiv,
-    check_output,
+    check_out,
     compute_dtype,
-    fast_launch,
+    deliver,
     row_blocks,
-    triton_dtype,
     use_triton,
 )
+from flashfusemoe.kernels.launch import fast_launch
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
@@ -105,43 +105,46 @@ def _check_activation(activation: str) -> int:
     return _ACT_CODE[activation]
 
 
-def _act_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        return torch.nn.functional.silu(g)
-    if activation == "geglu":
-        return torch.nn.functional.gelu(g)
-    return torch.relu(g).square()
+def _silu_grad(g: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(g)
+    return s * (1 + g * (1 - s))
 
 
-def _act_grad_torch(g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        s = torch.sigmoid(g)
-        return s * (1 + g * (1 - s))
-    if activation == "geglu":
-        cdf = 0.5 * (1 + torch.erf(g * _SQRT_HALF))
-        return cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
-    return 2 * torch.relu(g)
+def _gelu_grad(g: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(g * _SQRT_HALF)) + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
+
+
+# The torch side's one table of gate activations: name -> (act, d act / d g). The layer's shared
+# expert uses it too; the independent references keep their own definitions on purpose.
+ACT_TORCH = {
+    "swiglu": torch.nn.functional.silu,
+    "geglu": torch.nn.functional.gelu,
+    "relu2": lambda g: torch.relu(g).square(),
+}
+ACT_GRAD_TORCH = {"swiglu": _silu_grad, "geglu": _gelu_grad, "relu2": lambda g: 2 * torch.relu(g)}
+
+
+def _glu_forward_torch(h: torch.Tensor, activation: str) -> torch.Tensor:
+    f = h.shape[1] // 2
+    cdt = compute_dtype(h.dtype)
+    g, u = h[:, :f].to(cdt), h[:, f:].to(cdt)
+    return (ACT_TORCH[activation](g) * u).to(h.dtype)
 
 
 def glu_forward(h: torch.Tensor, activation: str, h_copy: torch.Tensor | None = None) -> torch.Tensor:
     """``a = act(h[:, :F]) * h[:, F:]``: ``h`` ``[R, 2F]`` -> ``a`` ``[R, F]`` of ``h.dtype``.
 
-    ``h_copy``: a contiguous ``[R, 2F]`` tensor of ``h``'s dtype and device that also receives
-    ``h``, from the same reads (the JAX bridge's residual buffer).
+    ``h_copy``: a buffer that also receives ``h``, from the same reads (the JAX bridge's residual
+    buffer; checked as every result buffer).
     """
     code = _check_activation(activation)
     r_total, two_f = h.shape
     f = two_f // 2
-    if h_copy is not None:
-        check_output(h_copy, h.shape, h.dtype, h.device, "h_copy")
     if r_total == 0 or f == 0 or not use_triton(h):
-        if h_copy is not None:
-            h_copy.copy_(h)
-        if r_total == 0 or f == 0:
-            return torch.zeros(r_total, f, device=h.device, dtype=h.dtype)
-        cdt = compute_dtype(h.dtype)
-        g, u = h[:, :f].to(cdt), h[:, f:].to(cdt)
-        return (_act_torch(g, activation) * u).to(h.dtype)
+        deliver(h, h_copy, "h_copy")
+        return _glu_forward_torch(h, activation)
+    if h_copy is not None:
+        check_out(h_copy, h.shape, h.dtype, h.device, "h_copy")
     if h.stride(1) != 1:
         h = h.contiguous()
     a = torch.empty(r_total, f, device=h.device, dtype=h.dtype)
@@ -217,6 +220,27 @@ def _glu_backward_kernel(
     tl.store(grad_w_row_ptr + rows, gw, mask=rmask)
 
 
+def _glu_backward_torch(h, da, activation, row_to_assign, weights):
+    f = h.shape[1] // 2
+    cdt = compute_dtype(h.dtype)
+    valid = row_to_assign >= 0
+    v = valid[:, None]
+    g = torch.where(v, h[:, :f].to(cdt), 0.0)
+    u = torch.where(v, h[:, f:].to(cdt), 0.0)
+    dav = torch.where(v, da.to(cdt), 0.0)
+    if weights.numel():
+        w = torch.where(valid, weights[row_to_assign.long().clamp(min=0)].to(cdt), 0.0)[:, None]
+    else:  # no tokens: every (padding) row is invalid
+        w = torch.zeros(h.shape[0], 1, device=h.device, dtype=cdt)
+    act = ACT_TORCH[activation](g)
+    a = act * u
+    dh = torch.cat([w * dav * u * ACT_GRAD_TORCH[activation](g), w * dav * act], dim=1)
+    dh = torch.where(v, dh, 0.0).to(h.dtype)
+    a_weighted = torch.where(v, w * a, 0.0).to(h.dtype)
+    grad_w_row = torch.where(v, dav * a, 0.0).sum(1)
+    return dh, a_weighted, grad_w_row
+
+
 def glu_backward(
     h: torch.Tensor,
     da: torch.Tensor,
@@ -249,22 +273,7 @@ def glu_backward(
         da = da.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     if not use_triton(h):
-        valid = row_to_assign >= 0
-        v = valid[:, None]
-        g = torch.where(v, h[:, :f].to(cdt), 0.0)
-        u = torch.where(v, h[:, f:].to(cdt), 0.0)
-        dav = torch.where(v, da.to(cdt), 0.0)
-        if weights.numel():
-            w = torch.where(valid, weights[row_to_assign.long().clamp(min=0)].to(cdt), 0.0)[:, None]
-        else:  # no tokens: every (padding) row is invalid
-            w = torch.zeros(r_total, 1, device=dev, dtype=cdt)
-        act = _act_torch(g, activation)
-        a = act * u
-        dh = torch.cat([w * dav * u * _act_grad_torch(g, activation), w * dav * act], dim=1)
-        dh = torch.where(v, dh, 0.0).to(h.dtype)
-        a_weighted = torch.where(v, w * a, 0.0).to(h.dtype)
-        grad_w_row = torch.where(v, dav * a, 0.0).sum(1)
-        return dh, a_weighted, grad_w_row
+        return _glu_backward_torch(h, da, activation, row_to_assign, weights)
     dh = torch.empty(r_total, two_f, device=dev, dtype=h.dtype)
     a_weighted = torch.empty(r_total, f, device=dev, dtype=h.dtype)
     grad_w_row = torch.empty(r_total, device=dev, dtype=cdt)
@@ -287,54 +296,3 @@ def glu_backward(
         BLOCK_F=block_f,
     )
     return dh, a_weighted, grad_w_row
-
-
-def _aot_specs() -> list:
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        t = triton_dtype(dtype)
-        fp64 = dtype == torch.float64
-        w_t = "fp64" if fp64 else "fp32"
-        for act in ACTIVATIONS:
-            code = _ACT_CODE[act]
-            block_r, block_f = row_blocks(1024, 4096, 128)
-            for copy_h in (False, True):
-                sig = {
-                    "h_ptr": f"*{t}",
-                    "a_ptr": f"*{t}",
-                    "h_copy_ptr": f"*{t}",
-                    "R": "i32",
-                    "F": "i32",
-                    "stride_h": "i32",
-                    "ACT": "constexpr",
-                    "FP64": "constexpr",
-                    "COPY_H": "constexpr",
-                    "BLOCK_R": "constexpr",
-                    "BLOCK_F": "constexpr",
-                }
-                consts = {"ACT": code, "FP64": fp64, "COPY_H": copy_h, "BLOCK_R": block_r, "BLOCK_F": block_f}
-                specs.append((_glu_forward_kernel, sig, consts))
-            block_r, block_f = row_blocks(1024, 2048, 128)
-            sig = {
-                "h_ptr": f"*{t}",
-                "da_ptr": f"*{t}",
-                "row_to_assign_ptr": "*i32",
-                "weights_ptr": f"*{w_t}",
-                "dh_ptr": f"*{t}",
-                "a_weighted_ptr": f"*{t}",
-                "grad_w_row_ptr": f"*{w_t}",
-                "R": "i32",
-                "F": "i32",
-                "stride_h": "i32",
-                "stride_da": "i32",
-                "ACT": "constexpr",
-                "FP64": "constexpr",
-                "BLOCK_R": "constexpr",
-                "BLOCK_F": "constexpr",
-            }
-            consts = {"ACT": code, "FP64": fp64, "BLOCK_R": block_r, "BLOCK_F": block_f}
-            specs.append((_glu_backward_kernel, sig, consts))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

@@ -13,8 +13,7 @@ Backends (``backend=`` argument of both public functions):
 - ``"torch"``: ``torch._grouped_mm`` (CUTLASS, bf16, sm90/sm100, see ``_can_use_torch_grouped_mm``);
 - ``"triton"``: the Triton kernels below (any float dtype; CUDA, or CPU under the interpreter);
 - ``"loop"``: a torch loop over experts (reads ``expert_ends`` on the host: CPU fallback);
-- ``"auto"``: the first of these that applies. ``DEFAULT_BACKEND`` replaces ``"auto"`` when set
-  to another name (benchmarks, tests).
+- ``"auto"``: the first of these that applies.
 """
 
 import functools
@@ -28,15 +27,14 @@ from flashfusemoe.kernels import (
     INTERP,
     INTERPRET,
     cdiv,
-    check_output,
-    fast_launch,
+    deliver,
     next_power_of_2,
-    triton_dtype,
+    out_buffer,
     use_triton,
 )
+from flashfusemoe.kernels.launch import fast_launch
 
 BACKENDS = ("auto", "tma", "torch", "triton", "loop")
-DEFAULT_BACKEND = "auto"
 
 # torch._grouped_mm's CUTLASS kernel handles at most 1023 groups (GroupMM.cu).
 _TORCH_MAX_GROUPS = 1023
@@ -361,8 +359,7 @@ def _grouped_mm_weight_grad_tma(a, b, expert_ends, out=None):
     R, M = a.shape
     N = b.shape[1]
     E = expert_ends.shape[0]
-    if out is None:
-        out = torch.empty(E, M, N, dtype=a.dtype, device=a.device)
+    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out")
     if out.numel() == 0:
         return out
     if R == 0:  # a descriptor needs a non-empty tensor
@@ -491,10 +488,6 @@ def _resolve_backend(backend: str, can_torch: bool, t: torch.Tensor, can_tma: bo
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = DEFAULT_BACKEND
-        if backend not in BACKENDS:
-            raise ValueError(f"DEFAULT_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
         if can_tma:
             return "tma"
         if can_torch:
@@ -511,7 +504,7 @@ def _resolve_backend(backend: str, can_torch: bool, t: torch.Tensor, can_tma: bo
 
 def _torch_ok(a, b, expert_ends, op, backend):
     # The capability query is skipped when the backend is forced to something else.
-    if backend in ("triton", "loop") or (backend == "auto" and DEFAULT_BACKEND in ("triton", "loop")):
+    if backend in ("triton", "loop"):
         return False
     return _can_use_torch_grouped_mm(a, b, expert_ends, op)
 
@@ -532,7 +525,7 @@ def grouped_mm(
         ``out [R, N]`` with ``out[rows_e] = a[rows_e] @ (b[e].T if trans_b else b[e])``; rows
         ``>= expert_ends[-1]`` are unspecified.
     """
-    if backend == "tma" or (backend == "auto" and DEFAULT_BACKEND == "tma"):
+    if backend == "tma":
         raise ValueError("backend 'tma' runs weight gradients only (grouped_mm_weight_grad)")
     can_torch = _torch_ok(a, b, expert_ends, "nt" if trans_b else "nn", backend)
     chosen = _resolve_backend(backend, can_torch, a)
@@ -553,21 +546,18 @@ def grouped_mm_weight_grad(
         b: ``[R, N]``, same rows and dtype as ``a``.
         expert_ends: ``[E]`` int32 on ``a``'s device, cumulative end row of each expert.
         backend: ``"auto"``, ``"tma"``, ``"torch"``, ``"triton"`` or ``"loop"`` (module docstring).
-        out: optional contiguous ``[E, M, N]`` buffer of ``a``'s dtype for the result: the TMA
-            kernel writes it in place, the other backends copy into it.
+        out: optional ``[E, M, N]`` buffer of ``a``'s dtype for the result: the TMA kernel writes
+            it in place, the other backends copy into it.
 
     Returns:
         ``out [E, M, N]`` with ``out[e] = a[rows_e].T @ b[rows_e]``: exact zeros for an expert
         with no rows; rows ``>= expert_ends[-1]`` are ignored (they may hold NaN).
     """
-    if out is not None:
-        check_output(out, (expert_ends.shape[0], a.shape[1], b.shape[1]), a.dtype, a.device, "out")
-    requested = DEFAULT_BACKEND if backend == "auto" else backend
-    can_tma = requested in ("auto", "tma") and _can_use_tma_wgrad(a, b, expert_ends)
+    can_tma = backend in ("auto", "tma") and _can_use_tma_wgrad(a, b, expert_ends)
     can_torch = False
-    if not can_tma or (requested == "auto" and 2 * a.shape[0] * a.shape[1] * b.shape[1] > _TMA_MAX_FLOPS):
+    if not can_tma or (backend == "auto" and 2 * a.shape[0] * a.shape[1] * b.shape[1] > _TMA_MAX_FLOPS):
         can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
-        if can_torch and requested == "auto":
+        if can_torch and backend == "auto":
             can_tma = False  # a large problem that CUTLASS runs faster
     chosen = _resolve_backend(backend, can_torch, a, can_tma)
     if chosen == "tma":
@@ -578,43 +568,4 @@ def grouped_mm_weight_grad(
         result = _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous())
     else:
         result = _grouped_mm_weight_grad_loop(a, b, expert_ends)
-    return result if out is None else out.copy_(result)
-
-
-# ---------------------------------------------------------------------------------------------
-# AOT specs (tests/kernels/test_aot.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def _aot_specs() -> list:
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        t = "*" + triton_dtype(dtype)
-        cfg = _config(dtype, interpret=False)
-        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        for unit_stride in ("stride_bk", "stride_bn"):  # trans_b=True / trans_b=False
-            sig = {"a_ptr": t, "b_ptr": t, "out_ptr": t, "ends_ptr": "*i32"}
-            sig.update({k: "i32" for k in ("K", "N", "E", "stride_am", "stride_be", "stride_om")})
-            sig.update({"stride_bk": "i32", "stride_bn": "i32"})
-            consts = {"stride_ak": 1, "stride_on": 1, unit_stride: 1, **blocks, "BLOCK_E": 64}
-            sig.update({k: "constexpr" for k in consts})
-            specs.append((_grouped_mm_kernel, sig, consts))
-        sig = {"a_ptr": t, "b_ptr": t, "out_ptr": t, "ends_ptr": "*i32"}
-        sig.update({k: "i32" for k in ("M", "N", "stride_ar", "stride_br", "stride_oe", "stride_om")})
-        consts = {"stride_am": 1, "stride_bn": 1, "stride_on": 1, **blocks}
-        sig.update({k: "constexpr" for k in consts})
-        specs.append((_grouped_wgrad_kernel, sig, consts))
-        if dtype in (torch.bfloat16, torch.float16):
-            cfg = _tma_config(interpret=False)
-            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-            name = triton_dtype(dtype)
-            sig = {"a_desc": f"tensordesc<{name}[{bk}, {bm}]>", "b_desc": f"tensordesc<{name}[{bk}, {bn}]>",
-                   "a_ptr": t, "b_ptr": t, "out_ptr": t, "ends_ptr": "*i32"}
-            sig.update({k: "i32" for k in ("M", "N", "stride_ar", "stride_br")})
-            consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-            sig.update({k: "constexpr" for k in consts})
-            specs.append((_grouped_wgrad_tma_kernel, sig, consts))
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+    return deliver(result, out, "out")

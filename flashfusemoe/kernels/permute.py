@@ -4,27 +4,38 @@ Names follow ``docs/design.md``: ``A = N*K`` assignments ``a = n*K + k``, ``R`` 
 expert-sorted layout (``R = A`` dropless, ``R = E*M`` padded).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton.language as tl
 
 from flashfusemoe.kernels import (
     INTERP,
     cdiv,
-    check_output,
-    copy_to_outputs,
-    fast_launch,
+    check_out,
+    deliver,
     next_power_of_2,
-    output_tensor,
+    out_buffer,
     row_blocks,
-    triton_dtype,
     use_triton,
 )
+from flashfusemoe.kernels.launch import fast_launch
 
 _LAYOUT_BLOCK = 2048
 _GATHER_ELEMS = 4096  # elements per gather program
 _COMBINE_ELEMS = 4096  # output elements per combine program
 _SCATTER_ELEMS = 4096  # source elements per scatter program
 _LAYOUT_PROGRAMS = 128  # layout_and_gather programs; each reads the whole block_counts table
+
+
+class Layout(NamedTuple):
+    """The expert-sorted row layout's maps, all int32 (as results, or as optional destinations)."""
+
+    assign_to_row: torch.Tensor | None = None  # [A] row of each assignment, -1 if it has none
+    row_to_assign: torch.Tensor | None = None  # [R] assignment of each row, -1 for an empty row
+    expert_ends: torch.Tensor | None = None  # [E] cumulative end row of each expert
+    tokens_per_expert: torch.Tensor | None = None  # [E] assignments per expert, placed or not
+    num_unplaced: torch.Tensor | None = None  # [1] assignments with no row
 
 
 @fast_launch
@@ -125,15 +136,13 @@ def expert_layout(
     num_experts: int,
     rows_per_expert: int = 0,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Layout:
     """Expert-sorted row layout of the assignments.
 
     ``topk_ids`` ``[N, K]`` int32, ``keep`` ``[A]`` bool or None (all kept).
     ``rows_per_expert == 0``: dropless, ``R = A``; ``M > 0``: padded, ``R = E*M``.
 
-    Returns ``assign_to_row [A]``, ``row_to_assign [R]``, ``expert_ends [E]``,
-    ``tokens_per_expert [E]`` (all assignments, kept or not) and ``num_unplaced [1]``
-    (assignments with no row), all int32.
+    Returns the ``Layout``: ``tokens_per_expert`` counts all assignments, kept or not.
     """
     n, k = topk_ids.shape
     a_total = n * k
@@ -149,7 +158,7 @@ def expert_layout(
             if padded
             else torch.zeros(e_total, device=dev, dtype=i32)
         )
-        return (
+        return Layout(
             torch.empty(0, device=dev, dtype=i32),
             torch.full((r_total,), -1, device=dev, dtype=i32),
             ends,
@@ -183,7 +192,7 @@ def expert_layout(
         BLOCK=_LAYOUT_BLOCK,
         num_warps=4,
     )
-    return assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
+    return Layout(assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced)
 
 
 def _expert_layout_torch(ids, e_total, m, keep):
@@ -218,7 +227,7 @@ def _expert_layout_torch(ids, e_total, m, keep):
     row_to_assign = row_to_assign[:r_total]
     num_unplaced = (a_total - placed.sum()).reshape(1)
     i32 = torch.int32
-    return (
+    return Layout(
         assign_to_row.to(i32),
         row_to_assign.to(i32),
         expert_ends.to(i32),
@@ -308,47 +317,39 @@ def _layout_gather_kernel(
                 tl.store(x_sorted_ptr + dst[:, None] * D + cols[None, :], xt, mask=xmask)
 
 
-def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Token-block size of the routing kernel's ``block_counts`` table for ``layout_and_gather``."""
-    block_e = next_power_of_2(max(num_experts, 1))
-    return max(16, min(64, 8192 // (block_e * next_power_of_2(top_k))))
-
-
-_MAP_NAMES = ("out[0] (assign_to_row)", "out[1] (row_to_assign)", "out[2] (expert_ends)",
-              "out[3] (tokens_per_expert)", "out[4] (num_unplaced)")
-
-
-def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int, out=None):
+def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int,
+                      out: Layout | None = None) -> tuple[torch.Tensor, ...]:
     """Dropless layout fused with the row gather (the default forward path, one launch).
 
     ``x`` ``[N, D]``, ``topk_ids`` ``[N, K]`` int32, ``block_counts`` ``[cdiv(N, block_n), E]``
     int32 (assignments of each token block per expert, from ``routing.route_forward``) or None.
-    Returns ``x_sorted [A, D]`` and the five maps of ``expert_layout(topk_ids, E)``; ``out``:
-    buffers to write the maps into (five contiguous tensors or Nones).
+    Returns ``x_sorted [A, D]`` and the five maps of ``expert_layout(topk_ids, E)``, each in its
+    ``out`` buffer where given.
     """
     n, k = topk_ids.shape
+    out = Layout() if out is None else out
     if block_counts is None or not use_triton(x) or n == 0:
-        maps = copy_to_outputs(out, expert_layout(topk_ids, num_experts), _MAP_NAMES)
-        return (gather_rows(x, maps[1], k), *maps)
+        layout = expert_layout(topk_ids, num_experts)
+        layout = Layout(*(deliver(t, o, f"out.{name}") for t, o, name in zip(layout, out, Layout._fields,
+                                                                              strict=True)))
+        return gather_rows(x, layout.row_to_assign, k), *layout
     d = x.shape[1]
     dev, i32 = x.device, torch.int32
     num_blocks = block_counts.shape[0]
     blocks_per_program = max(1, num_blocks // _LAYOUT_PROGRAMS)
     x_sorted = torch.empty(n * k, d, device=dev, dtype=x.dtype)
-    assign_to_row = output_tensor(out, 0, (n * k,), i32, dev, _MAP_NAMES[0])
-    row_to_assign = output_tensor(out, 1, (n * k,), i32, dev, _MAP_NAMES[1])
-    expert_ends = output_tensor(out, 2, (num_experts,), i32, dev, _MAP_NAMES[2])
-    tokens_per_expert = output_tensor(out, 3, (num_experts,), i32, dev, _MAP_NAMES[3])
-    num_unplaced = output_tensor(out, 4, (1,), i32, dev, _MAP_NAMES[4])
+    shapes = {"assign_to_row": (n * k,), "row_to_assign": (n * k,), "expert_ends": (num_experts,),
+              "tokens_per_expert": (num_experts,), "num_unplaced": (1,)}
+    layout = Layout(*(out_buffer(getattr(out, name), shapes[name], i32, dev, f"out.{name}")
+                      for name in Layout._fields))
     block_k = next_power_of_2(k)
     block_d = max(16, min(256, next_power_of_2(d), 8192 // block_n))
     _layout_gather_kernel[(cdiv(num_blocks, blocks_per_program),)](
-        x, topk_ids, block_counts, x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert,
-        num_unplaced, n, d, num_experts, num_blocks, x.stride(0), K=k,
+        x, topk_ids, block_counts, x_sorted, *layout, n, d, num_experts, num_blocks, x.stride(0), K=k,
         BLOCKS_PER_PROGRAM=blocks_per_program, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=next_power_of_2(num_experts), BLOCK_D=block_d, TABLE_ROWS=64,
     )
-    return x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced
+    return x_sorted, *layout
 
 
 @fast_launch
@@ -428,6 +429,18 @@ def _capacity_drop_kernel(
                          mask=drop[:, None] & (cols < D)[None, :])
 
 
+def _capacity_drop_torch(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_ends, capacity):
+    valid = assign_to_row >= 0
+    experts = torch.searchsorted(expert_ends.long(), assign_to_row.long(), right=True)
+    keep = capacity_keep(experts.view(topk_weights.shape), topk_weights, expert_ends.numel(), capacity)
+    drop = valid & ~keep
+    rows = assign_to_row.long()[drop]
+    row_to_assign[rows] = -1
+    x_sorted[rows] = 0
+    assign_to_row[drop] = -1
+    return drop.sum().reshape(1).to(torch.int32)
+
+
 def capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_ends, capacity: int):
     """Capacity on a dropless layout, in place: each expert keeps its ``capacity`` highest-weight
     rows (ties: token order); dropped rows get ``-1`` in both maps and zeros in ``x_sorted``.
@@ -441,15 +454,8 @@ def capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_e
     if n == 0:
         return torch.zeros(1, dtype=torch.int32, device=x_sorted.device)
     if not use_triton(x_sorted):
-        valid = assign_to_row >= 0
-        experts = torch.searchsorted(expert_ends.long(), assign_to_row.long(), right=True)
-        keep = capacity_keep(experts.view(n, k), topk_weights, num_experts, capacity)
-        drop = valid & ~keep
-        rows = assign_to_row.long()[drop]
-        row_to_assign[rows] = -1
-        x_sorted[rows] = 0
-        assign_to_row[drop] = -1
-        return drop.sum().reshape(1).to(torch.int32)
+        return _capacity_drop_torch(x_sorted, topk_weights, assign_to_row, row_to_assign, expert_ends,
+                                    capacity)
     dropped = torch.empty(1, dtype=torch.int32, device=x_sorted.device)
     d = x_sorted.shape[1]
     _capacity_drop_kernel[(num_experts,)](
@@ -522,6 +528,12 @@ def _gather_rows_kernel(
         tl.store(out2_ptr + out_off, x2, mask=out_mask)
 
 
+def _gather_rows_torch(src, row_to_assign, top_k):
+    valid = row_to_assign >= 0
+    tok = torch.where(valid, row_to_assign.long() // top_k, 0)
+    return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
+
+
 def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
                 second: torch.Tensor | None = None):
     """``out[r] = src[row_to_assign[r] // top_k]``, zeros where ``row_to_assign[r] == -1``.
@@ -537,9 +549,7 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
         out = torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
         return out if second is None else (out, out.clone())
     if not use_triton(src):
-        valid = row_to_assign >= 0
-        tok = torch.where(valid, row_to_assign.long() // top_k, 0)
-        return torch.where(valid[:, None], src[tok], torch.zeros((), device=src.device, dtype=src.dtype))
+        return _gather_rows_torch(src, row_to_assign, top_k)
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_r, block_d = row_blocks(d, _GATHER_ELEMS, 256)
     grid = (cdiv(r_total, block_r), cdiv(d, block_d))
@@ -597,6 +607,13 @@ def _scatter_rows_kernel(
             tl.store(out2_ptr + out_off, x2, mask=out_mask)
 
 
+def _scatter_rows_torch(src, assign_to_row, top_k):
+    out = src.new_zeros(assign_to_row.numel(), src.shape[1])
+    valid = assign_to_row >= 0
+    out[assign_to_row[valid].long()] = src.repeat_interleave(top_k, dim=0)[valid]
+    return out
+
+
 def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
                  second: torch.Tensor | None = None):
     """``out[assign_to_row[n*K + k]] = src[n]`` for a layout in which every row has an assignment.
@@ -614,14 +631,8 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
     if r_total != n * top_k:
         raise ValueError(f"assign_to_row has {r_total} entries, expected N*K = {n}*{top_k}")
     if not use_triton(src) or r_total == 0 or d == 0:
-        out = src.new_zeros(r_total, d)
-        out2 = None if second is None else src.new_zeros(r_total, d)
-        valid = assign_to_row >= 0
-        rows = assign_to_row[valid].long()
-        out[rows] = src.repeat_interleave(top_k, dim=0)[valid]
-        if second is not None:
-            out2[rows] = second.repeat_interleave(top_k, dim=0)[valid]
-        return out if second is None else (out, out2)
+        out = _scatter_rows_torch(src, assign_to_row, top_k)
+        return out if second is None else (out, _scatter_rows_torch(second, assign_to_row, top_k))
     src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
     block_n, block_d = row_blocks(d, _SCATTER_ELEMS, 256)
     _scatter_rows_kernel[(cdiv(n, block_n), cdiv(d, block_d))](
@@ -696,6 +707,21 @@ def _combine_rows_kernel(
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
 
+def _combine_rows_torch(rows, assign_to_row, top_k, weights, addend, acc_dtype):
+    n = assign_to_row.numel() // top_k
+    a2r = assign_to_row.reshape(n, top_k).long()
+    acc = torch.zeros(n, rows.shape[1], device=rows.device, dtype=acc_dtype)
+    for k in range(top_k):
+        valid = a2r[:, k] >= 0
+        y = rows[a2r[:, k].clamp(min=0)].to(acc_dtype)
+        if weights is not None:
+            y = y * weights.view(n, top_k)[:, k, None].to(acc_dtype)
+        acc += torch.where(valid[:, None], y, 0.0)
+    if addend is not None:
+        acc += addend[0].to(acc_dtype) @ addend[1].to(acc_dtype)
+    return acc
+
+
 def combine_rows(
     rows: torch.Tensor,
     assign_to_row: torch.Tensor,
@@ -720,7 +746,7 @@ def combine_rows(
     n = assign_to_row.numel() // top_k if top_k > 0 else 0
     dev = rows.device
     if out is not None:
-        check_output(out, (n, d), out_dtype, dev, "out")
+        check_out(out, (n, d), out_dtype, dev, "out")
     fp64 = any(t is not None and t.dtype == torch.float64 for t in (rows, weights, logit_grad))
     acc_dtype = torch.float64 if fp64 else torch.float32
     if n == 0 or d == 0:
@@ -730,19 +756,9 @@ def combine_rows(
     if weights is not None:
         weights = weights.reshape(-1).contiguous()
     if not use_triton(rows):
-        a2r = assign_to_row.reshape(n, top_k).long()
-        acc = torch.zeros(n, d, device=dev, dtype=acc_dtype)
-        for k in range(top_k):
-            valid = a2r[:, k] >= 0
-            y = rows[a2r[:, k].clamp(min=0)].to(acc_dtype)
-            if weights is not None:
-                y = y * weights.view(n, top_k)[:, k, None].to(acc_dtype)
-            acc += torch.where(valid[:, None], y, 0.0)
-        if addend is not None:
-            acc += addend[0].to(acc_dtype) @ addend[1].to(acc_dtype)
-        return acc.to(out_dtype) if out is None else out.copy_(acc)
-    if out is None:
-        out = torch.empty(n, d, device=dev, dtype=out_dtype)
+        acc = _combine_rows_torch(rows, assign_to_row, top_k, weights, addend, acc_dtype)
+        return deliver(acc.to(out_dtype), out, "out")
+    out = out_buffer(out, (n, d), out_dtype, dev, "out")
     # With the router term each program also runs a [BLOCK_N, E] x [E, BLOCK_D] dot: wider tiles
     # and 8 warps (H100: 324 vs 346 us at the fine-grained shape, equal at the seed's).
     elems, warps = (_COMBINE_ELEMS, 4) if addend is None else (2 * _COMBINE_ELEMS, 8)
@@ -775,124 +791,3 @@ def combine_rows(
         num_warps=warps,
     )
     return out
-
-
-def _aot_specs() -> list:
-    specs = []
-    i32 = "i32"
-    for has_keep in (False, True):
-        for padded in (False, True):
-            sig = {
-                "ids_ptr": "*i32",
-                "keep_ptr": "*u8" if has_keep else "*i32",
-                "assign_to_row_ptr": "*i32",
-                "row_to_assign_ptr": "*i32",
-                "expert_ends_ptr": "*i32",
-                "tokens_per_expert_ptr": "*i32",
-                "num_unplaced_ptr": "*i32",
-                "A": i32,
-                "E": i32,
-                "M": i32,
-                "HAS_KEEP": "constexpr",
-                "PADDED": "constexpr",
-                "E_BLOCK": "constexpr",
-                "BLOCK": "constexpr",
-            }
-            specs.append(
-                (
-                    _expert_layout_kernel,
-                    sig,
-                    {"HAS_KEEP": has_keep, "PADDED": padded, "E_BLOCK": 64, "BLOCK": _LAYOUT_BLOCK},
-                )
-            )
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        t = triton_dtype(dtype)
-        block_r, block_d = row_blocks(4096, _GATHER_ELEMS, 256)
-        sig = {
-            "src_ptr": f"*{t}",
-            "src2_ptr": f"*{t}",
-            "row_to_assign_ptr": "*i32",
-            "out_ptr": f"*{t}",
-            "out2_ptr": f"*{t}",
-            "R": i32,
-            "D": i32,
-            "top_k": i32,
-            "stride_src": i32,
-            "stride_src2": i32,
-            "TWO": "constexpr",
-            "BLOCK_R": "constexpr",
-            "BLOCK_D": "constexpr",
-        }
-        for two in (False, True):
-            specs.append((_gather_rows_kernel, sig, {"TWO": two, "BLOCK_R": block_r, "BLOCK_D": block_d}))
-    block_n, block_d = row_blocks(4096, _SCATTER_ELEMS, 256)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        t = triton_dtype(dtype)
-        sig = {"src_ptr": f"*{t}", "src2_ptr": f"*{t}", "assign_to_row_ptr": "*i32", "out_ptr": f"*{t}",
-               "out2_ptr": f"*{t}"}
-        sig.update({name: i32 for name in ("N", "D", "K", "stride_src", "stride_src2")})
-        sig.update({name: "constexpr" for name in ("TWO", "BLOCK_N", "BLOCK_D")})
-        for two in (False, True):
-            specs.append((_scatter_rows_kernel, sig, {"TWO": two, "BLOCK_N": block_n, "BLOCK_D": block_d}))
-    block_n, block_d = row_blocks(4096, _COMBINE_ELEMS, 256)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        t = triton_dtype(dtype)
-        fp64 = dtype == torch.float64
-        acc_t = "fp64" if fp64 else "fp32"
-        sixteen = dtype in (torch.bfloat16, torch.float16)
-        for has_w, has_router in ((True, False), (False, True), (False, False), (True, True)):
-            sig = {
-                "rows_ptr": f"*{t}",
-                "assign_to_row_ptr": "*i32",
-                "weights_ptr": f"*{acc_t}" if has_w else f"*{t}",
-                "logit_grad_ptr": f"*{acc_t}" if has_router and not sixteen else f"*{t}",
-                "router_weight_ptr": f"*{t}",
-                "out_ptr": f"*{t}",
-                "N": i32,
-                "D": i32,
-                "K": i32,
-                "E": i32,
-                "stride_rows": i32,
-                "HAS_W": "constexpr",
-                "HAS_ROUTER": "constexpr",
-                "FP64": "constexpr",
-                "ROUTER_TF32": "constexpr",
-                "ROUTER_16BIT": "constexpr",
-                "BLOCK_N": "constexpr",
-                "BLOCK_D": "constexpr",
-                "BLOCK_E": "constexpr",
-            }
-            consts = {
-                "HAS_W": has_w,
-                "HAS_ROUTER": has_router,
-                "FP64": fp64,
-                "ROUTER_TF32": dtype in (torch.bfloat16, torch.float16),
-                "ROUTER_16BIT": has_router and sixteen,
-                "BLOCK_N": max(block_n, 16),
-                "BLOCK_D": block_d,
-                "BLOCK_E": 64,
-            }
-            specs.append((_combine_rows_kernel, sig, consts))
-    for dtype, e_total, k in ((torch.bfloat16, 8, 2), (torch.float32, 128, 8), (torch.float64, 64, 6)):
-        t = triton_dtype(dtype)
-        sig = {name: "*i32" for name in ("ids_ptr", "block_counts_ptr", "assign_to_row_ptr",
-                                          "row_to_assign_ptr", "expert_ends_ptr", "tokens_per_expert_ptr",
-                                          "num_unplaced_ptr")}
-        sig.update({"x_ptr": f"*{t}", "x_sorted_ptr": f"*{t}"})
-        sig.update({name: i32 for name in ("N", "D", "E", "NUM_BLOCKS", "stride_x")})
-        consts = {"K": k, "BLOCKS_PER_PROGRAM": 2, "BLOCK_N": 16, "BLOCK_K": next_power_of_2(k),
-                  "BLOCK_E": e_total, "BLOCK_D": 64, "TABLE_ROWS": 64}
-        sig.update({name: "constexpr" for name in consts})
-        specs.append((_layout_gather_kernel, sig, consts))
-    for dtype, wdt in ((torch.bfloat16, torch.float32), (torch.float64, torch.float64)):
-        sig = {"weights_ptr": f"*{triton_dtype(wdt)}", "x_sorted_ptr": f"*{triton_dtype(dtype)}"}
-        sig.update({name: "*i32" for name in ("assign_to_row_ptr", "row_to_assign_ptr", "expert_ends_ptr",
-                                              "dropped_ptr")})
-        sig.update({"D": i32, "E": i32, "capacity": i32})
-        consts = {"FP64": wdt == torch.float64, "BLOCK": 1024, "BLOCK_D": 64, "BLOCK_E": 64}
-        sig.update({name: "constexpr" for name in consts})
-        specs.append((_capacity_drop_kernel, sig, consts))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

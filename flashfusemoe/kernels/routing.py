@@ -13,13 +13,12 @@ from flashfusemoe.kernels import (
     INTERP,
     cdiv,
     compute_dtype,
-    copy_to_outputs,
-    fast_launch,
+    deliver,
     next_power_of_2,
-    output_tensor,
-    triton_dtype,
+    out_buffer,
     use_triton,
 )
+from flashfusemoe.kernels.launch import fast_launch
 
 # Finite "minus infinity" for masked selection scores: -inf would turn sums into NaN.
 _NEG = tl.constexpr(-1.0e30)
@@ -300,9 +299,6 @@ def _route_forward_torch(
     return logits, ids.to(torch.int32), w * scaling
 
 
-_OUT_NAMES = ("out[0] (logits)", "out[1] (topk_ids)", "out[2] (topk_weights)")
-
-
 def route_forward(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -314,13 +310,16 @@ def route_forward(
     topk_group: int | None,
     routed_scaling_factor: float,
     with_block_counts: bool = False,
-    out=None,
+    *,
+    logits_out: torch.Tensor | None = None,
+    ids_out: torch.Tensor | None = None,
+    weights_out: torch.Tensor | None = None,
 ):
     """Route ``x [N, D]`` with ``router_weight [E, D]`` (and selection bias ``[E]``).
 
     Returns ``logits [N, E]``, ``topk_ids [N, K]`` int32 in selection order and
-    ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32. ``out``:
-    buffers to write these three into (a triple of contiguous tensors or Nones).
+    ``topk_weights [N, K]``; logits and weights are fp64 for fp64 ``x``, else fp32, each in its
+    ``*_out`` buffer when given.
     ``with_block_counts`` adds ``block_counts [cdiv(N, block_n), E]`` int32 (assignments of
     each block of ``block_n`` tokens per expert) and ``block_n``; ``(None, 0)`` on the torch path.
     """
@@ -339,11 +338,12 @@ def route_forward(
             x, router_weight, expert_bias, top_k, score_func, norm_topk_prob, n_group, topk_group,
             routed_scaling_factor,
         )  # fmt: skip
-        routed = copy_to_outputs(out, routed, _OUT_NAMES)
+        outs = {"logits_out": logits_out, "ids_out": ids_out, "weights_out": weights_out}
+        routed = tuple(deliver(r, o, name) for r, (name, o) in zip(routed, outs.items(), strict=True))
         return (*routed, None, 0) if with_block_counts else routed
-    logits = output_tensor(out, 0, (N, E), cdt, x.device, _OUT_NAMES[0])
-    ids = output_tensor(out, 1, (N, top_k), torch.int32, x.device, _OUT_NAMES[1])
-    weights = output_tensor(out, 2, (N, top_k), cdt, x.device, _OUT_NAMES[2])
+    logits = out_buffer(logits_out, (N, E), cdt, x.device, "logits_out")
+    ids = out_buffer(ids_out, (N, top_k), torch.int32, x.device, "ids_out")
+    weights = out_buffer(weights_out, (N, top_k), cdt, x.device, "weights_out")
     num_blocks = cdiv(N, cfg["BLOCK_N"])
     counts = torch.empty(num_blocks if with_block_counts else 0, E, dtype=torch.int32, device=x.device)
     x = x.contiguous()
@@ -462,94 +462,3 @@ def route_backward(
         num_warps=4,
     )
     return grad_logits
-
-
-def _aot_specs():
-    specs = []
-    for dt in (torch.bfloat16, torch.float32, torch.float64):
-        xt, ct = triton_dtype(dt), triton_dtype(compute_dtype(dt))
-        fwd_sig = {
-            "x_ptr": f"*{xt}",
-            "w_ptr": f"*{xt}",
-            "bias_ptr": f"*{ct}",
-            "logits_ptr": f"*{ct}",
-            "ids_ptr": "*i32",
-            "weights_ptr": f"*{ct}",
-            "counts_ptr": "*i32",
-            "N": "i32",
-            "D": "i32",
-            "E": "i32",
-            "group_size": "i32",
-            "scale": "fp64",
-        }
-        fwd_sig.update(
-            {k: "constexpr" for k in ("K", "COUNTS", "SIGMOID", "HAS_BIAS", "N_GROUP", "TOPK_GROUP", "NORM")}
-        )
-        fwd_sig.update({k: "constexpr" for k in ("DOT_IEEE", "BLOCK_N", "BLOCK_D", "BLOCK_E")})
-        fwd_sig.update({"BLOCK_K": "constexpr", "BLOCK_G": "constexpr"})
-        # (sigmoid, bias, groups): softmax plain (Mixtral/Qwen), sigmoid + bias + groups (DeepSeek-V3).
-        for sigmoid, bias, n_group, topk_group, E, K in (
-            (False, False, 0, 0, 64, 8),
-            (True, True, 8, 4, 256, 8),
-            (True, False, 0, 0, 16, 2),
-            (False, True, 4, 2, 12, 3),
-        ):
-            block_e = _block_e(E)
-            cfg = _fwd_config(0, block_e, dt, False)
-            specs.append(
-                (
-                    _route_fwd_kernel,
-                    fwd_sig,
-                    {
-                        "K": K,
-                        "COUNTS": not bias,
-                        "SIGMOID": sigmoid,
-                        "HAS_BIAS": bias,
-                        "N_GROUP": n_group,
-                        "TOPK_GROUP": topk_group,
-                        "NORM": True,
-                        "DOT_IEEE": dt != torch.bfloat16,
-                        "BLOCK_N": cfg["BLOCK_N"],
-                        "BLOCK_D": cfg["BLOCK_D"],
-                        "BLOCK_E": block_e,
-                        "BLOCK_K": next_power_of_2(K),
-                        "BLOCK_G": next_power_of_2(max(n_group, 1)),
-                    },
-                )
-            )
-        bwd_sig = {
-            "logits_ptr": f"*{ct}",
-            "ids_ptr": "*i32",
-            "grad_w_row_ptr": f"*{ct}",
-            "assign_to_row_ptr": "*i32",
-            "grad_ext_ptr": f"*{ct}",
-            "grad_logits_ptr": f"*{xt}",
-            "N": "i32",
-            "E": "i32",
-            "scale": "fp64",
-        }
-        bwd_sig.update(
-            {k: "constexpr" for k in ("K", "SIGMOID", "NORM", "HAS_EXT", "BLOCK_N", "BLOCK_E")}
-        )
-        bwd_sig["BLOCK_K"] = "constexpr"
-        for sigmoid, norm, ext, E, K in ((False, True, True, 64, 8), (True, False, False, 256, 8)):
-            block_e = _block_e(E)
-            specs.append(
-                (
-                    _route_bwd_kernel,
-                    bwd_sig,
-                    {
-                        "K": K,
-                        "SIGMOID": sigmoid,
-                        "NORM": norm,
-                        "HAS_EXT": ext,
-                        "BLOCK_N": _block_n(0, block_e, False, 4096),
-                        "BLOCK_E": block_e,
-                        "BLOCK_K": next_power_of_2(K),
-                    },
-                )
-            )
-    return specs
-
-
-AOT_SPECS = _aot_specs()

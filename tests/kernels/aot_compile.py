@@ -1,7 +1,7 @@
-"""Compile every kernel listed in ``flashfusemoe.kernels.*.AOT_SPECS`` for sm_90.
+"""Compile every kernel listed in ``aot_specs.SPECS`` for sm_90.
 
 Run in a process without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``).
-Prints one line per kernel; exits 1 if any failed.
+Prints one line per kernel; exits 1 if any failed, or if a module's launched kernel has no spec.
 """
 
 import importlib
@@ -9,10 +9,13 @@ import os
 import pkgutil
 import sys
 import traceback
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).parent))
 
 import triton  # noqa: E402
+from aot_specs import SPECS, jit_function, launched_kernels  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -23,22 +26,22 @@ def main() -> int:
     failed = 0
     for mod_info in pkgutil.iter_modules(kernels_pkg.__path__):
         mod = importlib.import_module(f"flashfusemoe.kernels.{mod_info.name}")
-        specs = getattr(mod, "AOT_SPECS", None)
-        if not specs:
-            print(f"FAIL {mod_info.name}: no AOT_SPECS")
+        launched = launched_kernels(mod)
+        specs = SPECS[mod_info.name]() if mod_info.name in SPECS else []
+        missing = [jit_function(k).__name__ for k in launched if all(s[0] is not k for s in specs)]
+        if missing:
+            print(f"FAIL {mod_info.name}: no AOT spec for {missing}")
             failed += 1
-            continue
         for i, (kernel, signature, constexprs) in enumerate(specs):
-            fn = kernel
-            while not isinstance(fn, triton.runtime.jit.JITFunction):
-                fn = fn.fn  # unwrap @triton.autotune / @triton.heuristics
+            fn = jit_function(kernel)
             name = f"{mod_info.name}.{fn.__name__}[{i}]"
             try:
                 compiled = triton.compile(
                     ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                     target=GPUTarget("cuda", 90, 32),
                 )
-                assert compiled.asm["ptx"]
+                if not compiled.asm["ptx"]:
+                    raise RuntimeError("no PTX")
                 print(f"ok   {name}")
             except Exception:
                 failed += 1

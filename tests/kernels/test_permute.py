@@ -298,15 +298,15 @@ def test_layout_and_gather_into_out(backend, device, with_counts):
     x = torch.randn(n, 24, device=device)
     counts = block_counts_of(ids, e, block_n) if with_counts else None
     want = permute.layout_and_gather(x, ids, e, counts, block_n)
-    out = [torch.full_like(t, -7) for t in want[1:]]
-    out[3] = None  # tokens_per_expert left to the wrapper
+    out = permute.Layout(*(torch.full_like(t, -7) for t in want[1:]))
+    out = out._replace(tokens_per_expert=None)  # left to the wrapper
     got = permute.layout_and_gather(x, ids, e, counts, block_n, out=out)
     for i, buffer in enumerate(out):
         assert buffer is None or got[1 + i] is buffer
     for g, wt in zip(got, want, strict=True):
         assert torch.equal(g, wt)
-    out[1] = torch.empty(n * k + 1, dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match=r"out\[1\] \(row_to_assign\) must be a contiguous"):
+    out = out._replace(row_to_assign=torch.empty(n * k + 1, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match=r"out.row_to_assign must be a contiguous"):
         permute.layout_and_gather(x, ids, e, counts, block_n, out=out)
 
 

@@ -158,13 +158,13 @@ def test_route_forward_into_out(impl, device, n):
     want = routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5)
     nan = float("nan")
     out = (torch.full((n, 8), nan, device=device), None, torch.full((n, 3), nan, device=device))
-    got = routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, out=out)
+    got = routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, logits_out=out[0], weights_out=out[2])
     assert got[0] is out[0] and got[2] is out[2]
     for g, wt in zip(got, want, strict=True):
         assert torch.equal(g, wt)
-    bad = (None, torch.empty(n, 3, dtype=torch.int64, device=device), None)
-    with pytest.raises(ValueError, match=r"out\[1\] \(topk_ids\) must be a contiguous"):
-        routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, out=bad)
+    bad = torch.empty(n, 3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"ids_out must be a contiguous"):
+        routing.route_forward(x, w, b, 3, "sigmoid", True, 4, 2, 1.5, ids_out=bad)
 
 
 def test_route_forward_no_tokens(impl, device):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flashfusemoe import kernels
-from flashfusemoe.kernels import FastLaunch, activation, permute, routing
+from flashfusemoe.kernels import activation, launch, permute, routing
+from flashfusemoe.kernels.launch import FastLaunch
 
 
 class FakeJit:
@@ -115,14 +116,14 @@ def test_triton_path_while_off_or_hooked(fake, monkeypatch):
     assert len(jit.jit_launches) == 2 and not kernel.compiled
     monkeypatch.setattr(FastLaunch, "enabled", True)
     kernel[(1,)](src, 16, BLOCK=16)
-    monkeypatch.setattr(kernels, "_hooks_installed", lambda: True)
+    monkeypatch.setattr(launch, "_hooks_installed", lambda: True)
     kernel[(1,)](src, 16, BLOCK=16)
     assert len(jit.jit_launches) == 4 and not jit.direct_launches
 
 
 def test_specialization_table_is_bounded(fake, monkeypatch):
     jit, kernel = fake
-    monkeypatch.setattr(kernels, "_MAX_SPECIALIZATIONS", 3)
+    monkeypatch.setattr(launch, "_MAX_SPECIALIZATIONS", 3)
     src = torch.zeros(16)
     for n in range(5):
         kernel[(1,)](src, n, BLOCK=16)
@@ -133,11 +134,11 @@ def test_specialization_table_is_bounded(fake, monkeypatch):
 
 def test_every_launched_kernel_is_wrapped():
     """Each module's kernels go through FastLaunch (helpers called inside kernels stay plain)."""
-    from flashfusemoe.kernels import activation, grouped_gemm, routing
+    from aot_specs import SPECS
 
-    for module in (activation, grouped_gemm, permute, routing):
-        for kernel, _, _ in module.AOT_SPECS:
-            assert isinstance(kernel, FastLaunch), kernel
+    for module_name, specs in SPECS.items():
+        for kernel, _, _ in specs():
+            assert isinstance(kernel, FastLaunch), (module_name, kernel)
 
 
 @pytest.mark.gpu
