@@ -52,7 +52,14 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
-from flashfusemoe.config import FLOAT_DTYPES, MoEOptions, check_aux_shapes, check_bool, validate_inputs
+from flashfusemoe.config import (
+    FLOAT_DTYPES,
+    MoEOptions,
+    check_aux_shapes,
+    check_bool,
+    dtype_name,
+    validate_inputs,
+)
 from flashfusemoe.functional import make_plan
 from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 
@@ -159,7 +166,8 @@ def _standin(name: str, a) -> torch.Tensor:
         raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
     dtype = getattr(torch, jnp.dtype(a.dtype).name, None)
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {a.dtype}")
+        allowed = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating dtype in ({allowed}), got {jnp.dtype(a.dtype).name}")
     return torch.empty(a.shape, dtype=dtype, device="meta")
 
 

@@ -596,3 +596,24 @@ def test_xla_preallocation_warning(monkeypatch):
 
 if __name__ == "__main__":
     print(json.dumps(_shard_map_worker(int(sys.argv[1]))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_])
+def test_bad_dtype_errors_use_jnp_names(dtype):
+    args = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(TypeError) as info:
+        jax_bridge.fused_moe(args[0].astype(dtype), *args[1:], K)
+    message = str(info.value)
+    assert "torch" not in message and message.endswith(f"got {jnp.dtype(dtype).name}"), message
+
+
+def test_dtype_mismatch_error_uses_jnp_names():
+    args = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(TypeError, match="^router_weight has dtype bfloat16 but x has float32;"):
+        jax_bridge.fused_moe(args[0], args[1].astype(jnp.bfloat16), *args[2:], K)
+
+
+def test_shape_error_names_x_when_x_disagrees():
+    x, *weights = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(ValueError, match=rf"^x has D={D - 1} but router_weight, w_up and w_down have D={D}"):
+        jax_bridge.fused_moe(x[:, :-1], *weights, K)
