@@ -5,6 +5,25 @@
 (Flax modules), ``jax_bridge.compare`` (cross-framework comparison).
 """
 
-from jax_bridge.ops import aux_losses, fused_moe
+INSTALL_HINT = 'pip install "flashfusemoe[jax]"'
+
+
+def missing_extra(error: ModuleNotFoundError) -> ModuleNotFoundError:
+    """``error`` (jax, jaxlib, flax or optax not installed) restated with how to install them."""
+    return ModuleNotFoundError(
+        f"jax_bridge needs {error.name!r}, which is not installed: install the [jax] extra "
+        f"({INSTALL_HINT}, or pip install -e \".[jax]\" in a checkout)",
+        name=error.name,
+    )
+
+
+try:
+    import jax  # noqa: F401
+except ModuleNotFoundError as e:  # only a missing jax itself; any other error is jax's own
+    if e.name not in ("jax", "jaxlib"):
+        raise
+    raise missing_extra(e) from e
+
+from jax_bridge.ops import aux_losses, fused_moe  # noqa: E402
 
 __all__ = ["aux_losses", "fused_moe"]

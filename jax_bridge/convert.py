@@ -311,9 +311,8 @@ def load_torch_state_dict_into_nnx(module, state_dict: Mapping, *, prefix: str =
     Entries must match the module's parameters and shapes; values are cast to the dtypes the
     module's variables have (exact when they already match). Returns the module.
     """
-    from jax_bridge.nnx import FusedMoE
-
-    if not isinstance(module, FusedMoE):
+    # Duck-typed: jax_bridge.nnx builds on this module, so this module doesn't import it.
+    if not callable(getattr(module, "load_params_dict", None)):
         raise TypeError(f"module must be a jax_bridge.nnx.FusedMoE, got {type(module).__name__}")
     module.load_params_dict(torch_state_dict_to_jax(state_dict, prefix=prefix))
     return module

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
+
+from jax_bridge import missing_extra
+
+try:
+    import flax.linen as nn
+except ModuleNotFoundError as e:
+    if e.name != "flax":
+        raise
+    raise missing_extra(e) from e
 
 from jax_bridge.convert import LINEN_BUFFERS, LayerConfig, apply_layer, check_float_dtype, uniform_init
 

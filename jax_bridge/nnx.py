@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
+
+from jax_bridge import missing_extra
+
+try:
+    from flax import nnx
+except ModuleNotFoundError as e:
+    if e.name != "flax":
+        raise
+    raise missing_extra(e) from e
 
 from jax_bridge.convert import (
     LayerConfig,
