@@ -44,7 +44,17 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class MoEOptions:
-    """Everything about one MoE call except its tensors. Checked on construction."""
+    """Everything about one MoE call except its tensors: frozen, hashable, checked on construction.
+
+    The fields are ``fused_moe``'s keyword arguments of the same names (semantics: docs/design.md):
+    ``top_k`` >= 1; ``activation`` "swiglu" | "geglu" | "relu2"; ``score_func`` "softmax" |
+    "sigmoid"; ``norm_topk_prob``; ``n_group`` and ``topk_group`` (group-limited routing, both or
+    neither, ``topk_group <= n_group``); ``routed_scaling_factor`` > 0; ``capacity_factor`` > 0 or
+    None (dropless); ``gemm`` "auto" | "grouped" | "bmm"; ``max_tokens_per_expert`` >= 1 or None
+    (the padded "bmm" layout; not with "grouped" or ``capacity_factor``); ``recompute``.
+    Raises TypeError (a wrong type) or ValueError (a bad value or combination) naming the field.
+    What depends on the expert count E is checked by ``check_num_experts(E)``, which every call runs.
+    """
 
     top_k: int
     activation: str = "swiglu"

@@ -55,10 +55,13 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
-                 activation="swiglu", score_func="softmax", norm_topk_prob=True, use_expert_bias=False,
-                 n_group=None, topk_group=None, routed_scaling_factor=1.0, capacity_factor=None,
-                 gemm="auto", max_tokens_per_expert=None, recompute=False, num_shared_experts=0,
-                 shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None):
+                 activation: str = "swiglu", score_func: str = "softmax", norm_topk_prob: bool = True,
+                 use_expert_bias: bool = False, n_group: int | None = None, topk_group: int | None = None,
+                 routed_scaling_factor: float = 1.0, capacity_factor: float | None = None,
+                 gemm: str = "auto", max_tokens_per_expert: int | None = None, recompute: bool = False,
+                 num_shared_experts: int = 0, shared_ffn_dim: int | None = None,
+                 shared_expert_gate: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_ffn_dim,
                          shared_expert_gate, use_expert_bias)
@@ -95,7 +98,7 @@ class MoELayer(nn.Module):
                              persistent=False)
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         init_uniform_(self.router_weight, self.d_model)
         init_uniform_(self.w_up, self.d_model)
         init_uniform_(self.w_down, self.ffn_dim)
@@ -105,7 +108,8 @@ class MoELayer(nn.Module):
         if self.shared_gate_weight is not None:
             init_uniform_(self.shared_gate_weight, self.d_model)
 
-    def forward(self, x, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, return_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_bool("return_aux", return_aux)
         out, outputs = moe_outputs(x, self.router_weight, self.w_up, self.w_down, self.options,
                                    expert_bias=self.expert_bias)
@@ -128,7 +132,7 @@ class MoELayer(nn.Module):
             return {}
         return routing_stats(self._last_loads, self._last_dropped)
 
-    def reset_accumulated_routing_stats(self):
+    def reset_accumulated_routing_stats(self) -> None:
         self.accumulated_loads.zero_()
         self.accumulated_dropped.zero_()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jax_bridge import missing_extra
@@ -61,7 +62,8 @@ class FusedMoE(nn.Module):
         return LayerConfig(**{name: getattr(self, name) for name in LayerConfig.__dataclass_fields__})
 
     @nn.compact
-    def __call__(self, x, return_aux: bool = False):
+    def __call__(self, x: jax.Array, return_aux: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         config = self.config
         check_float_dtype("param_dtype", self.param_dtype)
         check_float_dtype("dtype", self.dtype, allow_none=True)

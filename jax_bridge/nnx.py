@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
+import flashfusemoe
 from jax_bridge import missing_extra
 
 try:
@@ -53,22 +56,22 @@ class FusedMoE(nnx.Module):
         num_experts: int,
         top_k: int,
         *,
-        activation="swiglu",
-        score_func="softmax",
-        norm_topk_prob=True,
-        use_expert_bias=False,
-        n_group=None,
-        topk_group=None,
-        routed_scaling_factor=1.0,
-        capacity_factor=None,
-        gemm="auto",
-        max_tokens_per_expert=None,
-        recompute=False,
-        num_shared_experts=0,
-        shared_ffn_dim=None,
-        shared_expert_gate=False,
-        param_dtype=jnp.float32,
-        dtype=None,
+        activation: str = "swiglu",
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        use_expert_bias: bool = False,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        routed_scaling_factor: float = 1.0,
+        capacity_factor: float | None = None,
+        gemm: str = "auto",
+        max_tokens_per_expert: int | None = None,
+        recompute: bool = False,
+        num_shared_experts: int = 0,
+        shared_ffn_dim: int | None = None,
+        shared_expert_gate: bool = False,
+        param_dtype: DTypeLike = jnp.float32,
+        dtype: DTypeLike | None = None,
         rngs: nnx.Rngs,
     ):
         self.config = LayerConfig(
@@ -100,11 +103,9 @@ class FusedMoE(nnx.Module):
         self.expert_bias = ExpertBias(params["expert_bias"]) if use_expert_bias else None
 
     @classmethod
-    def from_torch(cls, layer, *, dtype=None) -> FusedMoE:
+    def from_torch(cls, layer: flashfusemoe.MoELayer, *, dtype: DTypeLike | None = None) -> FusedMoE:
         """The NNX twin of a torch ``MoELayer``: same hyperparameters, exact copies of its weights
         (``param_dtype`` is the layer's dtype), compute ``dtype`` as given."""
-        import flashfusemoe
-
         if not isinstance(layer, flashfusemoe.MoELayer):
             raise TypeError(f"layer must be a flashfusemoe.MoELayer, got {type(layer).__name__}")
         params = torch_state_dict_to_jax(layer.state_dict())
@@ -134,5 +135,6 @@ class FusedMoE(nnx.Module):
         for name, value in params.items():
             getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
 
-    def __call__(self, x, return_aux: bool = False):
+    def __call__(self, x: jax.Array, return_aux: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux)

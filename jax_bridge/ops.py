@@ -70,25 +70,25 @@ _PREALLOCATION_CHECKED = False
 
 
 def fused_moe(
-    x,
-    router_weight,
-    w_up,
-    w_down,
-    top_k,
+    x: jax.Array,
+    router_weight: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    top_k: int,
     *,
-    activation="swiglu",
-    score_func="softmax",
-    norm_topk_prob=True,
-    expert_bias=None,
-    n_group=None,
-    topk_group=None,
-    routed_scaling_factor=1.0,
-    capacity_factor=None,
-    gemm="auto",
-    max_tokens_per_expert=None,
-    recompute=False,
-    return_aux=False,
-):
+    activation: str = "swiglu",
+    score_func: str = "softmax",
+    norm_topk_prob: bool = True,
+    expert_bias: jax.Array | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    capacity_factor: float | None = None,
+    gemm: str = "auto",
+    max_tokens_per_expert: int | None = None,
+    recompute: bool = False,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
@@ -125,7 +125,7 @@ def fused_moe(
     return out, aux
 
 
-def aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
+def aux_losses(logits: jax.Array, tokens_per_expert: jax.Array, score_func: str) -> dict[str, jax.Array]:
     """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
     for name, a in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
         if not isinstance(a, (jax.Array, np.ndarray)):
