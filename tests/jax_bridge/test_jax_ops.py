@@ -208,8 +208,8 @@ def test_gpu_runs_on_xla_stream_without_sync(monkeypatch):
 # while the reference runs in f32 on the same bf16 inputs. Measured as ||a - b|| / ||b|| the errors
 # average to about u (median 3.8e-3, worst 6.3e-3 over 40 seeds at this shape), so the bound 1e-2
 # holds with margin. (The max-normalised error reaches 1.2e-2 at tiny shapes: the router gradient
-# is a cancelling sum of few terms.) Triton's interpreter truncates fp32 -> bf16 casts
-# (../shared/facts.md), which doubles each rounding error, so on CPU the bf16 case runs the
+# is a cancelling sum of few terms.) Triton's interpreter truncates fp32 -> bf16 casts instead of
+# rounding them to nearest, which doubles each rounding error, so on CPU the bf16 case runs the
 # kernels' torch fallbacks, which store the same bf16 intermediates with correct rounding.
 REFERENCE_CASES = {
     "f32-sigmoid-bias-groups-capacity": (
