@@ -34,7 +34,8 @@ def _user_venv(path: Path) -> Path:
 def _activated(venv: Path) -> dict:
     """The environment ``source venv/bin/activate`` makes, less this test run's settings."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PYTHONHOME", "PYTHON", "VENV", "VIRTUAL_ENV")}
+           if k not in ("PYTHONPATH", "TRITON_INTERPRET", "PYTHONHOME", "PYTHON", "VENV", "VIRTUAL_ENV",
+                        "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     env["VIRTUAL_ENV"] = str(venv)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["PIP_NO_INDEX"] = "1"  # everything is installed already: nothing may be downloaded
