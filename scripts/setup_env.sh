@@ -30,12 +30,14 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -c 'import sys, torch
 v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 sys.exit(f"setup: torch {torch.__version__} is older than 2.11, which flashfusemoe needs" if v < (2, 11) else 0)'
-  # A venv made from a venv's python sees the base interpreter's packages, not that venv's:
-  # add the active venv's site-packages (with their .pth files) after $VENV's own.
+  # A venv made from a venv's python sees the base interpreter's packages, not that venv's, and
+  # no venv sees user site-packages: add those of $PYTHON (with their .pth files) after $VENV's own.
   "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
-  parent_sites=$("$PYTHON" -c 'import site, sys
-if sys.prefix != sys.base_prefix:
-    print("\n".join(site.getsitepackages()))')
+  parent_sites=$("$PYTHON" -c 'import os, site, sys
+dirs = site.getsitepackages() if sys.prefix != sys.base_prefix else []
+if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+    dirs.append(site.getusersitepackages())
+print("\n".join(dirs))')
   own_site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   : > "$own_site/_flashfusemoe_parent_env.pth"
   while IFS= read -r dir; do
