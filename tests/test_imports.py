@@ -115,6 +115,7 @@ _HIDE = """
 
 
 @pytest.mark.parametrize("hidden,module", [(("jax", "jaxlib"), "jax_bridge"),
+                                           (("jaxlib",), "jax_bridge"),
                                            (("jax", "jaxlib"), "jax_bridge.nnx"),
                                            (("flax",), "jax_bridge.nnx"),
                                            (("flax",), "jax_bridge.linen")])
