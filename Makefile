@@ -1,5 +1,6 @@
-# `make demo` and `make test` do all set-up themselves (a .venv; the CPU torch wheel when no
-# torch is installed; the existing torch/triton on a GPU machine).
+# `make demo` and `make test` do all set-up themselves (scripts/setup_env.sh): a venv, $(VENV),
+# that uses the torch already installed (the GPU image, an activated venv or conda env) or else
+# gets the CPU torch wheel.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
