@@ -1,15 +1,19 @@
-# `make demo` and `make test` do all set-up themselves (a .venv; the CPU torch wheel when no
-# torch is installed; the existing torch/triton on a GPU machine).
-PY := .venv/bin/python
+# `make demo` and `make test` do all set-up themselves (scripts/setup_env.sh): a venv, $(VENV),
+# that uses the torch already installed (the GPU image, an activated venv or conda env) or else
+# gets the CPU torch wheel.
+VENV ?= .venv
+PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint gpu-check clean
 
 setup:
-	@bash scripts/setup_env.sh
+	@VENV="$(VENV)" bash scripts/setup_env.sh
 
 demo: setup
 	$(PY) -m flashfusemoe.demo
+	@if $(PY) -c "import jax" 2>/dev/null; then $(PY) -m jax_bridge.demo; \
+	else echo "jax is not installed: no JAX demo (pip install \"flashfusemoe[jax]\")"; fi
 
 test: setup
 	$(PY) -m ruff check .
@@ -22,4 +26,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf .venv .pytest_cache
+	rm -rf "$(VENV)" .pytest_cache

@@ -683,12 +683,13 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="FlashFuseMoE layer benchmark against its baselines.")
     ap.add_argument("--shape", nargs="+", default=["seed"], choices=[*SHAPES, "all"])
     ap.add_argument("--impl", nargs="+", default=["all"], choices=[*IMPLS, "all"])
-    ap.add_argument("--skew", action="store_true", help=f"~{SKEW_FRACTION:.0%} of tokens pick expert 0")
+    ap.add_argument("--skew", action="store_true", help=f"~{SKEW_FRACTION:.0%}% of tokens pick expert 0")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, float32 on CPU (smoke test)")
     ap.add_argument("--out", default="out/bench-layer", help="folder for the JSON and markdown results")
     ap.add_argument("--sets", type=int, default=None, help="rotated input sets (default 3, tiny 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls before timing, at least 1 (default 3; 1 with --tiny)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls (default: fit --budget)")
     ap.add_argument("--min-iters", type=int, default=5)
     ap.add_argument("--max-iters", type=int, default=50)
@@ -696,6 +697,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.warmup is not None and args.warmup < 1:
+        # The first call compiles (jax.jit, torch.compile): a timing without warm-up measures that.
+        ap.error(f"--warmup must be >= 1, got {args.warmup}")
     if not torch.cuda.is_available() and not args.tiny:
         log("no CUDA device: running --tiny (tiny shapes, float32 on CPU)")
         args.tiny = True
@@ -703,7 +707,7 @@ def parse_args(argv=None):
         # One thread: tiny CPU ops are slower on a thread pool, badly so on a loaded machine.
         torch.set_num_threads(1)
         args.sets = args.sets or 2
-        args.warmup = 0 if args.warmup is None else args.warmup
+        args.warmup = 1 if args.warmup is None else args.warmup
         args.iters = args.iters or 1
         args.compile_backend = args.compile_backend or "eager"
     args.sets = args.sets or 3

@@ -376,7 +376,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
     ap.add_argument("--steps", type=int, default=30, help="measured steps after warm-up (>= 20 on GPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed first steps, at least 1 (default 5)")
     ap.add_argument(
         "--check-steps",
         type=int,
@@ -391,6 +391,8 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
     ap.add_argument("--out", default="out/bench-train")
     args = ap.parse_args(argv)
+    if args.warmup is not None and args.warmup < 1:
+        ap.error(f"--warmup must be >= 1 (the first step compiles), got {args.warmup}")
     if not torch.cuda.is_available() and not args.tiny:
         log("no CUDA device: running --tiny (2-layer tiny model on CPU)")
         args.tiny = True

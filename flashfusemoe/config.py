@@ -255,8 +255,13 @@ def check_layer_args(d_model, ffn_dim, num_experts, num_shared_experts, shared_f
         raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
 
 
+def dtype_name(dtype) -> str:
+    """``"float32"`` for ``torch.float32``: the name torch, numpy and ``jax.numpy`` share."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"shape {tuple(t.shape)}, dtype {dtype_name(t.dtype)}, device {t.device}"
 
 
 def _check_float_tensors(named: dict) -> None:
@@ -264,7 +269,8 @@ def _check_float_tensors(named: dict) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
+            allowed = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+            raise TypeError(f"{name} must have a floating dtype in ({allowed}), got {dtype_name(t.dtype)}")
 
 
 def _check_x_rank(x_name: str, x) -> None:
@@ -272,14 +278,46 @@ def _check_x_rank(x_name: str, x) -> None:
         raise ValueError(f"{x_name} must be [..., D] with at least one dimension, got {_describe(x)}")
 
 
-def _router_dims(x, router_weight) -> tuple[int, int]:
+def _check_rank(name: str, t, rank: int) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got {_describe(t)}")
+
+
+def _names(names: list) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _agreed_dim(dim: str, entries: list) -> int:
+    """The size of dimension ``dim`` that every tensor of ``entries`` gives, else a ValueError.
+
+    ``entries``: ``(name, tensor, size, layout)``, x first; ``layout`` spells the tensor's shape
+    with ``{D}``-style fields (``"[E, {D}]"``). The error names the tensor whose size disagrees
+    with all the others' when there is one; otherwise the first that disagrees with the first.
+    """
+    sizes = [size for _, _, size, _ in entries]
+    if len(set(sizes)) == 1:
+        return sizes[0]
+    odd = [i for i in range(len(entries)) if len({s for j, s in enumerate(sizes) if j != i}) == 1]
+    if len(entries) > 2 and len(odd) == 1:
+        bad, refs = odd[0], [j for j in range(len(entries)) if j != odd[0]]
+    else:
+        bad, refs = next(i for i, s in enumerate(sizes) if s != sizes[0]), [0]
+    name, t, size, layout = entries[bad]
+    agreed = sizes[refs[0]]
+    verb = "has" if len(refs) == 1 else "have"
+    fields = {"D": "D", "E": "E", "F": "F", dim: f"{dim}={agreed}"}
+    raise ValueError(
+        f"{name} has {dim}={size} but {_names([entries[j][0] for j in refs])} {verb} {dim}={agreed}: "
+        f"{name} must be {layout.format(**fields)}, got {_describe(t)}"
+    )
+
+
+def _router_dims(x, router_weight, x_name: str = "x") -> tuple[int, int]:
     """``(D, E)`` of ``x [..., D]`` and a rank-2 ``router_weight [E, D]``."""
-    if router_weight.dim() != 2:
-        raise ValueError(f"router_weight must have rank 2, got {_describe(router_weight)}")
-    D, E = x.shape[-1], router_weight.shape[0]
-    if router_weight.shape[1] != D:
-        raise ValueError(f"router_weight must be [E, D={D}], got {_describe(router_weight)}")
-    return D, E
+    _check_rank("router_weight", router_weight, 2)
+    D = _agreed_dim("D", [(x_name, x, x.shape[-1], "[..., {D}]"),
+                          ("router_weight", router_weight, router_weight.shape[1], "[{E}, {D}]")])
+    return D, router_weight.shape[0]
 
 
 def _check_same_device_and_dtype(named: dict, autocast: bool) -> None:
@@ -291,7 +329,8 @@ def _check_same_device_and_dtype(named: dict, autocast: bool) -> None:
                 f"{name} is on {t.device} but {x_name} is on {x.device}; all must share a device"
             )
         if t.dtype != x.dtype and not autocast:
-            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; all must share a dtype")
+            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)} but {x_name} has {dtype_name(x.dtype)}; "
+                            "all must share a dtype")
 
 
 def _check_expert_bias(expert_bias, E: int, x_name: str, device) -> None:
@@ -302,7 +341,7 @@ def _check_expert_bias(expert_bias, E: int, x_name: str, device) -> None:
     if tuple(expert_bias.shape) != (E,):
         raise ValueError(f"expert_bias must be [E={E}], got {_describe(expert_bias)}")
     if expert_bias.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"expert_bias must be float32 or float64, got {expert_bias.dtype}")
+        raise TypeError(f"expert_bias must be float32 or float64, got {dtype_name(expert_bias.dtype)}")
     if expert_bias.device != device:
         raise ValueError(f"expert_bias is on {expert_bias.device} but {x_name} is on {device}")
 
@@ -315,17 +354,20 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
     named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
     _check_float_tensors(named)
     _check_x_rank("x", x)
-    D, E = _router_dims(x, router_weight)
-    for name, rank in (("w_up", 3), ("w_down", 3)):
-        if named[name].dim() != rank:
-            raise ValueError(f"{name} must have rank {rank}, got {_describe(named[name])}")
-    if w_up.shape[0] != E or w_up.shape[2] != D:
-        raise ValueError(f"w_up must be [E={E}, 2F, D={D}], got {_describe(w_up)}")
+    for name, rank in (("router_weight", 2), ("w_up", 3), ("w_down", 3)):
+        _check_rank(name, named[name], rank)
+    # Each size from every tensor that has it, x first: the error names the one that disagrees.
+    D = _agreed_dim("D", [("x", x, x.shape[-1], "[..., {D}]"),
+                          ("router_weight", router_weight, router_weight.shape[1], "[{E}, {D}]"),
+                          ("w_up", w_up, w_up.shape[2], "[{E}, 2F, {D}]"),
+                          ("w_down", w_down, w_down.shape[1], "[{E}, {D}, {F}]")])
+    E = _agreed_dim("E", [("router_weight", router_weight, router_weight.shape[0], "[{E}, {D}]"),
+                          ("w_up", w_up, w_up.shape[0], "[{E}, 2F, {D}]"),
+                          ("w_down", w_down, w_down.shape[0], "[{E}, {D}, {F}]")])
     if w_up.shape[1] % 2:
         raise ValueError(f"w_up must have an even number of rows (gate and up halves), got {w_up.shape[1]}")
-    F = w_up.shape[1] // 2
-    if tuple(w_down.shape) != (E, D, F):
-        raise ValueError(f"w_down must be [E={E}, D={D}, F={F}], got {_describe(w_down)}")
+    F = _agreed_dim("F", [("w_up", w_up, w_up.shape[1] // 2, "[{E}, 2*{F}, {D}]"),
+                          ("w_down", w_down, w_down.shape[2], "[{E}, {D}, {F}]")])
     if E < 1 or D < 1 or F < 1:
         raise ValueError(f"E={E}, D={D} and F={F} must all be >= 1")
     _check_same_device_and_dtype(named, autocast)
@@ -341,7 +383,7 @@ def validate_router_inputs(x, router_weight, expert_bias, options: MoEOptions, *
     named = {x_name: x, "router_weight": router_weight}
     _check_float_tensors(named)
     _check_x_rank(x_name, x)
-    D, E = _router_dims(x, router_weight)
+    D, E = _router_dims(x, router_weight, x_name)
     if E < 1 or D < 1:
         raise ValueError(f"E={E} and D={D} must both be >= 1")
     _check_same_device_and_dtype(named, autocast)

@@ -18,7 +18,14 @@ from flashfusemoe.kernels import activation, deliver, grouped_gemm, out_buffer, 
 
 
 class CapacityOverflowError(RuntimeError):
-    """An expert received more tokens than the padded ``gemm="bmm"`` layout holds."""
+    """An expert received more tokens than the padded ``gemm="bmm"`` layout holds.
+
+    Raised by ``fused_moe``/``MoELayer`` with ``gemm="bmm"`` (no ``capacity_factor``) where the
+    layout cannot grow: under ``torch.compile`` and inside the JAX bridge (which reports it as a
+    ``JaxRuntimeError`` naming it). Eager torch grows the layout instead. The message gives the
+    load that overflowed; pass a larger ``max_tokens_per_expert`` (``calibrate_max_tokens``) or
+    use ``gemm="grouped"``.
+    """
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@
 
 Prints the max relative error of the output and of every gradient against a float32 (GPU)
 or float64 (CPU) reference, the fwd+bwd time of each, and on GPU the kernel launches.
+``make demo`` then runs ``python -m jax_bridge.demo``, the same comparison through JAX.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 
 import torch
@@ -84,17 +84,6 @@ def main(argv=None):
     if not math.isfinite(worst) or worst > bound:
         raise SystemExit(f"FAILED: max relative error {worst:.2e} > {bound}")
     print(f"\nOK: max relative error {worst:.2e} <= {bound}")
-
-    if importlib.util.find_spec("jax") is None:
-        print("\n(jax not installed: skipping the JAX bridge comparison)")
-        return
-    from jax_bridge import compare  # imported late: it configures XLA's allocator before jax loads
-
-    print("\nJAX bridge: the same inputs through torch-native, the bridge and both references")
-    jax_dtype = "bf16" if dtype == torch.bfloat16 else "f32"
-    if compare.main(["--shape", str(N), str(D), str(F), str(E), str(K), "--dtype", jax_dtype,
-                     "--gemm", args.gemm if args.gemm != "auto" else "grouped"]):
-        raise SystemExit("FAILED: the JAX bridge comparison broke a bound")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -24,7 +25,9 @@ from flashfusemoe.kernels import permute, routing
 
 
 @signature_with_options
-def fused_moe(x, router_weight, w_up, w_down, top_k, *, expert_bias=None, return_aux=False, **options):
+def fused_moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              top_k: int, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False, **options: Any
+              ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Top-k routed GLU mixture of experts, fused.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
@@ -37,8 +40,20 @@ def fused_moe(x, router_weight, w_up, w_down, top_k, *, expert_bias=None, return
     return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
 
 
-def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False):
-    """``fused_moe`` with the options already in a ``MoEOptions``."""
+def moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+        options: MoEOptions, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False
+        ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``fused_moe`` with the options already in a ``MoEOptions``.
+
+    x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
+    expert_bias [E] float32/float64 or None (selection only). Returns ``out`` shaped like x, or with
+    ``return_aux`` ``(out, aux)``: ``load_balance_loss`` [] and ``z_loss`` [] (differentiable),
+    ``tokens_per_expert`` [E] int32 (before capacity) and ``dropped_tokens`` [] int32.
+    Raises TypeError/ValueError naming the argument for bad tensors or options (wrong shapes,
+    dtypes, devices; ``options.top_k`` > E); ``CapacityOverflowError`` with ``gemm="bmm"`` under
+    ``torch.compile`` when an expert gets more than ``max_tokens_per_expert`` tokens (eager mode
+    grows the layout instead).
+    """
     check_bool("return_aux", return_aux)
     out, outputs = moe_outputs(x, router_weight, w_up, w_down, options, expert_bias=expert_bias)
     return (out, make_aux(outputs, options)) if return_aux else out
@@ -82,8 +97,16 @@ def make_aux(outputs: core.Outputs, options: MoEOptions) -> dict:
     return aux
 
 
-def aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func: str) -> dict:
-    """Load-balance and z losses from router logits [N, E] (differentiable through logits)."""
+def aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func: str
+               ) -> dict[str, torch.Tensor]:
+    """Load-balance and z losses from router logits [N, E], differentiable through logits.
+
+    ``tokens_per_expert`` [E] (integer or floating): assignments per expert, e.g.
+    ``aux["tokens_per_expert"]``; ``score_func`` "softmax" | "sigmoid", as routed. Returns
+    ``{"load_balance_loss": [], "z_loss": []}`` in the logits' dtype (both 0 for N = 0).
+    Raises TypeError/ValueError naming the argument for non-tensors, non-floating logits,
+    mismatched shapes or an unknown ``score_func``.
+    """
     validate_aux_inputs(logits, tokens_per_expert, score_func)
     return _aux_losses(logits, tokens_per_expert, score_func)
 
@@ -118,9 +141,10 @@ def make_plan(options: MoEOptions, num_tokens: int, num_experts: int) -> core.Pl
     return core.Plan("bmm", rows)
 
 
-def calibrate_max_tokens(batches: Iterable[torch.Tensor], router_weight, top_k, *, score_func="softmax",
-                         norm_topk_prob=True, expert_bias=None, n_group=None, topk_group=None,
-                         margin=0.1, multiple=8) -> int:
+def calibrate_max_tokens(batches: Iterable[torch.Tensor], router_weight: torch.Tensor, top_k: int, *,
+                         score_func: str = "softmax", norm_topk_prob: bool = True,
+                         expert_bias: torch.Tensor | None = None, n_group: int | None = None,
+                         topk_group: int | None = None, margin: float = 0.1, multiple: int = 8) -> int:
     """Max per-expert load over ``batches`` (each [..., D]), plus ``margin``, rounded up to ``multiple``.
 
     Pass the result as ``max_tokens_per_expert`` with ``gemm="bmm"``. Syncs with the host once per batch.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,11 @@ class MoELayer(nn.Module):
     ``accumulated_dropped`` keep running sums. Neither syncs with the host.
     """
 
-    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *, use_expert_bias=False,
-                 num_shared_experts=0, shared_ffn_dim=None, shared_expert_gate=False, device=None, dtype=None,
-                 **options):
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
+                 use_expert_bias: bool = False, num_shared_experts: int = 0,
+                 shared_ffn_dim: int | None = None, shared_expert_gate: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **options: Any) -> None:
         super().__init__()
         self.config = LayerConfig.from_kwargs(
             d_model, ffn_dim, num_experts, top_k, "MoELayer", use_expert_bias=use_expert_bias,
@@ -87,7 +90,7 @@ class MoELayer(nn.Module):
 
     __init__ = signature_with_options(__init__)
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         init_uniform_(self.router_weight, self.d_model)
         init_uniform_(self.w_up, self.d_model)
         init_uniform_(self.w_down, self.ffn_dim)
@@ -97,7 +100,8 @@ class MoELayer(nn.Module):
         if self.shared_gate_weight is not None:
             init_uniform_(self.shared_gate_weight, self.d_model)
 
-    def forward(self, x, return_aux: bool = False):
+    def forward(self, x: torch.Tensor, return_aux: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_bool("return_aux", return_aux)
         out, outputs = moe_outputs(x, self.router_weight, self.w_up, self.w_down, self.options,
                                    expert_bias=self.expert_bias)
@@ -120,7 +124,7 @@ class MoELayer(nn.Module):
             return {}
         return routing_stats(self._last_loads, self._last_dropped)
 
-    def reset_accumulated_routing_stats(self):
+    def reset_accumulated_routing_stats(self) -> None:
         self.accumulated_loads.zero_()
         self.accumulated_dropped.zero_()
 

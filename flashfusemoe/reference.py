@@ -106,7 +106,7 @@ def moe_reference(
     shared_w_down: torch.Tensor | None = None,
     shared_gate_weight: torch.Tensor | None = None,
     return_aux: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Top-k routed GLU MoE, one expert at a time.
 
     Shapes: ``x [..., D]``, ``router_weight [E, D]``, ``w_up [E, 2F, D]`` (rows ``0:F`` gate,

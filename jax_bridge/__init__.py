@@ -5,6 +5,26 @@
 (Flax modules), ``jax_bridge.compare`` (cross-framework comparison).
 """
 
-from jax_bridge.ops import aux_losses, fused_moe
+INSTALL_HINT = 'pip install "flashfusemoe[jax]"'
+
+
+def missing_extra(error: ModuleNotFoundError) -> ModuleNotFoundError:
+    """``error`` (jax, jaxlib, flax or optax not installed) restated with how to install them."""
+    name = error.name or "jaxlib"  # jax raises "jax requires jaxlib" without a module name
+    return ModuleNotFoundError(
+        f"jax_bridge needs {name!r}, which is not installed: install the [jax] extra "
+        f"({INSTALL_HINT}, or pip install -e \".[jax]\" in a checkout)",
+        name=name,
+    )
+
+
+try:
+    import jax  # noqa: F401
+except ModuleNotFoundError as e:  # only jax or jaxlib missing; any other error is jax's own
+    if e.name not in ("jax", "jaxlib") and not (e.name is None and "jaxlib" in str(e)):
+        raise
+    raise missing_extra(e) from e
+
+from jax_bridge.ops import aux_losses, fused_moe  # noqa: E402
 
 __all__ = ["aux_losses", "fused_moe"]

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
+from jax.typing import DTypeLike
 
+import flashfusemoe
 from flashfusemoe.config import LayerConfig
 from jax_bridge.ops import moe
 
@@ -46,7 +50,7 @@ LINEN_BUFFERS = "buffers"  # the Linen collection holding expert_bias
 _HI = jax.lax.Precision.HIGHEST
 
 
-def check_float_dtype(name: str, dtype, allow_none: bool = False) -> None:
+def check_float_dtype(name: str, dtype: DTypeLike | None, allow_none: bool = False) -> None:
     """``param_dtype`` / ``dtype`` of the Flax modules: a JAX floating dtype (or None where allowed)."""
     if dtype is None and allow_none:
         return
@@ -58,12 +62,12 @@ def check_float_dtype(name: str, dtype, allow_none: bool = False) -> None:
         raise TypeError(f"{name} must be a floating dtype{' or None' if allow_none else ''}, got {dtype!r}")
 
 
-def layer_kwargs_from_torch(layer) -> dict:
+def layer_kwargs_from_torch(layer: flashfusemoe.MoELayer) -> dict:
     """Hyperparameters of a torch ``MoELayer`` as the Flax modules' keyword arguments."""
     return layer.config.kwargs()
 
 
-def uniform_init(fan_in: int):
+def uniform_init(fan_in: int) -> Callable[..., jax.Array]:
     """``nn.Linear``'s default scale as a JAX initialiser: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
     bound = 1.0 / math.sqrt(fan_in)
 
@@ -74,7 +78,8 @@ def uniform_init(fan_in: int):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def init_params(key, config: LayerConfig, param_dtype=jnp.float32) -> dict[str, jax.Array]:
+def init_params(key: jax.Array, config: LayerConfig, param_dtype: DTypeLike = jnp.float32
+                ) -> dict[str, jax.Array]:
     """Fresh trainable parameters, each ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, and, with
     ``use_expert_bias``, a zero fp32 ``expert_bias``.
 
@@ -105,7 +110,7 @@ def _activation(gate, activation: str):
     return a.astype(gate.dtype)
 
 
-def glu_mlp(x, w_up, w_down, activation: str):
+def glu_mlp(x: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str) -> jax.Array:
     """Dense GLU MLP, the shared expert: x [..., D], w_up [2Fs, D], w_down [D, Fs] -> [..., D]."""
     h = jnp.matmul(x, w_up.T, precision=_HI)
     gate, up = jnp.split(h, 2, axis=-1)
@@ -125,7 +130,8 @@ def _check_params(params: Mapping, config: LayerConfig) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(jnp.shape(params[name]))}")
 
 
-def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_aux: bool = False):
+def apply_layer(params: Mapping, x: jax.Array, config: LayerConfig, *, dtype: DTypeLike | None = None,
+                return_aux: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """The ``MoELayer`` forward on JAX arrays: ``x [..., D] -> out [..., D]`` (or ``(out, aux)``).
 
     ``params`` maps the torch names to arrays. Everything but ``expert_bias`` (fp32) is cast to
@@ -155,25 +161,32 @@ def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_a
 # ---- torch <-> JAX -----------------------------------------------------------------------------
 
 
+class ParamsModule(Protocol):
+    """What the converters need of a module; ``jax_bridge.nnx.FusedMoE`` is one."""
+
+    def params_dict(self) -> dict[str, jax.Array]: ...
+
+    def load_params_dict(self, params: Mapping) -> None: ...
+
+
+M = TypeVar("M", bound=ParamsModule)
+
+
 def _check_mapping(name: str, value) -> None:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a mapping of names to arrays, got {type(value).__name__}")
 
 
-def torch_to_numpy(t) -> np.ndarray:
+def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
     """An exact host copy of a torch tensor (bf16 through its bits)."""
-    import torch
-
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().copy().view(jnp.bfloat16)
     return t.numpy().copy()
 
 
-def numpy_to_torch(a):
+def numpy_to_torch(a: np.ndarray | jax.Array) -> torch.Tensor:
     """An exact torch copy of a host array (bf16 through its bits)."""
-    import torch
-
     a = np.array(a, copy=True)
     if a.dtype == jnp.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
@@ -186,8 +199,6 @@ def torch_state_dict_to_jax(state_dict: Mapping, *, prefix: str = "") -> dict[st
     With a prefix (e.g. ``"blocks.0.moe."``) other entries are ignored; without one every entry
     must be a ``MoELayer`` parameter or ``expert_bias``.
     """
-    import torch
-
     _check_mapping("state_dict", state_dict)
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
@@ -225,20 +236,19 @@ def jax_params_to_torch_state_dict(params: Mapping, *, prefix: str = "") -> dict
     return state_dict
 
 
-def nnx_to_torch_state_dict(module, *, prefix: str = "") -> dict:
+def nnx_to_torch_state_dict(module: ParamsModule, *, prefix: str = "") -> dict:
     """The parameters and ``expert_bias`` of a ``jax_bridge.nnx.FusedMoE`` as a torch ``state_dict``."""
     return jax_params_to_torch_state_dict(module.params_dict(), prefix=prefix)
 
 
-def load_torch_state_dict_into_nnx(module, state_dict: Mapping, *, prefix: str = ""):
+def load_torch_state_dict_into_nnx(module: M, state_dict: Mapping, *, prefix: str = "") -> M:
     """Loads a torch ``MoELayer`` ``state_dict`` into a ``jax_bridge.nnx.FusedMoE`` in place.
 
     Entries must match the module's parameters and shapes; values are cast to the dtypes the
     module's variables have (exact when they already match). Returns the module.
     """
-    from jax_bridge.nnx import FusedMoE
-
-    if not isinstance(module, FusedMoE):
+    # Duck-typed: jax_bridge.nnx builds on this module, so this module doesn't import it.
+    if not callable(getattr(module, "load_params_dict", None)):
         raise TypeError(f"module must be a jax_bridge.nnx.FusedMoE, got {type(module).__name__}")
     module.load_params_dict(torch_state_dict_to_jax(state_dict, prefix=prefix))
     return module

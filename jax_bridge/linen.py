@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flashfusemoe.config import LayerConfig, layer_fields
+from jax_bridge import missing_extra
+
+try:
+    import flax.linen as nn
+except ModuleNotFoundError as e:
+    if e.name != "flax":
+        raise
+    raise missing_extra(e) from e
+
 from jax_bridge.convert import LINEN_BUFFERS, apply_layer, check_float_dtype, uniform_init
 
 __all__ = ["FusedMoE"]
@@ -48,7 +57,8 @@ class FusedMoE(nn.Module):
                                        **kwargs)
 
     @nn.compact
-    def __call__(self, x, return_aux: bool = False):
+    def __call__(self, x: jax.Array, return_aux: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         config = self.config
         check_float_dtype("param_dtype", self.param_dtype)
         check_float_dtype("dtype", self.dtype, allow_none=True)

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+import jax
 import jax.numpy as jnp
-from flax import nnx
+from jax.typing import DTypeLike
+
+import flashfusemoe
+from jax_bridge import missing_extra
+
+try:
+    from flax import nnx
+except ModuleNotFoundError as e:
+    if e.name != "flax":
+        raise
+    raise missing_extra(e) from e
 
 from flashfusemoe.config import LayerConfig, signature_with_options
 from jax_bridge.convert import (
@@ -38,9 +50,11 @@ class FusedMoE(nnx.Module):
     ``flashfusemoe.fused_moe``'s.
     """
 
-    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *, use_expert_bias=False,
-                 num_shared_experts=0, shared_ffn_dim=None, shared_expert_gate=False, param_dtype=jnp.float32,
-                 dtype=None, rngs: nnx.Rngs, **options):
+    def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
+                 use_expert_bias: bool = False, num_shared_experts: int = 0,
+                 shared_ffn_dim: int | None = None, shared_expert_gate: bool = False,
+                 param_dtype: DTypeLike = jnp.float32, dtype: DTypeLike | None = None, rngs: nnx.Rngs,
+                 **options: Any):
         self.config = LayerConfig.from_kwargs(
             d_model, ffn_dim, num_experts, top_k, "FusedMoE", use_expert_bias=use_expert_bias,
             num_shared_experts=num_shared_experts, shared_ffn_dim=shared_ffn_dim,
@@ -56,11 +70,9 @@ class FusedMoE(nnx.Module):
     __init__ = signature_with_options(__init__)
 
     @classmethod
-    def from_torch(cls, layer, *, dtype=None) -> FusedMoE:
+    def from_torch(cls, layer: flashfusemoe.MoELayer, *, dtype: DTypeLike | None = None) -> FusedMoE:
         """The NNX twin of a torch ``MoELayer``: same hyperparameters, exact copies of its weights
         (``param_dtype`` is the layer's dtype), compute ``dtype`` as given."""
-        import flashfusemoe
-
         if not isinstance(layer, flashfusemoe.MoELayer):
             raise TypeError(f"layer must be a flashfusemoe.MoELayer, got {type(layer).__name__}")
         params = torch_state_dict_to_jax(layer.state_dict())
@@ -90,5 +102,6 @@ class FusedMoE(nnx.Module):
         for name, value in params.items():
             getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
 
-    def __call__(self, x, return_aux: bool = False):
+    def __call__(self, x: jax.Array, return_aux: bool = False
+                 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import os
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from flashfusemoe.config import (
     MoEOptions,
     check_aux_shapes,
     check_bool,
+    dtype_name,
     make_options,
     signature_with_options,
     validate_inputs,
@@ -42,7 +44,9 @@ _PREALLOCATION_CHECKED = False
 
 
 @signature_with_options
-def fused_moe(x, router_weight, w_up, w_down, top_k, *, expert_bias=None, return_aux=False, **options):
+def fused_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_down: jax.Array, top_k: int, *,
+              expert_bias: jax.Array | None = None, return_aux: bool = False, **options: Any
+              ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
@@ -73,7 +77,7 @@ def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None
     return out, aux
 
 
-def aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
+def aux_losses(logits: jax.Array, tokens_per_expert: jax.Array, score_func: str) -> dict[str, jax.Array]:
     """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
     for name, a in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
         if not isinstance(a, (jax.Array, np.ndarray)):
@@ -114,7 +118,8 @@ def _standin(name: str, a) -> torch.Tensor:
         raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
     dtype = getattr(torch, jnp.dtype(a.dtype).name, None)
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {a.dtype}")
+        allowed = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating dtype in ({allowed}), got {jnp.dtype(a.dtype).name}")
     return torch.empty(a.shape, dtype=dtype, device="meta")
 
 

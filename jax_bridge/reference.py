@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,17 +91,17 @@ def _check_experts(w_up, w_down, e, d):
 
 
 def route_reference(
-    x,
-    router_weight,
-    top_k,
+    x: jax.Array,
+    router_weight: jax.Array,
+    top_k: int,
     *,
-    score_func="softmax",
-    norm_topk_prob=True,
-    expert_bias=None,
-    n_group=None,
-    topk_group=None,
-    routed_scaling_factor=1.0,
-    capacity_factor=None,
+    score_func: str = "softmax",
+    norm_topk_prob: bool = True,
+    expert_bias: jax.Array | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    capacity_factor: float | None = None,
 ) -> Routing:
     """Routing of ``x [..., D]`` (flattened to ``N`` tokens) by ``router_weight [E, D]``.
 
@@ -169,19 +169,19 @@ def route_reference(
 
 
 def moe_reference(
-    x,
-    router_weight,
-    w_up,
-    w_down,
-    top_k,
+    x: jax.Array,
+    router_weight: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    top_k: int,
     *,
-    activation="swiglu",
-    shared_w_up=None,
-    shared_w_down=None,
-    shared_gate_weight=None,
-    return_aux=False,
-    **routing_options,
-):
+    activation: str = "swiglu",
+    shared_w_up: jax.Array | None = None,
+    shared_w_down: jax.Array | None = None,
+    shared_gate_weight: jax.Array | None = None,
+    return_aux: bool = False,
+    **routing_options: Any,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Dense MoE ground truth: ``x [..., D] -> out [..., D]`` (dtype of ``x``).
 
     ``routing_options``: ``route_reference``'s keyword arguments (``score_func``, ``expert_bias``,
@@ -256,7 +256,8 @@ def moe_reference(
     return out, aux
 
 
-def ragged_dot_moe(x, router_weight, w_up, w_down, top_k, *, activation="swiglu"):
+def ragged_dot_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_down: jax.Array, top_k: int, *,
+                   activation: str = "swiglu") -> jax.Array:
     """Dropless sorted MoE with ``jax.lax.ragged_dot``: the pure-JAX speed baseline.
 
     ``x [..., D] -> [..., D]``; softmax top-k routing with normalised weights, in fp32.

@@ -9,6 +9,7 @@
 #   tests       pytest -v -m "not gpu" tests the rest; with CUDA present their `device` fixture is
 #                                           cuda (real kernels), and CPU-pinned tests run the torch path
 #   demo        python -m flashfusemoe.demo
+#   jax-demo    python -m jax_bridge.demo
 #   layer       python -m benchmarks.layer --shape all
 #   layer-skew  python -m benchmarks.layer --shape all --skew
 #   train       python -m benchmarks.train
@@ -19,7 +20,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
-STAGES=${STAGES:-"gpu-tests tests demo layer layer-skew train plots"}
+STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train plots"}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -74,6 +75,7 @@ for stage in $STAGES; do
     gpu-tests) run_stage "$stage" "$PYTHON" -m pytest -v -rfE -m gpu ${PYTEST_ARGS:-} tests ;;
     tests) run_stage "$stage" "$PYTHON" -m pytest -v -rfE -m "not gpu" ${PYTEST_ARGS:-} tests ;;
     demo) run_stage "$stage" "$PYTHON" -m flashfusemoe.demo ;;
+    jax-demo) run_stage "$stage" "$PYTHON" -m jax_bridge.demo ;;
     layer) run_stage "$stage" "$PYTHON" -m benchmarks.layer --shape all --out "$OUT_DIR/$stage" ${LAYER_ARGS:-} ;;
     layer-skew)
       run_stage "$stage" "$PYTHON" -m benchmarks.layer --shape all --skew --out "$OUT_DIR/$stage" ${LAYER_ARGS:-} ;;

@@ -178,3 +178,37 @@ def test_aux_losses_bad_input(kwargs, exc, words):
         flashfusemoe.aux_losses(**args)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+# (changed tensors of the N=4, D=8, F=4, E=4 problem) -> (the tensor to blame, the size it must have)
+MISMATCHES = [
+    (dict(x=torch.randn(4, 9, dtype=torch.float64)), "x", "D=8"),
+    (dict(router_weight=torch.randn(4, 9, dtype=torch.float64)), "router_weight", "D=8"),
+    (dict(w_up=torch.randn(4, 8, 9, dtype=torch.float64)), "w_up", "D=8"),
+    (dict(w_down=torch.randn(4, 9, 4, dtype=torch.float64)), "w_down", "D=8"),
+    (dict(router_weight=torch.randn(5, 8, dtype=torch.float64)), "router_weight", "E=4"),
+    (dict(w_up=torch.randn(5, 8, 8, dtype=torch.float64)), "w_up", "E=4"),
+    (dict(w_down=torch.randn(5, 8, 4, dtype=torch.float64)), "w_down", "E=4"),
+    # x and the router's E both wrong: x is named first
+    (dict(x=torch.randn(4, 9, dtype=torch.float64), router_weight=torch.randn(5, 8, dtype=torch.float64)),
+     "x", "D=8"),
+]
+
+
+@pytest.mark.parametrize("kwargs,culprit,size", MISMATCHES,
+                         ids=[f"{sorted(c[0])}-{c[1]}-{c[2]}" for c in MISMATCHES])
+def test_shape_error_names_the_tensor_that_disagrees(tensors, kwargs, culprit, size):
+    with pytest.raises(ValueError) as info:
+        _call(tensors, **kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{culprit} has "), message
+    assert f"{culprit} must be [" in message and size in message, message
+
+
+def test_dtype_errors_name_dtypes_without_the_torch_prefix(tensors):
+    """The same text reaches JAX users (jax_bridge runs these checks), who pass jnp dtypes."""
+    for kwargs in (dict(x=torch.ones(4, 8, dtype=torch.int32)), dict(w_up=tensors[2].float()),
+                   dict(expert_bias=torch.zeros(4, dtype=torch.int32))):
+        with pytest.raises(TypeError) as info:
+            _call(tensors, **kwargs)
+        assert "torch." not in str(info.value) and "32" in str(info.value), str(info.value)

@@ -323,14 +323,14 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends):
 
 
 # Weight gradients of at most this many FLOPs go to the TMA kernel even where torch._grouped_mm
-# runs them too. On an H100 (bf16) the kernel matched or beat CUTLASS at the seed shape (<= 103
-# GFLOP per gradient) and trailed it by 2-7% from the fine-grained shape (155 GFLOP) up.
+# runs them too: measured against CUTLASS, it matched or beat it below and trailed it above
+# (docs/benchmarks.md).
 _TMA_MAX_FLOPS = 2**37
 
 
 def _tma_config(interpret: bool = INTERPRET) -> dict:
-    """Launch configuration of the TMA weight-gradient kernel (H100, bf16: the fastest of seven
-    tile shapes at the seed and SonicMoE shapes, within 2% of the fastest at the fine-grained one)."""
+    """Launch configuration of the TMA weight-gradient kernel (the tile measured fastest on the
+    H100 in bf16: docs/benchmarks.md)."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=5)

@@ -760,7 +760,7 @@ def combine_rows(
         return deliver(acc.to(out_dtype), out, "out")
     out = out_buffer(out, (n, d), out_dtype, dev, "out")
     # With the router term each program also runs a [BLOCK_N, E] x [E, BLOCK_D] dot: wider tiles
-    # and 8 warps (H100: 324 vs 346 us at the fine-grained shape, equal at the seed's).
+    # and 8 warps were faster (docs/benchmarks.md, "Measurements behind code choices").
     elems, warps = (_COMBINE_ELEMS, 4) if addend is None else (2 * _COMBINE_ELEMS, 8)
     block_n, block_d = row_blocks(d, elems, 256)
     num_experts = 0 if addend is None else addend[0].shape[1]

@@ -208,8 +208,8 @@ def test_gpu_runs_on_xla_stream_without_sync(monkeypatch):
 # while the reference runs in f32 on the same bf16 inputs. Measured as ||a - b|| / ||b|| the errors
 # average to about u (median 3.8e-3, worst 6.3e-3 over 40 seeds at this shape), so the bound 1e-2
 # holds with margin. (The max-normalised error reaches 1.2e-2 at tiny shapes: the router gradient
-# is a cancelling sum of few terms.) Triton's interpreter truncates fp32 -> bf16 casts
-# (../shared/facts.md), which doubles each rounding error, so on CPU the bf16 case runs the
+# is a cancelling sum of few terms.) Triton's interpreter truncates fp32 -> bf16 casts instead of
+# rounding them to nearest, which doubles each rounding error, so on CPU the bf16 case runs the
 # kernels' torch fallbacks, which store the same bf16 intermediates with correct rounding.
 REFERENCE_CASES = {
     "f32-sigmoid-bias-groups-capacity": (
@@ -596,3 +596,24 @@ def test_xla_preallocation_warning(monkeypatch):
 
 if __name__ == "__main__":
     print(json.dumps(_shard_map_worker(int(sys.argv[1]))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64, jnp.bool_])
+def test_bad_dtype_errors_use_jnp_names(dtype):
+    args = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(TypeError) as info:
+        jax_bridge.fused_moe(args[0].astype(dtype), *args[1:], K)
+    message = str(info.value)
+    assert "torch" not in message and message.endswith(f"got {jnp.dtype(dtype).name}"), message
+
+
+def test_dtype_mismatch_error_uses_jnp_names():
+    args = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(TypeError, match="^router_weight has dtype bfloat16 but x has float32;"):
+        jax_bridge.fused_moe(args[0], args[1].astype(jnp.bfloat16), *args[2:], K)
+
+
+def test_shape_error_names_x_when_x_disagrees():
+    x, *weights = [to_jax(t) for t in problem(torch.float32)[0]]
+    with pytest.raises(ValueError, match=rf"^x has D={D - 1} but router_weight, w_up and w_down have D={D}"):
+        jax_bridge.fused_moe(x[:, :-1], *weights, K)
