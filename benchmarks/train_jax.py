@@ -37,6 +37,8 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -53,6 +55,7 @@ from benchmarks.flax_model import MOE_LAYERS, SeedModel, load_torch_state_dict, 
 from benchmarks.layer import environment, log  # noqa: E402
 
 TORCH_IMPLS = ("fused-compiled", "fused-eager")
+ROOT = Path(__file__).resolve().parents[1]
 LOSS_TOL = train.LOSS_TOL
 
 
@@ -113,7 +116,14 @@ def parse_args(argv=None):
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
+    ap.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each run in its own process, so that each peak memory is its own (default: on GPU)",
+    )
     ap.add_argument("--out", default="out/bench-train")
+    ap.add_argument("--child-run", default=None, help=argparse.SUPPRESS)  # one run, for --isolate
     args = ap.parse_args(argv)
     for name in ("steps", "warmup", "check_steps", "layers"):
         v = getattr(args, name)
@@ -350,33 +360,50 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
 
 
+def run_isolated(name: str, argv: list[str], out: Path, n_steps: int, git) -> dict:
+    """Run ``name`` in a fresh process (same flags): its own JAX high-water mark and allocator pools."""
+    runs = out / "runs"
+    path = runs / f"{name}.result.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.train", "--framework", "jax", *argv]
+    cmd += ["--child-run", name, "--out", str(runs)]
+    env = dict(os.environ, FLASHFUSEMOE_GIT=git or "")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, check=False)
+    if path.exists():
+        return json.loads(path.read_text())
+    return {
+        "impl": name,
+        "status": "error",
+        "note": f"its process exited with {proc.returncode}",
+        "steps": n_steps,
+    }
+
+
 def _main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cuda = not args.tiny
     cfg = train.TINY if args.tiny else train.ModelConfig()
     if args.layers is not None:
         cfg = train.ModelConfig(**{**cfg.__dict__, "n_layers": args.layers})
-    moes = [m for m in MOE_LAYERS if m in args.moe or "all" in args.moe]
-    env = environment("cuda" if cuda else "cpu", "benchmarks.train")
-    env["flax"] = __import__("flax").__version__
-    dtype = jnp.bfloat16 if cuda else jnp.float32
-    args.attention_impl, attention_note = resolve_attention(args.attention, cuda, dtype)
-    if attention_note:
-        log(attention_note)
-
-    state, counts = train.initial_state(cfg, args.seed, "cuda" if cuda else "cpu")
+    torch_name = f"torch-{args.torch_impl}" if args.compare_torch else None
+    runs = ([torch_name] if torch_name else []) + [
+        impl_name(m) for m in MOE_LAYERS if m in args.moe or "all" in args.moe
+    ]
+    if args.child_run is not None:
+        if args.child_run not in runs:
+            raise SystemExit(f"--child-run {args.child_run!r} is not one of this command's runs {runs}")
+        runs = [args.child_run]
+    isolate = args.isolate if args.isolate is not None else cuda and len(runs) > 1
+    isolate = isolate and args.child_run is None
     n_steps = args.warmup + args.steps
     if args.compare_torch:
         n_steps = max(n_steps, args.check_steps)
-    torch_batches = train.make_batches(cfg, n_steps, args.seed, "cpu")
-    batches = [jnp.asarray(b.numpy().astype(np.int32)) for b in torch_batches]
-    log(
-        f"Flax NNX training benchmark on {env['device']} (jax {jax.__version__}, {jax.default_backend()}): "
-        f"{cfg}\n  {counts[0]:,} parameters, {counts[1]:,} active; {cfg.batch * cfg.seq} tokens/step; "
-        f"warm-up {args.warmup}, measured {args.steps}; MoE blocks "
-        f"{'under nnx.scan' if args.scan else 'in a Python loop'}{', nnx.remat' if args.remat else ''}; "
-        f"{args.attention_impl} attention; {jnp.dtype(dtype).name} compute"
-    )
+    env = environment("cuda" if cuda else "cpu", "benchmarks.train")
+    env["flax"] = __import__("flax").__version__
+    dtype = jnp.bfloat16 if cuda else jnp.float32
+    counts = train.param_counts(train.build_model("unfused-eager", cfg, "meta"))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,11 +419,11 @@ def _main(argv=None) -> int:
         "seed": args.seed,
         "scan": args.scan,
         "remat": args.remat,
-        "attention": args.attention_impl,
+        "attention": args.attention,
         "compute_dtype": jnp.dtype(dtype).name,
+        "isolated": isolate,
     }
     results = {}
-    torch_name = f"torch-{args.torch_impl}" if args.compare_torch else None
 
     def save():
         check = loss_check(results, torch_name, args.check_steps)
@@ -413,7 +440,9 @@ def _main(argv=None) -> int:
 
     def report(r):
         results[r["impl"]] = r
-        if r["status"] == "ok":
+        if isolate and r["status"] == "ok":
+            pass  # its process logged it
+        elif r["status"] == "ok":
             peak = f", peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
             log(
                 f"  {r['impl']}: p50 {r['step_ms_p50']:.1f} ms/step, "
@@ -421,14 +450,41 @@ def _main(argv=None) -> int:
             )
         else:
             log(f"  {r['impl']}: {r['status']}: {r['note']}")
-        save()
+        if args.child_run is None:
+            save()
 
-    if args.compare_torch:  # torch first: it frees its memory before JAX's allocator grows
-        log(f"\n{torch_name}: {n_steps} steps")
-        report(run_torch(args.torch_impl, cfg, state, torch_batches, n_steps, args, cuda))
-    for moe in moes:
-        log(f"\n{impl_name(moe)}: {n_steps} steps")
-        report(run_jax(moe, cfg, state, batches, n_steps, args, cuda))
+    if args.child_run is None:
+        log(
+            f"Flax NNX training benchmark on {env['device']} (jax {jax.__version__}, "
+            f"{jax.default_backend()}): "
+            f"{cfg}\n  {counts[0]:,} parameters, {counts[1]:,} active; {cfg.batch * cfg.seq} tokens/step; "
+            f"warm-up {args.warmup}, measured {args.steps}; MoE blocks "
+            f"{'under nnx.scan' if args.scan else 'in a Python loop'}{', nnx.remat' if args.remat else ''}; "
+            f"{jnp.dtype(dtype).name} compute{'; each run in its own process' if isolate else ''}"
+        )
+    if isolate:
+        for name in runs:
+            log(f"\n{name}: in its own process")
+            report(run_isolated(name, argv, out, n_steps, env["git"]))
+    else:
+        args.attention_impl, attention_note = resolve_attention(args.attention, cuda, dtype)
+        if attention_note:
+            log(attention_note)
+        state, _ = train.initial_state(cfg, args.seed, "cuda" if cuda else "cpu")
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()  # the torch model that made the weights: give its memory back
+        torch_batches = train.make_batches(cfg, n_steps, args.seed, "cpu")
+        batches = [jnp.asarray(b.numpy().astype(np.int32)) for b in torch_batches]
+        for name in runs:  # torch first: it frees its memory before JAX's allocator grows
+            log(f"\n{name}: {n_steps} steps")
+            if name == torch_name:
+                report(run_torch(args.torch_impl, cfg, state, torch_batches, n_steps, args, cuda))
+            else:
+                report(run_jax(name.removeprefix("jax-"), cfg, state, batches, n_steps, args, cuda))
+    if args.child_run is not None:
+        (out / f"{args.child_run}.result.json").write_text(json.dumps(results[args.child_run]))
+        return 0
 
     check, table = save()
     log("\n" + table)

@@ -34,3 +34,16 @@ def test_train_jax_tiny_runs_and_compares_with_torch(tmp_path):
         assert check[f"{impl}_match"] and check[f"{impl}_vs_torch-fused-compiled"] < 1e-4, check
     md = (tmp_path / "train-jax-tiny.md").read_text()
     assert "| jax-bridge |" in md and "| step | torch-fused-compiled | jax-bridge |" in md
+
+
+def test_train_jax_tiny_isolated_runs(tmp_path):
+    """--isolate (the default on GPU): each run in its own process, results gathered by the parent."""
+    rc = train.main(
+        ["--framework", "jax", "--tiny", "--moe", "ragged_dot", "--isolate", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    data = json.loads((tmp_path / "train-jax-tiny.json").read_text())
+    assert data["meta"]["isolated"] and list(data["results"]) == ["jax-ragged_dot"]
+    r = data["results"]["jax-ragged_dot"]
+    assert r["status"] == "ok" and len(r["losses"]) == 2 and r["tokens_per_s"] > 0, r
+    assert (tmp_path / "runs" / "jax-ragged_dot.result.json").exists()
