@@ -125,10 +125,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="out/bench-train")
     ap.add_argument("--child-run", default=None, help=argparse.SUPPRESS)  # one run, for --isolate
     args = ap.parse_args(argv)
-    for name in ("steps", "warmup", "check_steps", "layers"):
+    for name, low in (("steps", 1), ("warmup", 0), ("check_steps", 1), ("layers", 2)):
         v = getattr(args, name)
-        if v is not None and v < (2 if name == "layers" else 0 if name == "warmup" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} is {v}: too small")
+        if v is not None and v < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
     if not _cuda() and not args.tiny:
         log("no CUDA device for both torch and JAX: running --tiny (2-layer tiny model on CPU)")
         args.tiny = True
@@ -233,7 +233,7 @@ def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
         f"{args.attention_impl} attention"
     }
     jax.block_until_ready(st)
-    in_use0, peak0 = _memory_stats()
+    _, peak0 = _memory_stats()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -276,8 +276,10 @@ def run_torch(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
 def loss_check(results: dict, torch_name: str | None, n: int) -> dict:
     """Max |cross-entropy difference| over the first ``n`` steps of each JAX run against torch's."""
     base = results.get(torch_name) if torch_name else None
-    if not base or base["status"] != "ok":
+    if not torch_name:
         return {"note": "no torch run (--compare-torch): no loss-curve check"}
+    if not base or base["status"] != "ok":
+        return {"note": f"{torch_name} did not finish: no loss-curve check"}
     k = min(n, len(base["losses"]))
     out = {"steps": k, "tolerance": LOSS_TOL}
     for moe in MOE_LAYERS:
