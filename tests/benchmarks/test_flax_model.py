@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 jax = pytest.importorskip("jax")
+pytest.importorskip("flax")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
