@@ -32,6 +32,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -182,8 +183,9 @@ def make_train_step(graphdef, aux_coef: float):
     return step
 
 
-def _memory_stats():
-    stats = jax.devices()[0].memory_stats() or {}
+def _memory_stats(cuda: bool):
+    """JAX's (bytes in use, peak bytes in use) on the GPU; (None, None) on CPU."""
+    stats = (jax.devices()[0].memory_stats() if cuda else None) or {}
     return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
 
 
@@ -233,7 +235,7 @@ def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
         f"{args.attention_impl} attention"
     }
     jax.block_until_ready(st)
-    _, peak0 = _memory_stats()
+    _, peak0 = _memory_stats(cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -252,7 +254,7 @@ def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
     out["step_ms_p50"] = statistics.median(measured) * 1e3
     out["step_ms_all"] = [t * 1e3 for t in measured]
     out["tokens_per_s"] = cfg.batch * cfg.seq / statistics.median(measured)
-    _, peak1 = _memory_stats()
+    _, peak1 = _memory_stats(cuda)
     out["peak_gib"] = None
     if peak1 is not None:
         torch_peak = torch.cuda.max_memory_allocated() if cuda else 0
@@ -469,21 +471,23 @@ def _main(argv=None) -> int:
             log(f"\n{name}: in its own process")
             report(run_isolated(name, argv, out, n_steps, env["git"]))
     else:
-        args.attention_impl, attention_note = resolve_attention(args.attention, cuda, dtype)
-        if attention_note:
-            log(attention_note)
-        state, _ = train.initial_state(cfg, args.seed, "cuda" if cuda else "cpu")
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()  # the torch model that made the weights: give its memory back
-        torch_batches = train.make_batches(cfg, n_steps, args.seed, "cpu")
-        batches = [jnp.asarray(b.numpy().astype(np.int32)) for b in torch_batches]
-        for name in runs:  # torch first: it frees its memory before JAX's allocator grows
-            log(f"\n{name}: {n_steps} steps")
-            if name == torch_name:
-                report(run_torch(args.torch_impl, cfg, state, torch_batches, n_steps, args, cuda))
-            else:
-                report(run_jax(name.removeprefix("jax-"), cfg, state, batches, n_steps, args, cuda))
+        # --tiny runs on the CPU, as the torch benchmark's, even where JAX has a GPU
+        with contextlib.nullcontext() if cuda else jax.default_device(jax.devices("cpu")[0]):
+            args.attention_impl, attention_note = resolve_attention(args.attention, cuda, dtype)
+            if attention_note:
+                log(attention_note)
+            state, _ = train.initial_state(cfg, args.seed, "cuda" if cuda else "cpu")
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()  # the torch model that made the weights: give its memory back
+            torch_batches = train.make_batches(cfg, n_steps, args.seed, "cpu")
+            batches = [jnp.asarray(b.numpy().astype(np.int32)) for b in torch_batches]
+            for name in runs:  # torch first: it frees its memory before JAX's allocator grows
+                log(f"\n{name}: {n_steps} steps")
+                if name == torch_name:
+                    report(run_torch(args.torch_impl, cfg, state, torch_batches, n_steps, args, cuda))
+                else:
+                    report(run_jax(name.removeprefix("jax-"), cfg, state, batches, n_steps, args, cuda))
     if args.child_run is not None:
         (out / f"{args.child_run}.result.json").write_text(json.dumps(results[args.child_run]))
         return 0

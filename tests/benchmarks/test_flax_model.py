@@ -31,6 +31,13 @@ CFG = dataclasses.replace(train.TINY, n_layers=3)  # a dense block and two MoE b
 AUX_COEF = 0.5  # large enough that the load-balance gradient shows in the router's
 
 
+@pytest.fixture(autouse=True)
+def _full_precision():
+    """fp32 dots at full precision where JAX would use TF32 (GPU machines run these tests too)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def problem():
     """The torch model's initial weights, one batch, and the float64 torch loss and gradients."""
