@@ -366,7 +366,7 @@ def main(argv=None) -> int:
 
 def run_isolated(name: str, argv: list[str], out: Path, n_steps: int, git) -> dict:
     """Run ``name`` in a fresh process (same flags): its own JAX high-water mark and allocator pools."""
-    runs = out / "runs"
+    runs = (out / "runs").resolve()  # the child runs in the repository root
     path = runs / f"{name}.result.json"
     path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.train", "--framework", "jax", *argv]
