@@ -3,6 +3,7 @@
     python -m benchmarks.train                       # unfused-eager, unfused-compiled, fused-compiled
     python -m benchmarks.train --impl fused-compiled --steps 50
     python -m benchmarks.train --tiny                # 2-layer model on CPU (automatic without CUDA)
+    python -m benchmarks.train --framework jax       # the model in Flax NNX (benchmarks/train_jax.py)
 
 Model (the seed's): d_model 1024, 16 heads, 24 layers, layer 0 a dense SwiGLU FFN of width
 4*d_model, layers 1-23 MoE with 8 routed experts (intermediate 1536, top-2 softmax) + 1 shared
@@ -213,6 +214,14 @@ def build_model(impl: str, cfg: ModelConfig, device) -> Model:
         return Model(cfg, factory)
 
 
+def initial_state(cfg: ModelConfig, seed: int, device) -> tuple[dict, tuple[int, int]]:
+    """The initial weights every run starts from (a CPU ``state_dict``) and ``param_counts``."""
+    torch.manual_seed(seed)
+    init = build_model("unfused-eager", cfg, device)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in init.state_dict().items()}
+    return state, param_counts(init)
+
+
 def make_batches(cfg: ModelConfig, n: int, seed: int, device) -> list[torch.Tensor]:
     """Synthetic tokens [B, T+1]: Zipf-distributed unigrams (a curve that visibly falls in 50 steps)."""
     gen = torch.Generator().manual_seed(seed)
@@ -390,6 +399,12 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
     ap.add_argument("--out", default="out/bench-train")
+    ap.add_argument(
+        "--framework",
+        choices=("torch", "jax"),
+        default="torch",
+        help="jax: the same model in Flax NNX (benchmarks.train_jax; see --framework jax --help)",
+    )
     args = ap.parse_args(argv)
     if args.warmup is not None and args.warmup < 1:
         ap.error(f"--warmup must be >= 1 (the first step compiles), got {args.warmup}")
@@ -409,7 +424,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    return run_restoring_threads(_main, argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--framework", choices=("torch", "jax"), default="torch")
+    known, rest = pre.parse_known_args(argv)
+    if known.framework == "jax":
+        from benchmarks import train_jax  # the Flax NNX model; its own flags
+
+        return train_jax.main(rest)
+    return run_restoring_threads(_main, rest)
 
 
 def _main(argv=None) -> int:
@@ -422,11 +444,7 @@ def _main(argv=None) -> int:
     impls = [i for i in IMPLS if i in wanted]
     env = environment("cuda" if cuda else "cpu", "benchmarks.train")
 
-    torch.manual_seed(args.seed)
-    init = build_model("unfused-eager", cfg, "cuda" if cuda else "cpu")
-    state = {k: v.detach().to("cpu", copy=True) for k, v in init.state_dict().items()}
-    counts = param_counts(init)
-    del init
+    state, counts = initial_state(cfg, args.seed, "cuda" if cuda else "cpu")
     n_steps = max(args.warmup + args.steps, args.check_steps)
     batches = make_batches(cfg, n_steps, args.seed, "cuda" if cuda else "cpu")
     log(

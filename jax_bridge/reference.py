@@ -257,14 +257,20 @@ def moe_reference(
 
 
 def ragged_dot_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_down: jax.Array, top_k: int, *,
-                   activation: str = "swiglu") -> jax.Array:
+                   activation: str = "swiglu", return_aux: bool = False
+                   ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Dropless sorted MoE with ``jax.lax.ragged_dot``: the pure-JAX speed baseline.
 
     ``x [..., D] -> [..., D]``; softmax top-k routing with normalised weights, in fp32.
     Assignments are sorted by expert (token order within an expert), gathered, run through
     two grouped GEMMs (fp32 accumulation, activation in fp32, operands in ``x.dtype``) and
     combined per token in fp32. fp32/fp64 inputs get full-precision GEMMs (no TF32).
+
+    With ``return_aux`` returns ``(out, aux)``, ``aux`` as ``moe_reference``'s (dropless:
+    ``dropped_tokens`` is 0).
     """
+    if not isinstance(return_aux, bool):
+        raise TypeError(f"return_aux must be a bool, got {type(return_aux).__name__} {return_aux!r}")
     e, d, top_k = _check_common(x, router_weight, top_k, activation)
     _check_experts(w_up, w_down, e, d)
     x = jnp.asarray(x)
@@ -294,4 +300,16 @@ def ragged_dot_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_do
     y = jax.lax.ragged_dot(a, w_down_t, group_sizes, precision=prec, preferred_element_type=cd)  # [A, D]
     y = y[inv].reshape(n, top_k, d)
     out = jnp.einsum("nk,nkd->nd", topk_w, y, precision=_HI)
-    return out.astype(dt).reshape(x.shape)
+    out = out.astype(dt).reshape(x.shape)
+    if not return_aux:
+        return out
+    logits = logits.astype(cd)
+    frac = group_sizes.astype(cd) / max(n, 1)
+    mean_probs = jax.nn.softmax(logits, axis=-1).sum(axis=0) / max(n, 1)
+    aux = {  # N = 0: both losses are 0 (as the bridge's), not the NaN of an empty mean
+        "load_balance_loss": e * jnp.sum(frac * mean_probs),
+        "z_loss": jnp.square(jax.nn.logsumexp(logits, axis=-1)).sum() / max(n, 1),
+        "tokens_per_expert": group_sizes,
+        "dropped_tokens": jnp.zeros((), jnp.int32),
+    }
+    return out, aux

@@ -421,6 +421,41 @@ def test_aux_loss_gradients(rng, x64, score_func):
         np.testing.assert_allclose(np.asarray(gx).reshape(N, D), dl @ rw, **TOL64)
 
 
+@pytest.mark.parametrize("skewed", [False, True])
+def test_ragged_dot_aux_matches_reference(rng, x64, skewed):
+    p = make_inputs(rng)
+    if skewed:  # every token picks expert 3 first: most experts get no token
+        p["x"] = np.abs(p["x"])
+        p["router_weight"][3] = 2.0
+    j = to_jax(p, jnp.float64)
+    w = (j["w_up"], j["w_down"])
+
+    def losses(fn, x, rw):
+        aux = fn(x, rw, *w, 2, return_aux=True)[1]
+        return jnp.stack([aux["load_balance_loss"], aux["z_loss"]]), aux
+
+    args = (j["x"], j["router_weight"])
+    (val, aux), (val_ref, aux_ref) = (losses(fn, *args) for fn in (ragged_dot_moe, moe_reference))
+    np.testing.assert_array_equal(aux["tokens_per_expert"], aux_ref["tokens_per_expert"])
+    assert aux["tokens_per_expert"].dtype == jnp.int32 and int(aux["dropped_tokens"]) == 0
+    assert (np.asarray(aux["tokens_per_expert"]) == 0).any() == skewed
+    np.testing.assert_allclose(np.asarray(val), np.asarray(val_ref), **TOL64)
+    jac = lambda fn: jax.jacrev(lambda x, rw: losses(fn, x, rw)[0], argnums=(0, 1))(*args)
+    for g, g_ref in zip(jac(ragged_dot_moe), jac(moe_reference), strict=True):
+        assert float(jnp.abs(g_ref).max()) > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), **TOL64)
+
+
+def test_ragged_dot_aux_no_tokens():
+    x, w = jnp.zeros((0, D), jnp.float32), (jnp.ones((E, D)), jnp.ones((E, 2 * F, D)), jnp.ones((E, D, F)))
+    out, aux = ragged_dot_moe(x, *w, 2, return_aux=True)
+    assert out.shape == (0, D)
+    assert float(aux["load_balance_loss"]) == 0.0 and float(aux["z_loss"]) == 0.0
+    assert aux["tokens_per_expert"].tolist() == [0] * E
+    with pytest.raises(TypeError, match="return_aux"):
+        ragged_dot_moe(x, *w, 2, return_aux=1)
+
+
 # ---- (e) cross-check with the torch reference ------------------------------------------------------
 
 TORCH_CONFIGS = {
