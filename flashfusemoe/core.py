@@ -238,7 +238,7 @@ class ExpertsResiduals(NamedTuple):
 
 
 def experts_result_specs(num_tokens: int, d_model: int, num_experts: int, top_k: int, two_f: int,
-                         options: MoEOptions, plan: Plan) -> tuple[tuple[tuple[int, ...], str], ...]:
+                         recompute: bool, plan: Plan) -> tuple[tuple[tuple[int, ...], str], ...]:
     """``(shape, dtype)`` of each of ``experts_forward``'s ``(*ExpertsOutputs, *ExpertsResiduals)``
     (dtype names as in ``result_specs``)."""
     N, D, E, K = num_tokens, d_model, num_experts, top_k
@@ -249,7 +249,7 @@ def experts_result_specs(num_tokens: int, d_model: int, num_experts: int, top_k:
         ((N * K,), "int32"),
         ((R,), "int32"),
         ((E,), "int32"),
-        ((0 if options.recompute else R, two_f), "input"),
+        ((0 if recompute else R, two_f), "input"),
     )
 
 
@@ -294,8 +294,8 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
     weights = topk_weights.to(compute_dtype(x.dtype))
     assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
         ids, E, plan.rows_per_expert)
-    if plan.gemm == "bmm" and N > 0:
-        overflow = int(num_unplaced.sum())  # the padded layout needs this host sync
+    if plan.gemm == "bmm":
+        overflow = int(num_unplaced.sum()) if N > 0 else 0  # the padded layout needs this host sync
         if overflow:
             needed = int(tokens_per_expert.max())
             if not allow_grow:

@@ -166,8 +166,7 @@ def experts_forward_op(
 def _(x, topk_ids, topk_weights, w_up, w_down, activation, recompute, gemm, rows_per_expert, allow_grow,
       check_ids):
     N, K = topk_ids.shape
-    options = _options(activation, recompute, K)
-    specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], options,
+    specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], recompute,
                                       core.Plan(gemm, rows_per_expert))
     dtypes = {"input": x.dtype, "int32": torch.int32}
     return tuple(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs)
