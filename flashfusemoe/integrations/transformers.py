@@ -136,8 +136,10 @@ SUPPORTED_BLOCKS = {
 
 
 def _is_moe_block(module: nn.Module) -> bool:
+    """A module whose ``experts`` child is a transformers experts module (fused 3-D weights)."""
     experts = getattr(module, "experts", None)
-    return isinstance(experts, nn.Module) and hasattr(experts, "gate_up_proj") and hasattr(module, "gate")
+    return isinstance(experts, nn.Module) and any(
+        hasattr(experts, a) for a in ("has_gate", "gate_up_proj", "up_proj"))
 
 
 def _block_options(block: nn.Module) -> tuple[MoEOptions, str]:
@@ -183,7 +185,7 @@ def apply(model: nn.Module) -> nn.Module:
     """
     blocks = [m for m in model.modules() if _is_moe_block(m)]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no sparse-MoE block (a module with gate and experts)")
+        raise ValueError(f"{type(model).__name__} has no sparse-MoE block (a module with an experts module)")
     unsupported = sorted({type(b).__name__ for b in blocks} - SUPPORTED_BLOCKS.keys())
     if unsupported:
         raise UnsupportedModelError(
