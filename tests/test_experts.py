@@ -228,3 +228,11 @@ def test_bfloat16_on_gpu(routing):
     x, ids, weights, w_up, w_down = problem(N * 32, 256, 128, 6, K, torch.bfloat16,
                                             ids=None if ids is None else ids.repeat(32, 1))
     check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2)
+
+
+def test_autocast_casts_states_and_expert_weights():
+    x, ids, weights, w_up, w_down = problem(12, 16, 8, 4, 2, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = moe_experts(x, ids, weights, w_up, w_down)
+    expected = moe_experts(x.bfloat16(), ids, weights, w_up.bfloat16(), w_down.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
