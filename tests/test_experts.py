@@ -97,6 +97,38 @@ def test_float64_matches_reference(routing, gemm):
     check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm=gemm)
 
 
+DISTINCT = [r for r in ROUTINGS if r not in ("repeated_ids_in_a_row", "more_slots_than_experts")]
+
+
+@pytest.mark.parametrize("routing", DISTINCT)
+def test_distinct_ids_layout_matches_reference_and_the_general_layout(routing):
+    """distinct_ids=True (one-launch layout and gather) against the loop, and bit-equal to the default."""
+    N, K, ids = ROUTINGS[routing]
+    x, ids, weights, w_up, w_down = problem(N, 16, 8, 6, K, torch.float64, ids=ids)
+    grads = check_against_reference(x, ids, weights, w_up, w_down, 1e-12, distinct_ids=True)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    fast = grads_of(lambda *a: moe_experts(*a, distinct_ids=True), x, ids, weights, w_up, w_down, grad_out)
+    general = grads_of(moe_experts, x, ids, weights, w_up, w_down, grad_out)
+    for f, g in zip((fast[0], *fast[1]), (general[0], *general[1])):
+        assert torch.equal(f, g)
+    assert len(grads) == 4
+
+
+def test_distinct_ids_float32_kernels():
+    x, ids, weights, w_up, w_down = problem(40, 32, 16, 8, 3, torch.float32)
+    check_against_reference(x, ids, weights, w_up, w_down, 2e-5, distinct_ids=True)
+
+
+def test_distinct_ids_refuses_a_repeat():
+    x, ids, weights, w_up, w_down = problem(6, 16, 8, 6, 3, torch.float64)
+    ids[4, 2] = ids[4, 0]
+    with pytest.raises(ValueError, match=r"topk_ids row 4 repeats an expert .* distinct_ids=True"):
+        moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True)
+    if DEVICE == "cpu":  # (on CUDA a device-side assert would end the process's CUDA context)
+        with pytest.raises(RuntimeError, match=r"topk_ids repeats an expert in a row"):
+            moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True, check_ids=False)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
 @pytest.mark.parametrize("routing", ["random", "repeated_ids_in_a_row"])
 def test_float32_kernels_match_reference(routing, activation):
@@ -140,7 +172,7 @@ def test_bmm_grows_when_an_expert_overflows_and_raises_in_a_trace():
     x, ids, weights, w_up, w_down = problem(16, 16, 8, 8, 1, torch.float64, ids=_ids([[5]] * 16))
     check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm="bmm")
     with pytest.raises(CapacityOverflowError):
-        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True)
+        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True, False)
 
 
 @pytest.mark.parametrize("bad", [-1, 6, 1 << 40])
@@ -187,7 +219,8 @@ def test_bad_arguments_name_the_argument(change, error, match):
 
 @pytest.mark.parametrize("kw, match", [({"activation": "gelu"}, "activation='gelu'"),
                                        ({"gemm": "dense"}, "gemm="),
-                                       ({"check_ids": 1}, "check_ids must be a bool")])
+                                       ({"check_ids": 1}, "check_ids must be a bool"),
+                                       ({"distinct_ids": None}, "distinct_ids must be a bool")])
 def test_bad_options(kw, match):
     x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -199,7 +232,7 @@ def test_opcheck(gemm):
     x, ids, weights, w_up, w_down = (t.requires_grad_(t.is_floating_point())
                                      for t in problem(8, 16, 8, 4, 2, torch.float64))
     rows = 8 if gemm == "bmm" else 0
-    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True)
+    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True, gemm == "grouped")
     torch.library.opcheck(experts_forward_op, args)
 
 

@@ -55,10 +55,10 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     """The ``ExpertsInterface`` function: hidden_states [N, D], top_k_index [N, K],
     top_k_weights [N, K] (any float dtype: applied in fp32, fp64 for fp64 states) -> [N, D]."""
     activation = check_experts_module(self)
-    # The ids come from a top-k over E router scores, so they are in range: skip the host sync
-    # (an out-of-range id still trips moe_experts' device-side assert).
+    # The ids come from a top-k over E router scores: in range and distinct in a row. So no host
+    # sync (a bad id still trips moe_experts' device-side asserts), and the one-launch layout.
     return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-                       activation=activation, check_ids=False)
+                       activation=activation, check_ids=False, distinct_ids=True)
 
 
 def _activation_classes():
