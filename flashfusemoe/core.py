@@ -14,7 +14,15 @@ from typing import NamedTuple
 import torch
 
 from flashfusemoe.config import MoEOptions
-from flashfusemoe.kernels import activation, deliver, grouped_gemm, out_buffer, permute, routing
+from flashfusemoe.kernels import (
+    activation,
+    compute_dtype,
+    deliver,
+    grouped_gemm,
+    out_buffer,
+    permute,
+    routing,
+)
 
 
 class CapacityOverflowError(RuntimeError):
@@ -137,6 +145,43 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
+def _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, expert_ends, options: MoEOptions,
+                 plan: Plan, h_into=None, out_into=None):
+    """The experts on a laid-out ``x_sorted [R, D]`` and their weighted combine. Returns
+    ``(out [N, D], h)``, ``h`` the pre-activation (``[0, 2F]`` with ``recompute``)."""
+    h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+    h_into = None if options.recompute else h_into
+    a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
+    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
+    out = permute.combine_rows(y, assign_to_row, topk_weights.shape[1], weights=topk_weights,
+                               out_dtype=x.dtype, out=out_into)
+    if options.recompute:
+        return out, h.new_empty((0, h.shape[1]))
+    return out, h if h_into is None else h_into
+
+
+def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOptions, plan: Plan, g,
+                  every_row_assigned: bool):
+    """Backward of ``_mlp_forward`` up to the combine: ``r`` holds the layout maps and ``h``; ``g``
+    the weight gradients' destinations. Returns ``(dx_sorted [R, D], grad_w_row [R], grad_w_up,
+    grad_w_down)``, ``grad_w_row`` the gradient of each row's routing weight."""
+    K, E = topk_weights.shape[1], w_up.shape[0]
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if every_row_assigned:
+        x_sorted, dy = permute.scatter_rows(x, r.assign_to_row, K, second=grad_out)
+    else:
+        x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
+    h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
+    da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
+    dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
+                                                         topk_weights)
+    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
+    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
+    return dx_sorted, grad_w_row, grad_w_up, grad_w_down
+
+
 def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, plan: Plan, *,
             allow_grow: bool = False, outputs_into: Outputs | None = None,
             residuals_into: Residuals | None = None) -> tuple[Outputs, Residuals, Plan]:
@@ -186,15 +231,8 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
                 assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
                     topk_ids, topk_weights, E, plan, options)
         x_sorted = permute.gather_rows(x, row_to_assign, K)
-    h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
-    h_into = None if options.recompute else r.h
-    a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
-    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
-    out = permute.combine_rows(y, assign_to_row, K, weights=topk_weights, out_dtype=x.dtype, out=o.out)
-    if options.recompute:
-        h = h.new_empty((0, h.shape[1]))
-    elif h_into is not None:
-        h = h_into
+    out, h = _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, expert_ends, options, plan,
+                          h_into=r.h, out_into=o.out)
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
@@ -208,23 +246,11 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     Returns the ``Grads`` of x, router_weight, w_up and w_down; ``into``: destinations (see ``_settle``).
     """
     K = options.top_k
-    E = router_weight.shape[0]
     r = residuals
     g = into or Grads()
-    if grad_out is None:
-        grad_out = torch.zeros_like(x)
-    if plan.gemm == "grouped" and options.capacity_factor is None:  # every row has its assignment
-        x_sorted, dy = permute.scatter_rows(x, r.assign_to_row, K, second=grad_out)
-    else:
-        x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
-    h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
-    da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
-    dh, a_weighted, grad_w_row = activation.glu_backward(
-        h, da, options.activation, r.row_to_assign, r.topk_weights
-    )
-    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
-    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
-    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
+    dx_sorted, grad_w_row, grad_w_up, grad_w_down = _mlp_backward(
+        x, grad_out, r.topk_weights, w_up, w_down, r, options, plan, g,
+        every_row_assigned=plan.gemm == "grouped" and options.capacity_factor is None)
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(
@@ -239,3 +265,170 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
         grad_router = torch.mm(grad_logits.t(), x, out=out_buffer(
             g.router_weight, router_weight.shape, x.dtype, x.device, "Grads.router_weight"))
     return _settle(Grads(grad_x, grad_router, grad_w_up, grad_w_down), into)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts only: routing computed elsewhere (``flashfusemoe.moe_experts``, the JAX bridge's twin)
+# ---------------------------------------------------------------------------------------------
+
+
+class ExpertsOutputs(NamedTuple):
+    """What ``experts_forward`` returns to its caller."""
+
+    out: torch.Tensor | None = None  # [N, D], x.dtype
+    tokens_per_expert: torch.Tensor | None = None  # [E] int32
+
+
+class ExpertsResiduals(NamedTuple):
+    """What ``experts_backward`` needs besides the inputs."""
+
+    assign_to_row: torch.Tensor | None = None  # [N*K] int32
+    row_to_assign: torch.Tensor | None = None  # [R] int32
+    expert_ends: torch.Tensor | None = None  # [E] int32
+    h: torch.Tensor | None = None  # [R, 2F] pre-activation; [0, 2F] when recompute=True
+
+
+class ExpertsGrads(NamedTuple):
+    """Gradients of ``experts_forward``'s differentiable inputs, each shaped like its input
+    (``topk_weights``' in its dtype)."""
+
+    x: torch.Tensor | None = None
+    topk_weights: torch.Tensor | None = None
+    w_up: torch.Tensor | None = None
+    w_down: torch.Tensor | None = None
+
+
+def experts_result_specs(num_tokens: int, d_model: int, num_experts: int, top_k: int, two_f: int,
+                         recompute: bool, plan: Plan) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype)`` of each of ``experts_forward``'s ``(*ExpertsOutputs, *ExpertsResiduals)``
+    (dtype names as in ``result_specs``)."""
+    N, D, E, K = num_tokens, d_model, num_experts, top_k
+    R = plan.num_rows(N, K, E)
+    return (
+        ((N, D), "input"),
+        ((E,), "int32"),
+        ((N * K,), "int32"),
+        ((R,), "int32"),
+        ((E,), "int32"),
+        ((0 if recompute else R, two_f), "input"),
+    )
+
+
+def check_expert_ids(topk_ids: torch.Tensor, num_experts: int, sync: bool = True,
+                     distinct: bool = False) -> None:
+    """Every id in ``[0, num_experts)`` and, with ``distinct``, no id twice in a row.
+
+    ``sync``: checked on the host (one device sync), raising ``ValueError`` naming the first bad
+    entry. Otherwise asynchronous device-side asserts (no sync): on CUDA a bad id stops the
+    process with a device-side assertion at the next sync (nothing runs after it); on CPU it
+    raises ``RuntimeError`` at once.
+    """
+    if topk_ids.numel() == 0:
+        return
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    repeated = None
+    if distinct and topk_ids.shape[1] > 1:
+        ordered = topk_ids.sort(dim=1).values
+        repeated = ordered[:, 1:] == ordered[:, :-1]
+    if not sync:
+        torch._assert_async(~bad.any(), f"topk_ids has an expert id outside [0, {num_experts})")
+        if repeated is not None:
+            torch._assert_async(~repeated.any(), "topk_ids repeats an expert in a row (distinct_ids=True)")
+        return
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"topk_ids must hold expert ids in [0, num_experts={num_experts}), got "
+            f"{int(topk_ids[n, k])} at [{n}, {k}]"
+        )
+    if repeated is not None and bool(repeated.any()):
+        n = int(repeated.any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"topk_ids row {n} repeats an expert ({topk_ids[n].tolist()}) but distinct_ids=True promised "
+            "K distinct experts per row; pass distinct_ids=False to allow repeats"
+        )
+
+
+def _block_counts(ids: torch.Tensor, num_experts: int, block_n: int) -> torch.Tensor:
+    """``[cdiv(N, block_n), E]`` int32: assignments of each block of ``block_n`` tokens per expert
+    (what the routing kernel counts for ``layout_and_gather``). ids [N, K] int32, in range."""
+    N, K = ids.shape
+    blocks = -(-N // block_n)
+    token_block = torch.arange(N * K, device=ids.device, dtype=torch.int32) // (K * block_n)
+    flat = (token_block * num_experts + ids.reshape(-1)).long()
+    counts = torch.zeros(blocks * num_experts, device=ids.device, dtype=torch.int32)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.view(blocks, num_experts)
+
+
+def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions, plan: Plan, *,
+                    allow_grow: bool = False, check_ids: bool = True, distinct_ids: bool = False,
+                    outputs_into: ExpertsOutputs | None = None,
+                    residuals_into: ExpertsResiduals | None = None,
+                    ) -> tuple[ExpertsOutputs, ExpertsResiduals, Plan]:
+    """The experts of the fused MoE on routing computed elsewhere.
+
+    x [N, D]; topk_ids [N, K] int32/int64 (repeats within a row allowed: each assignment counts);
+    topk_weights [N, K] floating; w_up [E, 2F, D]; w_down [E, D, F]; ``options``: activation and
+    recompute (top_k is K). ``out[n] = sum_k topk_weights[n, k] * expert_{topk_ids[n, k]}(x[n])``
+    with the weights applied in the routing dtype (fp32, fp64 for fp64 x), as ``forward`` does.
+    ``check_ids``: ``check_expert_ids`` with a host sync; else its device-side asserts. The padded
+    layout grows or raises as in ``forward``. ``distinct_ids`` (each row names K distinct experts,
+    as a top-k does; checked like the range): the dropless layout and the row gather take one
+    launch (``layout_and_gather``, on block counts made here) instead of ``expert_layout`` (one
+    program per expert) and ``scatter_rows``. Both layouts are the same. Destinations: as ``forward``.
+    """
+    N, K = topk_ids.shape
+    E = w_up.shape[0]
+    o = outputs_into or ExpertsOutputs()
+    r = residuals_into or ExpertsResiduals()
+    check_expert_ids(topk_ids, E, sync=check_ids, distinct=distinct_ids)
+    ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+    weights = topk_weights.to(compute_dtype(x.dtype))
+    if plan.gemm == "grouped" and distinct_ids and N > 0:
+        ids = ids.contiguous()
+        block_n = permute.layout_gather_blocks(N, K, E)
+        layout_out = permute.Layout(r.assign_to_row, r.row_to_assign, r.expert_ends, o.tokens_per_expert)
+        x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, _ = permute.layout_and_gather(
+            x, ids, E, _block_counts(ids, E, block_n), block_n, out=layout_out)
+    else:
+        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
+            ids, E, plan.rows_per_expert)
+        if plan.gemm == "bmm":
+            overflow = int(num_unplaced.sum()) if N > 0 else 0  # the padded layout needs this host sync
+            if overflow:
+                needed = int(tokens_per_expert.max())
+                if not allow_grow:
+                    raise CapacityOverflowError(
+                        f"gemm='bmm': an expert received {needed} assignments but the padded layout holds "
+                        f"{plan.rows_per_expert} ({overflow} overflow). Use gemm='grouped'."
+                    )
+                plan = Plan("bmm", needed)
+                layout = permute.expert_layout(ids, E, plan.rows_per_expert)
+                assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
+            x_sorted = permute.gather_rows(x, row_to_assign, K)
+        else:  # dropless: assign_to_row is a permutation of the rows
+            x_sorted = permute.scatter_rows(x, assign_to_row, K)
+    out, h = _mlp_forward(x, x_sorted, weights, w_up, w_down, assign_to_row, expert_ends, options, plan,
+                          h_into=r.h, out_into=o.out)
+    outputs = ExpertsOutputs(out, tokens_per_expert)
+    residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
+    return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
+
+
+def experts_backward(x, topk_weights, w_up, w_down, residuals: ExpertsResiduals, grad_out,
+                     options: MoEOptions, plan: Plan, *, into: ExpertsGrads | None = None) -> ExpertsGrads:
+    """Backward of ``experts_forward``: grad_out [N, D] (or None). Returns the ``ExpertsGrads``,
+    ``grad_topk_weights[n, k] = <grad_out[n], expert_{ids[n, k]}(x[n])>`` in topk_weights' dtype;
+    ``into``: destinations."""
+    N, K = topk_weights.shape
+    g = into or ExpertsGrads()
+    weights = topk_weights.to(compute_dtype(x.dtype))
+    dx_sorted, grad_w_row, grad_w_up, grad_w_down = _mlp_backward(
+        x, grad_out, weights, w_up, w_down, residuals, options, plan, g,
+        every_row_assigned=plan.gemm == "grouped")
+    grad_x = permute.combine_rows(dx_sorted, residuals.assign_to_row, K, out_dtype=x.dtype, out=g.x)
+    # Every assignment has a row (dropless, or a padded layout that holds them all).
+    grad_weights = grad_w_row.index_select(0, residuals.assign_to_row.long()).view(N, K)
+    grad_weights = grad_weights.to(topk_weights.dtype)
+    return _settle(ExpertsGrads(grad_x, grad_weights, grad_w_up, grad_w_down), into)

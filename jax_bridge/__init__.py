@@ -1,6 +1,7 @@
 """FlashFuseMoE for JAX: the fused kernels behind ``jax.custom_vjp`` through XLA buffer callbacks.
 
-``fused_moe`` takes the arguments of ``flashfusemoe.fused_moe`` on JAX arrays. Submodules:
+``fused_moe`` takes the arguments of ``flashfusemoe.fused_moe`` on JAX arrays, ``moe_experts``
+those of ``flashfusemoe.moe_experts``. Submodules:
 ``jax_bridge.reference`` (pure-JAX ground truth), ``jax_bridge.nnx`` and ``jax_bridge.linen``
 (Flax modules), ``jax_bridge.compare`` (cross-framework comparison).
 """
@@ -25,6 +26,7 @@ except ModuleNotFoundError as e:  # only jax or jaxlib missing; any other error 
         raise
     raise missing_extra(e) from e
 
+from jax_bridge.experts import moe_experts  # noqa: E402
 from jax_bridge.ops import aux_losses, fused_moe  # noqa: E402
 
-__all__ = ["aux_losses", "fused_moe"]
+__all__ = ["aux_losses", "fused_moe", "moe_experts"]

@@ -15,14 +15,15 @@
 #   train       python -m benchmarks.train
 #   train-jax   python -m benchmarks.train --framework jax                (Flax model, both MoE layers)
 #   train-jax-compare  ... --framework jax --moe bridge --compare-torch   (loss curves vs torch fused)
+#   hf          python -m benchmarks.hf      transformers training step per experts implementation
 #   plots       python -m benchmarks.plot OUT_DIR --out OUT_DIR/plots
 # Each stage logs to OUT_DIR/<stage>.log; benchmark JSON/markdown land in OUT_DIR/<stage>/.
 # A failing stage does not stop the others; the exit status is non-zero if any stage failed.
-# Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, TRAIN_JAX_ARGS, PYTEST_ARGS (e.g. PYTEST_ARGS="-x").
+# Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, TRAIN_JAX_ARGS, HF_ARGS, PYTEST_ARGS (e.g. PYTEST_ARGS="-x").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
-STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare plots"}
+STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare hf plots"}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -88,9 +89,10 @@ for stage in $STAGES; do
     train-jax-compare)
       run_stage "$stage" "$PYTHON" -m benchmarks.train --framework jax \
         --moe bridge --compare-torch --out "$OUT_DIR/$stage" ${TRAIN_JAX_ARGS:-} ;;
+    hf) run_stage "$stage" "$PYTHON" -m benchmarks.hf --out "$OUT_DIR/$stage" ${HF_ARGS:-} ;;
     plots) run_stage "$stage" "$PYTHON" -m benchmarks.plot "$OUT_DIR" --out "$OUT_DIR/plots" ;;
     *)
-      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare plots)"
+      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare hf jax-demo plots)"
       failed+=("$stage")
       ;;
   esac

@@ -55,7 +55,7 @@ else
   echo "setup: installing CPU torch, triton, jax into $VENV (about 2 minutes)"
   "$PYTHON" -m venv "$VENV"
   "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q -c constraints/cpu.txt -e ".[test,jax,bench]"
+  "$py" -m pip install -q -c constraints/cpu.txt -e ".[test,jax,bench,hf]"
 fi
 # -I: no current directory on sys.path, so this finds flashfusemoe only if it is installed.
 "$py" -I - "$PWD" <<'EOF'

@@ -317,6 +317,13 @@ def _layout_gather_kernel(
                 tl.store(x_sorted_ptr + dst[:, None] * D + cols[None, :], xt, mask=xmask)
 
 
+def layout_gather_blocks(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """A token-block size for ``layout_and_gather``'s ``block_counts`` table when no routing kernel
+    made one (``core.experts_forward``)."""
+    block_e = next_power_of_2(max(num_experts, 1))
+    return max(16, min(64, 8192 // (block_e * next_power_of_2(top_k))))
+
+
 def layout_and_gather(x, topk_ids, num_experts: int, block_counts, block_n: int,
                       out: Layout | None = None) -> tuple[torch.Tensor, ...]:
     """Dropless layout fused with the row gather (the default forward path, one launch).
