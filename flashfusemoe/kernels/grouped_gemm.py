@@ -324,7 +324,8 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends):
 
 # Weight gradients of at most this many FLOPs go to the TMA kernel even where torch._grouped_mm
 # runs them too: measured against CUTLASS, it matched or beat it below and trailed it above
-# (docs/benchmarks.md).
+# (docs/benchmarks.md). A caller's ``out`` buffer (the JAX bridge's) goes to the TMA kernel at any
+# size: CUTLASS can't write there, and its result's copy costs more time and memory than it saves.
 _TMA_MAX_FLOPS = 2**37
 
 
@@ -555,7 +556,8 @@ def grouped_mm_weight_grad(
     """
     can_tma = backend in ("auto", "tma") and _can_use_tma_wgrad(a, b, expert_ends)
     can_torch = False
-    if not can_tma or (backend == "auto" and 2 * a.shape[0] * a.shape[1] * b.shape[1] > _TMA_MAX_FLOPS):
+    large = out is None and 2 * a.shape[0] * a.shape[1] * b.shape[1] > _TMA_MAX_FLOPS
+    if not can_tma or (backend == "auto" and large):
         can_torch = _torch_ok(a, b, expert_ends, "wgrad", backend)
         if can_torch and backend == "auto":
             can_tma = False  # a large problem that CUTLASS runs faster

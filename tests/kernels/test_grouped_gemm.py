@@ -281,6 +281,12 @@ def test_auto_weight_grad_sends_large_problems_to_cutlass(monkeypatch, device):
     # forced, the TMA kernel runs whatever the size
     _check_wgrad(gg.grouped_mm_weight_grad(a, a, ends, backend="tma"), a, a, counts)
     assert len(tma) == 1
+    # and so it does for a caller's buffer (written in place, not copied from CUTLASS's result)
+    tma.clear(), torch_path.clear()
+    out = torch.full((3, 16, 16), float("nan"), dtype=torch.bfloat16, device=device)
+    got = gg.grouped_mm_weight_grad(a, a, ends, out=out)
+    assert got is out and (len(tma), len(torch_path)) == (1, 0)
+    _check_wgrad(got, a, a, counts)
 
 
 def test_auto_weight_grad_prefers_tma_for_16_bit(monkeypatch, device):
