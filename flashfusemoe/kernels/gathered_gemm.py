@@ -79,7 +79,7 @@ def _row_tile(ends_ptr, pid_m, R, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexp
 
 
 @triton.jit
-def _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr):
+def _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M: tl.constexpr):
     """Rows ``row0 + [0, BLOCK_M)``: ``(rows, in_rows, valid, asg, tok)``; ``valid`` rows have an
     assignment ``asg`` and a real expert, ``tok`` (int64) is their token (0 elsewhere)."""
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -106,9 +106,10 @@ def _up_glu_kernel(
     stride_x,
     stride_we,
     stride_wn,
-    TOP_K: tl.constexpr,
+    TOP_K,
     ACT: tl.constexpr,
     SAVE_H: tl.constexpr,
+    SAVE_A: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -164,8 +165,9 @@ def _up_glu_kernel(
         h_ptrs = h_ptr + r64 * (2 * F) + cols[None, :]
         tl.store(h_ptrs, g, mask=out_mask)
         tl.store(h_ptrs + F, u, mask=out_mask)
-    a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
-    tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE_A:
+        a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+        tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=out_mask)
 
 
 @fast_launch
@@ -188,7 +190,7 @@ def _dgrad_glu_kernel(
     stride_we,
     stride_wd,
     stride_h,
-    TOP_K: tl.constexpr,
+    TOP_K,
     ACT: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -262,7 +264,7 @@ def _gathered_wgrad_kernel(
     N,
     stride_a,
     stride_b,
-    TOP_K: tl.constexpr,
+    TOP_K,
     GATHER_A: tl.constexpr,
     SORTED_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -467,6 +469,7 @@ def up_proj_glu(
     a_out: torch.Tensor | None = None,
     h_out: torch.Tensor | None = None,
     save_h: bool = True,
+    save_a: bool = True,
     config: dict | None = None,
 ):
     """Up-projection with the token gather in its prologue and the GLU in its epilogue.
@@ -479,8 +482,10 @@ def up_proj_glu(
     ``h[r] = xg[r] @ w_up[e].T`` (rounded to x's dtype) and ``a[r] = act(h[r, :F]) * h[r, F:]``.
     Rows with ``row_to_assign == -1`` or past ``expert_ends[-1]`` are exact zeros in both.
 
-    Returns ``(a [R, F], h [R, 2F] or None)`` of x's dtype: ``h`` when ``save_h`` (else it is
-    never written). ``a_out`` / ``h_out``: contiguous destinations, returned when given.
+    Returns ``(a [R, F] or None, h [R, 2F] or None)`` of x's dtype: ``a`` when ``save_a``, ``h``
+    when ``save_h`` (an output not asked for is never computed or written; ``save_a=False`` is
+    the backward's recompute of ``h``). ``a_out`` / ``h_out``: contiguous destinations, returned
+    when given.
     """
     code = _check_activation(activation_name)
     _check_tensor(x, "x", 2, _FLOATS)
@@ -495,7 +500,11 @@ def up_proj_glu(
         raise ValueError(f"w_up is on {w_up.device}, expected x's device {x.device}")
     F = two_f // 2
     R = row_to_assign.numel()
+    if not (save_a or save_h):
+        raise ValueError("save_a and save_h are both False: nothing to compute")
     if a_out is not None:
+        if not save_a:
+            raise ValueError("a_out is given but save_a is False")
         check_output(a_out, (R, F), x.dtype, x.device, "a_out")
     if h_out is not None:
         if not save_h:
@@ -503,10 +512,11 @@ def up_proj_glu(
         check_output(h_out, (R, two_f), x.dtype, x.device, "h_out")
     if not _fused(x) or R == 0 or F == 0 or x.shape[0] == 0 or D == 0:
         return _up_proj_glu_fallback(
-            x, w_up, row_to_assign, expert_ends, top_k, activation_name, a_out, h_out, save_h
+            x, w_up, row_to_assign, expert_ends, top_k, activation_name, a_out, h_out, save_h, save_a
         )
-    a = torch.empty(R, F, device=x.device, dtype=x.dtype) if a_out is None else a_out
-    h = None
+    a = h = None
+    if save_a:
+        a = torch.empty(R, F, device=x.device, dtype=x.dtype) if a_out is None else a_out
     if save_h:
         h = torch.empty(R, two_f, device=x.device, dtype=x.dtype) if h_out is None else h_out
     if x.stride(1) != 1:
@@ -525,7 +535,7 @@ def up_proj_glu(
         row_to_assign,
         expert_ends,
         a if h is None else h,
-        a,
+        h if a is None else a,
         R,
         D,
         F,
@@ -536,6 +546,7 @@ def up_proj_glu(
         TOP_K=top_k,
         ACT=code,
         SAVE_H=save_h,
+        SAVE_A=save_a,
         USE_TMA=use_tma,
         BLOCK_E=_block_e(E),
         **cfg,
@@ -543,14 +554,14 @@ def up_proj_glu(
     return a, h
 
 
-def _up_proj_glu_fallback(x, w_up, row_to_assign, expert_ends, top_k, act, a_out, h_out, save_h):
+def _up_proj_glu_fallback(x, w_up, row_to_assign, expert_ends, top_k, act, a_out, h_out, save_h, save_a):
     R, two_f = row_to_assign.numel(), w_up.shape[1]
     if R == 0 or x.shape[0] == 0 or x.shape[1] == 0:
         h = torch.zeros(R, two_f, device=x.device, dtype=x.dtype)
     else:
         xg = permute.gather_rows(x, row_to_assign, top_k)
         h = _rows_past_end_zero(grouped_gemm.grouped_mm(xg, w_up, expert_ends, True), expert_ends)
-    a = activation.glu_forward(h, act)
+    a = activation.glu_forward(h, act) if save_a else None
     if a_out is not None:
         a = a_out.copy_(a)
     if not save_h:

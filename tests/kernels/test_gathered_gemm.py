@@ -6,10 +6,6 @@ the GLU and its derivative written out, weight gradients through a one-hot exper
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -109,8 +105,8 @@ def _inputs(N, D, F, E, dtype, device):
     return x, w_up, w_down
 
 
-def _check_up(x, w_up, r2a, ends, counts, K, act, dtype, save_h=True, **kw):
-    a, h = gth.up_proj_glu(x, w_up, r2a, ends, K, act, save_h=save_h, **kw)
+def _check_up(x, w_up, r2a, ends, counts, K, act, dtype, save_h=True, save_a=True, **kw):
+    a, h = gth.up_proj_glu(x, w_up, r2a, ends, K, act, save_h=save_h, save_a=save_a, **kw)
     F = w_up.shape[1] // 2
     ref_h = _ref_h(x, w_up, r2a, counts, K)
     if save_h:
@@ -118,6 +114,9 @@ def _check_up(x, w_up, r2a, ends, counts, K, act, dtype, save_h=True, **kw):
         _close(h, ref_h, dtype, "h")
     else:
         assert h is None
+    if not save_a:
+        assert a is None
+        return a, h
     # `a` is defined on h rounded to the output dtype.
     hr = ref_h.to(dtype).double()
     ref_a = _act64(hr[:, :F], act) * hr[:, F:]
@@ -224,14 +223,20 @@ def test_up_proj_glu_drops_tail_and_many_experts(device):
 
 
 def test_up_proj_glu_no_h_and_pointer_weights(device):
-    """save_h=False never writes h; the pointer path of the weights (tma off) gives the same a."""
+    """save_h=False / save_a=False skip an output; the pointer path of the weights (tma off)
+    gives the same results."""
     N, K, E = 17, 2, 4
     x, w_up, _ = _inputs(N, D_DIM, F_DIM, E, torch.float16, device)
     r2a, ends, counts = _layout(N, K, E, device=device)
     assert gth._tma_ok(w_up), "the default path should use the TMA descriptor here"
     a, _ = _check_up(x, w_up, r2a, ends, counts, K, "relu2", torch.float16, save_h=False)
-    a2, _ = _check_up(x, w_up, r2a, ends, counts, K, "relu2", torch.float16, config={"tma": False})
+    a2, h2 = _check_up(x, w_up, r2a, ends, counts, K, "relu2", torch.float16, config={"tma": False})
     assert torch.equal(a, a2)
+    h_out = torch.full_like(h2, float("nan"))
+    _, h3 = _check_up(x, w_up, r2a, ends, counts, K, "relu2", torch.float16, save_a=False, h_out=h_out)
+    assert h3 is h_out and torch.equal(h3, h2)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        gth.up_proj_glu(x, w_up, r2a, ends, K, "relu2", save_a=False, save_h=False)
 
 
 def test_up_proj_glu_tile_config_sweep(device):
@@ -516,11 +521,13 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                     "h_ptr": f"*{t}",
                     "a_ptr": f"*{t}",
                 }
-                sig.update({k: "i32" for k in ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn")})
+                sig.update(
+                    {k: "i32" for k in ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn", "TOP_K")}
+                )
                 consts = {
-                    "TOP_K": 8,
                     "ACT": ACTS.index(act),
                     "SAVE_H": save_h,
+                    "SAVE_A": not save_h or act != "swiglu",
                     "USE_TMA": use_tma,
                     **blocks,
                     "BLOCK_E": 128,
@@ -544,9 +551,12 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 "gw_ptr": "*fp32",
             }
             sig.update(
-                {k: "i32" for k in ("R", "D", "F", "E", "stride_dy", "stride_we", "stride_wd", "stride_h")}
+                {
+                    k: "i32"
+                    for k in ("R", "D", "F", "E", "stride_dy", "stride_we", "stride_wd", "stride_h", "TOP_K")
+                }
             )
-            consts = {"TOP_K": 8, "ACT": ACTS.index(act), "USE_TMA": use_tma, **blocks, "BLOCK_E": 128}
+            consts = {"ACT": ACTS.index(act), "USE_TMA": use_tma, **blocks, "BLOCK_E": 128}
             sig.update({k: "constexpr" for k in consts})
             specs.append((gth._dgrad_glu_kernel, sig, consts))
         cfg = gth._config("wgrad", dtype, interpret=False)
@@ -566,9 +576,8 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 "ends_ptr": "*i32",
                 "out_ptr": f"*{t}",
             }
-            sig.update({k: "i32" for k in ("M", "N", "stride_a", "stride_b")})
+            sig.update({k: "i32" for k in ("M", "N", "stride_a", "stride_b", "TOP_K")})
             consts = {
-                "TOP_K": 8,
                 "GATHER_A": gather_a,
                 "SORTED_TMA": use_tma,
                 "BLOCK_M": bm,
@@ -588,11 +597,56 @@ def aot_specs() -> list:
     ]
 
 
-def test_aot_compile_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("aot_compile.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), "gathered_gemm"], env=env, capture_output=True, text=True, timeout=900
+def test_aot_specs_cover_every_kernel():
+    """tests/kernels/test_aot.py compiles ``aot_specs()`` for sm_90 (through aot_compile.py, which
+    reads this module's specs since gathered_gemm has no AOT_SPECS); every kernel of the module
+    is in it, with each constexpr variant the wrappers can launch. Compile only these with
+    ``python tests/kernels/aot_compile.py gathered_gemm`` (without TRITON_INTERPRET)."""
+    from flashfusemoe.kernels import FastLaunch
+
+    kernels = {v for v in vars(gth).values() if isinstance(v, FastLaunch)}
+    specs = aot_specs()
+    assert {k for k, _, _ in specs} == kernels
+    up = {(c["ACT"], c["SAVE_H"], c["SAVE_A"], c["USE_TMA"]) for k, _, c in specs if k is gth._up_glu_kernel}
+    assert {(h, a) for _, h, a, _ in up} == {(True, True), (True, False), (False, True)}
+    assert {act for act, *_ in up} == set(range(len(ACTS)))
+    wgrad = {(c["GATHER_A"], c["SORTED_TMA"]) for k, _, c in specs if k is gth._gathered_wgrad_kernel}
+    assert wgrad == {(True, True), (True, False), (False, True), (False, False)}
+    for kernel, sig, consts in specs:
+        params = kernel.fn.arg_names
+        assert set(sig) == set(params), (kernel.fn.__name__, set(sig) ^ set(params))
+        assert all(sig[p] == "constexpr" for p in consts)
+
+
+def test_layout_without_gather_feeds_the_kernels(device):
+    """The wiring's layout-only call: ``permute.layout_and_gather`` on a zero-width view of x
+    (and ``capacity_drop`` on the zero-width x_sorted) gives the same maps as with x, and those
+    maps drive ``up_proj_glu`` to the unfused result."""
+    from flashfusemoe.kernels import permute, routing
+
+    N, D, E, K = 37, D_DIM, 6, 2
+    x, w_up, _ = _inputs(N, D, F_DIM, E, torch.float32, device)
+    router = torch.randn(E, D, device=device)
+    _, ids, tw, block_counts, block_n = routing.route_forward(
+        x, router, None, K, "softmax", True, None, None, 1.0, with_block_counts=True
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == len(aot_specs()), proc.stdout
+    full = permute.layout_and_gather(x, ids, E, block_counts, block_n)
+    bare = permute.layout_and_gather(x[:, :0], ids, E, block_counts, block_n)
+    assert bare[0].shape == (N * K, 0)
+    for u, v in zip(full[1:], bare[1:], strict=True):
+        assert torch.equal(u, v)
+    cap = 5
+    permute.capacity_drop(full[0], tw, *full[1:4], cap)
+    permute.capacity_drop(bare[0], tw, *bare[1:4], cap)
+    for u, v in zip(full[1:], bare[1:], strict=True):
+        assert torch.equal(u, v)
+    _, a2r, r2a, ends, _, _ = bare
+    assert (r2a < 0).any(), "the capacity should have dropped rows"
+    a, h = gth.up_proj_glu(x, w_up, r2a, ends, K, "swiglu")
+    ref_h = torch.zeros_like(h)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    eid = _expert_of_row(counts, r2a.numel())
+    for r in range(r2a.numel()):
+        if r2a[r] >= 0:
+            ref_h[r] = full[0][r] @ w_up[eid[r]].T
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
