@@ -192,7 +192,7 @@ def _check_wgrad(a, b, r2a, ends, counts, K, gather, dtype, **kw):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_up_proj_glu_activations(act, dtype, device):
     N, K, E = 23, 3, 5
     x, w_up, _ = _inputs(N, D_DIM, F_DIM, E, dtype, device)
@@ -292,7 +292,7 @@ def _h_like_forward(N, K, E, dtype, device, **layout_kw):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dgrad_glu_activations(act, dtype, device):
     N, K = 21, 3
     dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(N, K, 5, dtype, device, drop=0.2)
@@ -351,7 +351,7 @@ def test_dgrad_glu_matches_glu_backward(device):
 
 
 @pytest.mark.parametrize("gather", ["a", "b"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_weight_grad(gather, dtype, device):
     N, K, E = 25, 3, 6
     r2a, ends, counts = _layout(N, K, E, routing="skew_empty", drop=0.2, tail=5, device=device)
