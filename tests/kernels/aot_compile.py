@@ -5,6 +5,7 @@ Prints one line per kernel; exits 1 if any failed, or if a module's launched ker
 """
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 import sys
@@ -22,9 +23,22 @@ from triton.compiler import ASTSource  # noqa: E402
 import flashfusemoe.kernels as kernels_pkg  # noqa: E402
 
 
-def main() -> int:
+def _test_side_specs(name: str):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"test_{name}.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"_aot_test_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn = getattr(module, "aot_specs", None)
+    return fn() if fn is not None else None
+
+
+def main(only=()) -> int:
     failed = 0
     for mod_info in pkgutil.iter_modules(kernels_pkg.__path__):
+        if only and mod_info.name not in only:
+            continue
         mod = importlib.import_module(f"flashfusemoe.kernels.{mod_info.name}")
         launched = launched_kernels(mod)
         specs = SPECS[mod_info.name]() if mod_info.name in SPECS else []
@@ -50,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(tuple(sys.argv[1:])))

@@ -273,7 +273,14 @@ def _grouped_gemm() -> list:
 
 
 # module name -> its specs, one entry per module of flashfusemoe.kernels that launches kernels
-SPECS = {"permute": _permute, "activation": _activation, "routing": _routing, "grouped_gemm": _grouped_gemm}
+def _gathered_gemm() -> list:
+    from test_gathered_gemm import aot_specs  # (kept beside the kernels' tests)
+
+    return aot_specs()
+
+
+SPECS = {"permute": _permute, "activation": _activation, "routing": _routing, "grouped_gemm": _grouped_gemm,
+         "gathered_gemm": _gathered_gemm}
 
 
 def launched_kernels(module) -> list:

@@ -1,0 +1,788 @@
+"""Gathered expert GEMMs: token rows read by index inside the GEMM, GLU in the epilogues.
+
+Layout (as ``permute.expert_layout`` / ``layout_and_gather`` with ``gemm="grouped"``): ``R``
+expert-sorted rows; expert ``e`` owns rows ``[expert_ends[e-1], expert_ends[e])``;
+``row_to_assign [R]`` int32 holds each row's assignment ``n*K + k`` (token ``n``), or ``-1`` for a
+row without one (capacity drops, the tail past ``expert_ends[-1]``). No ``[R, D]`` copy of ``x`` or
+``dy`` is ever made: the kernels read row ``r`` of the operand as ``src[row_to_assign[r] // K]``.
+
+- ``up_proj_glu``: ``h = x_g @ w_up[e].T`` and ``a = act(h[:, :F]) * h[:, F:]``, gate and up
+  accumulators in one program, ``h`` optionally stored.
+- ``gathered_dgrad_glu``: ``da = dy_g @ w_down[e]`` and, in its epilogue, the backward of the
+  routing-weighted GLU (``dh``, ``a * w``, the routing-weight gradient term).
+- ``gathered_weight_grad``: ``out[e] = A_e.T @ B_e`` where ``A`` or ``B`` is gathered by token.
+
+Tiles never span two experts: program ``m`` of the grid (an upper bound ``cdiv(R, BLOCK_M) + E + 1``
+on the tile count) finds its expert from ``expert_ends`` on the device, so nothing syncs with the
+host. Rows of the tail past ``expert_ends[-1]`` and rows with ``row_to_assign == -1`` get exact
+zeros in every per-row output. Launch configurations are fixed per shape (``_config``), not
+autotuned: a per-process tuning choice could change the summation order from one run to the next,
+and the tuning run would synchronise on first use. Every wrapper writes into caller-given
+``*_out`` tensors when given (the JAX bridge's XLA buffers).
+
+Triton path: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``; fp16, bf16 and fp32
+(fp32 with IEEE fp32 dots). fp64 and CPU tensors without the interpreter take the torch fallback,
+which runs the unfused sequence (``permute.gather_rows``, ``grouped_gemm``, ``activation``).
+Weights come through TMA tensor descriptors on sm90+ (16-bit, aligned, see ``_tma_ok``), else
+through pointer loads.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from flashfusemoe.kernels import (
+    INTERPRET,
+    activation,
+    cdiv,
+    check_out,
+    grouped_gemm,
+    next_power_of_2,
+    permute,
+    use_triton,
+)
+from flashfusemoe.kernels.activation import _act, _act_and_grad, _check_activation
+from flashfusemoe.kernels.grouped_gemm import _dot_acc
+from flashfusemoe.kernels.launch import fast_launch
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_tile(ends_ptr, pid_m, R, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile ``pid_m`` of the schedule: ``(expert, row0, row_end)``.
+
+    Tiles ``0 .. T-1`` (``T = sum_e cdiv(count_e, BLOCK_M)``) cover the experts in order;
+    the next ones cover the tail ``[expert_ends[E-1], R)`` with ``expert == E``; past those,
+    ``row0 >= row_end`` (no work).
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    ends = tl.load(ends_ptr + offs_e, mask=mask_e, other=0)
+    starts = tl.load(ends_ptr + offs_e - 1, mask=mask_e & (offs_e > 0), other=0)
+    tiles = tl.where(mask_e, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_end = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
+    tile_start = tl.sum(tl.where(offs_e < expert, tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(offs_e == expert, starts, 0), axis=0)
+    row_end = tl.sum(tl.where(offs_e == expert, ends, 0), axis=0)
+    if expert >= E:  # the tail
+        row_start = tl.load(ends_ptr + E - 1)
+        row_end = R
+    row0 = row_start + (pid_m - tile_start) * BLOCK_M
+    return expert, row0, row_end
+
+
+@triton.jit
+def _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M: tl.constexpr):
+    """Rows ``row0 + [0, BLOCK_M)``: ``(rows, in_rows, valid, asg, tok)``; ``valid`` rows have an
+    assignment ``asg`` and a real expert, ``tok`` (int64) is their token (0 elsewhere)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    in_rows = rows < row_end
+    asg = tl.load(r2a_ptr + rows, mask=in_rows, other=-1)
+    valid = in_rows & (asg >= 0) & (expert < E)
+    tok = tl.where(valid, asg // TOP_K, 0).to(tl.int64)
+    return rows, in_rows, valid, asg, tok
+
+
+@fast_launch
+def _up_glu_kernel(
+    x_ptr,
+    w_ptr,
+    w_desc,
+    r2a_ptr,
+    ends_ptr,
+    h_ptr,
+    a_ptr,
+    R,
+    D,
+    F,
+    E,
+    stride_x,
+    stride_we,
+    stride_wn,
+    TOP_K,
+    ACT: tl.constexpr,
+    SAVE_H: tl.constexpr,
+    SAVE_A: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Grid ``((cdiv(R, BLOCK_M) + E + 1) * cdiv(F, BLOCK_N),)``, N-tiles of one row tile adjacent.
+
+    ``w`` is ``[E, 2F, D]`` with unit stride along D; ``w_desc`` its ``[E*2F, D]`` descriptor with
+    block ``[BLOCK_N, BLOCK_K]`` (USE_TMA). ``h`` ``[R, 2F]`` and ``a`` ``[R, F]`` contiguous.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    expert, row0, row_end = _row_tile(ends_ptr, pid_m, R, E, BLOCK_M, BLOCK_E)
+    if row0 >= row_end:
+        return
+    rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
+    w_row = expert.to(tl.int64) * stride_we
+    wg_ptrs = w_ptr + w_row + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    wu_ptrs = wg_ptrs + F * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.where(expert < E, D, 0)  # the tail does no GEMM
+    for k0 in range(0, k_end, BLOCK_K):
+        kmask = (k0 + ks) < D
+        xa = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            wg = w_desc.load([expert * 2 * F + n0, k0])
+            wu = w_desc.load([expert * 2 * F + F + n0, k0])
+        else:
+            wmask = (cols < F)[:, None] & kmask[None, :]
+            wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+        acc_g = _dot_acc(xa, wg.T, acc_g)
+        acc_u = _dot_acc(xa, wu.T, acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    # h is rounded to the output dtype first and `a` computed from the rounded values, as the
+    # backward (which reads the stored or recomputed h) sees them.
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    out_mask = in_rows[:, None] & (cols < F)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    if SAVE_H:
+        h_ptrs = h_ptr + r64 * (2 * F) + cols[None, :]
+        tl.store(h_ptrs, g, mask=out_mask)
+        tl.store(h_ptrs + F, u, mask=out_mask)
+    if SAVE_A:
+        a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+        tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=out_mask)
+
+
+@fast_launch
+def _dgrad_glu_kernel(
+    dy_ptr,
+    w_ptr,
+    w_desc,
+    h_ptr,
+    r2a_ptr,
+    ends_ptr,
+    tw_ptr,
+    dh_ptr,
+    aw_ptr,
+    gw_ptr,
+    R,
+    D,
+    F,
+    E,
+    stride_dy,
+    stride_we,
+    stride_wd,
+    stride_h,
+    TOP_K,
+    ACT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """``da = dy_g @ w[e]`` (``w`` ``[E, D, F]``, unit stride along F; ``w_desc`` its ``[E*D, F]``
+    descriptor, block ``[BLOCK_K, BLOCK_N]``, only when ``D % BLOCK_K == 0``), then the GLU
+    backward on the tile. ``gw`` ``[R, cdiv(F, BLOCK_N)]`` fp32 gets each N-tile's partial
+    ``sum_f da * a``; grid as ``_up_glu_kernel``.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    expert, row0, row_end = _row_tile(ends_ptr, pid_m, R, E, BLOCK_M, BLOCK_E)
+    if row0 >= row_end:
+        return
+    rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.where(expert < E, D, 0)
+    for k0 in range(0, k_end, BLOCK_K):
+        kmask = (k0 + ks) < D
+        dya = tl.load(dy_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            wb = w_desc.load([expert * D + k0, n0])
+        else:
+            wb = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot_acc(dya, wb, acc)
+        dy_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+
+    vmask = valid[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_ptrs = h_ptr + r64 * stride_h + cols[None, :]
+    g = tl.load(h_ptrs, mask=vmask, other=0.0).to(tl.float32)
+    u = tl.load(h_ptrs + F, mask=vmask, other=0.0).to(tl.float32)
+    w = tl.load(tw_ptr + asg.to(tl.int64), mask=valid, other=0.0).to(tl.float32)[:, None]
+    act, dact = _act_and_grad(g, ACT)
+    a = act * u
+    zero = tl.zeros_like(a)
+    da = tl.where(vmask, acc, zero)
+    dg = tl.where(vmask, w * (da * u * dact), zero)
+    du = tl.where(vmask, w * (da * act), zero)
+    aw = tl.where(vmask, w * a, zero)
+    out_mask = in_rows[:, None] & cmask[None, :]
+    dh_ptrs = dh_ptr + r64 * (2 * F) + cols[None, :]
+    tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dh_ptrs + F, du.to(dh_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(aw_ptr + r64 * F + cols[None, :], aw.to(aw_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(gw_ptr + rows.to(tl.int64) * tiles_n + pid_n, tl.sum(da * a, axis=1), mask=in_rows)
+
+
+@fast_launch
+def _gathered_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    a_desc,
+    b_desc,
+    r2a_ptr,
+    ends_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_a,
+    stride_b,
+    TOP_K,
+    GATHER_A: tl.constexpr,
+    SORTED_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``out[e] = A_e.T @ B_e`` (``out`` contiguous ``[E, M, N]``), one program per output tile,
+    grid ``(E * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, an expert's tiles adjacent.
+
+    Row ``r`` of the gathered operand (``A`` if GATHER_A, else ``B``) is row
+    ``row_to_assign[r] // TOP_K`` of its source (zeros for ``-1``); the other operand is
+    expert-sorted. SORTED_TMA: whole ``BLOCK_K``-row chunks of the sorted operand come through
+    its descriptor (``a_desc`` block ``[BLOCK_K, BLOCK_M]`` or ``b_desc`` block
+    ``[BLOCK_K, BLOCK_N]``), the last partial chunk through masked loads. An empty expert
+    writes zeros.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
+    e = pid // tiles_per_expert
+    tile = pid % tiles_per_expert
+    m0 = (tile // tiles_n) * BLOCK_M
+    n0 = (tile % tiles_n) * BLOCK_N
+    row_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+    row_end = tl.load(ends_ptr + e)
+    ms = m0 + tl.arange(0, BLOCK_M)
+    ns = n0 + tl.arange(0, BLOCK_N)
+    mmask = ms < M
+    nmask = ns < N
+    rs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_full = 0
+    if SORTED_TMA:
+        num_full = tl.maximum(row_end - row_start, 0) // BLOCK_K
+        for i in range(num_full):
+            r = row_start + i * BLOCK_K
+            asg = tl.load(r2a_ptr + r + rs)
+            valid = asg >= 0
+            tok = tl.where(valid, asg // TOP_K, 0).to(tl.int64)
+            if GATHER_A:
+                a_t = tl.load(
+                    a_ptr + tok[None, :] * stride_a + ms[:, None],
+                    mask=mmask[:, None] & valid[None, :],
+                    other=0.0,
+                )
+                b = b_desc.load([r, n0])
+            else:
+                a_t = a_desc.load([r, m0]).T
+                b = tl.load(
+                    b_ptr + tok[:, None] * stride_b + ns[None, :],
+                    mask=valid[:, None] & nmask[None, :],
+                    other=0.0,
+                )
+            acc = _dot_acc(a_t, b, acc)
+    for r in range(row_start + num_full * BLOCK_K, row_end, BLOCK_K):
+        rows = r + rs
+        in_rows = rows < row_end
+        rows64 = rows.to(tl.int64)
+        asg = tl.load(r2a_ptr + rows, mask=in_rows, other=-1)
+        valid = asg >= 0
+        tok = tl.where(valid, asg // TOP_K, 0).to(tl.int64)
+        if GATHER_A:
+            a_t = tl.load(
+                a_ptr + tok[None, :] * stride_a + ms[:, None], mask=mmask[:, None] & valid[None, :], other=0.0
+            )
+            b = tl.load(
+                b_ptr + rows64[:, None] * stride_b + ns[None, :],
+                mask=in_rows[:, None] & nmask[None, :],
+                other=0.0,
+            )
+        else:
+            a_t = tl.load(
+                a_ptr + rows64[None, :] * stride_a + ms[:, None],
+                mask=mmask[:, None] & in_rows[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b_ptr + tok[:, None] * stride_b + ns[None, :], mask=valid[:, None] & nmask[None, :], other=0.0
+            )
+        acc = _dot_acc(a_t, b, acc)
+    out_ptrs = out_ptr + e.to(tl.int64) * M * N + ms[:, None] * N + ns[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------
+
+KINDS = ("up", "dgrad", "wgrad")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def _config(kind: str, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """Fixed launch configuration of kernel ``kind`` (``KINDS``) for operands of ``dtype``."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if kind == "up":
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if kind == "dgrad":
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+
+
+def _resolve_config(kind: str, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool]:
+    """``(launch config, tma allowed)``: ``config`` (benchmarks, tests) overrides keys of the
+    fixed one; its key ``"tma"`` (default True) allows the TMA loads where they apply."""
+    cfg = _config(kind, dtype)
+    tma = True
+    if config is not None:
+        unknown = set(config) - set(_CONFIG_KEYS) - {"tma"}
+        if unknown:
+            raise ValueError(
+                f"config has unknown keys {sorted(unknown)}; expected some of {_CONFIG_KEYS + ('tma',)}"
+            )
+        cfg.update({k: v for k, v in config.items() if k != "tma"})
+        tma = bool(config.get("tma", True))
+    return cfg, tma
+
+
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D views of ``tensors`` (last dim contiguous) can be TMA descriptors: 16-bit,
+    16-byte aligned data and rows, on an sm90+ GPU (or any tensors under the interpreter)."""
+    for t in tensors:
+        if t.dtype not in (torch.bfloat16, torch.float16) or t.numel() == 0:
+            return False
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+            return False
+        if not INTERPRET and not (t.is_cuda and _device_capability(t.get_device())[0] >= 9):
+            return False
+    return True
+
+
+def _block_e(num_experts: int) -> int:
+    return max(16, next_power_of_2(num_experts))
+
+
+def _m_tiles(r_total: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the row tiles of the schedule: each expert adds at most one partial tile,
+    the tail one more."""
+    return cdiv(r_total, block_m) + num_experts + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(t, name: str, dim: int, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+
+
+def _check_layout(src, row_to_assign, expert_ends, top_k, src_name: str) -> None:
+    _check_tensor(row_to_assign, "row_to_assign", 1, (torch.int32,))
+    _check_tensor(expert_ends, "expert_ends", 1, (torch.int32,))
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    for t, name in ((row_to_assign, "row_to_assign"), (expert_ends, "expert_ends")):
+        if t.device != src.device:
+            raise ValueError(f"{name} is on {t.device}, expected {src_name}'s device {src.device}")
+    if expert_ends.numel() == 0:
+        raise ValueError("expert_ends must have one entry per expert, got 0 entries")
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return use_triton(t) and t.dtype != torch.float64
+
+
+def _rows_past_end_zero(t: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
+    """``t`` with rows ``>= expert_ends[-1]`` set to zero (no host sync)."""
+    idx = torch.arange(t.shape[0], device=t.device)
+    return torch.where((idx < expert_ends[-1])[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def up_proj_glu(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    row_to_assign: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    activation_name: str,
+    *,
+    a_out: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None,
+    save_h: bool = True,
+    save_a: bool = True,
+    config: dict | None = None,
+):
+    """Up-projection with the token gather in its prologue and the GLU in its epilogue.
+
+    ``x`` ``[N, D]``; ``w_up`` ``[E, 2F, D]`` (gate rows first), same dtype; ``row_to_assign``
+    ``[R]`` and ``expert_ends`` ``[E]`` int32 as in the module docstring; ``activation_name`` in
+    ``activation.ACTIVATIONS``.
+
+    With ``xg[r] = x[row_to_assign[r] // top_k]`` and ``e`` the expert of row ``r``:
+    ``h[r] = xg[r] @ w_up[e].T`` (rounded to x's dtype) and ``a[r] = act(h[r, :F]) * h[r, F:]``.
+    Rows with ``row_to_assign == -1`` or past ``expert_ends[-1]`` are exact zeros in both.
+
+    Returns ``(a [R, F] or None, h [R, 2F] or None)`` of x's dtype: ``a`` when ``save_a``, ``h``
+    when ``save_h`` (an output not asked for is never computed or written; ``save_a=False`` is
+    the backward's recompute of ``h``). ``a_out`` / ``h_out``: contiguous destinations, returned
+    when given.
+    """
+    code = _check_activation(activation_name)
+    _check_tensor(x, "x", 2, _FLOATS)
+    _check_tensor(w_up, "w_up", 3, (x.dtype,))
+    _check_layout(x, row_to_assign, expert_ends, top_k, "x")
+    E, two_f, D = w_up.shape
+    if D != x.shape[1] or two_f % 2 or E != expert_ends.numel():
+        raise ValueError(
+            f"w_up must be [E, 2F, D] = [{expert_ends.numel()}, 2F, {x.shape[1]}], got {tuple(w_up.shape)}"
+        )
+    if w_up.device != x.device:
+        raise ValueError(f"w_up is on {w_up.device}, expected x's device {x.device}")
+    F = two_f // 2
+    R = row_to_assign.numel()
+    if not (save_a or save_h):
+        raise ValueError("save_a and save_h are both False: nothing to compute")
+    if a_out is not None:
+        if not save_a:
+            raise ValueError("a_out is given but save_a is False")
+        check_out(a_out, (R, F), x.dtype, x.device, "a_out")
+    if h_out is not None:
+        if not save_h:
+            raise ValueError("h_out is given but save_h is False")
+        check_out(h_out, (R, two_f), x.dtype, x.device, "h_out")
+    if not _fused(x) or R == 0 or F == 0 or x.shape[0] == 0 or D == 0:
+        return _up_proj_glu_fallback(
+            x, w_up, row_to_assign, expert_ends, top_k, activation_name, a_out, h_out, save_h, save_a
+        )
+    a = h = None
+    if save_a:
+        a = torch.empty(R, F, device=x.device, dtype=x.dtype) if a_out is None else a_out
+    if save_h:
+        h = torch.empty(R, two_f, device=x.device, dtype=x.dtype) if h_out is None else h_out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w_up.stride(2) != 1:
+        w_up = w_up.contiguous()
+    cfg, tma = _resolve_config("up", x.dtype, config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    use_tma = tma and w_up.is_contiguous() and _tma_ok(w_up)
+    w_desc = TensorDescriptor(w_up.view(E * two_f, D), [E * two_f, D], [D, 1], [bn, bk]) if use_tma else None
+    grid = (_m_tiles(R, E, bm) * cdiv(F, bn),)
+    _up_glu_kernel[grid](
+        x,
+        w_up,
+        w_desc if use_tma else w_up,
+        row_to_assign,
+        expert_ends,
+        a if h is None else h,
+        h if a is None else a,
+        R,
+        D,
+        F,
+        E,
+        x.stride(0),
+        w_up.stride(0),
+        w_up.stride(1),
+        TOP_K=top_k,
+        ACT=code,
+        SAVE_H=save_h,
+        SAVE_A=save_a,
+        USE_TMA=use_tma,
+        BLOCK_E=_block_e(E),
+        **cfg,
+    )
+    return a, h
+
+
+def _up_proj_glu_fallback(x, w_up, row_to_assign, expert_ends, top_k, act, a_out, h_out, save_h, save_a):
+    R, two_f = row_to_assign.numel(), w_up.shape[1]
+    if R == 0 or x.shape[0] == 0 or x.shape[1] == 0:
+        h = torch.zeros(R, two_f, device=x.device, dtype=x.dtype)
+    else:
+        xg = permute.gather_rows(x, row_to_assign, top_k)
+        h = _rows_past_end_zero(grouped_gemm.grouped_mm(xg, w_up, expert_ends, True), expert_ends)
+    a = activation.glu_forward(h, act) if save_a else None
+    if a_out is not None:
+        a = a_out.copy_(a)
+    if not save_h:
+        return a, None
+    return a, (h if h_out is None else h_out.copy_(h))
+
+
+def gathered_dgrad_glu(
+    grad_out: torch.Tensor,
+    w_down: torch.Tensor,
+    h: torch.Tensor,
+    row_to_assign: torch.Tensor,
+    expert_ends: torch.Tensor,
+    topk_weights: torch.Tensor,
+    top_k: int,
+    activation_name: str,
+    *,
+    dh_out: torch.Tensor | None = None,
+    a_weighted_out: torch.Tensor | None = None,
+    grad_w_row_out: torch.Tensor | None = None,
+    config: dict | None = None,
+):
+    """Input gradient of the down-projection with the token gather in its prologue and the
+    routing-weighted GLU backward in its epilogue.
+
+    ``grad_out`` ``[N, D]``; ``w_down`` ``[E, D, F]``; ``h`` ``[R, 2F]`` (the up-projection's
+    output), all one dtype; ``topk_weights`` ``[N, K]`` (fp32, fp64 for fp64 inputs).
+
+    With ``dyg[r] = grad_out[row_to_assign[r] // top_k]``, ``da[r] = dyg[r] @ w_down[e]`` (fp32,
+    never rounded), ``w_r = topk_weights.flatten()[row_to_assign[r]]``, ``g, u = h[r, :F], h[r, F:]``:
+    returns ``dh = [w_r * da * u * act'(g), w_r * da * act(g)]`` ``[R, 2F]`` and
+    ``a_weighted = w_r * act(g) * u`` ``[R, F]`` (both h's dtype) and ``grad_w_row = sum_f da * act(g) * u``
+    ``[R]`` (fp32, fp64 for fp64) - the semantics of ``activation.glu_backward`` with ``da`` computed
+    here. Rows with ``row_to_assign == -1`` or past ``expert_ends[-1]`` get exact zeros whatever
+    ``h`` holds there. Deterministic: ``grad_w_row`` sums per-tile partials in a fixed order.
+    """
+    code = _check_activation(activation_name)
+    _check_tensor(grad_out, "grad_out", 2, _FLOATS)
+    _check_tensor(w_down, "w_down", 3, (grad_out.dtype,))
+    _check_tensor(h, "h", 2, (grad_out.dtype,))
+    _check_layout(grad_out, row_to_assign, expert_ends, top_k, "grad_out")
+    E, D, F = w_down.shape
+    R = row_to_assign.numel()
+    N = grad_out.shape[0]
+    if D != grad_out.shape[1] or E != expert_ends.numel():
+        raise ValueError(
+            f"w_down must be [E, D, F] = [{expert_ends.numel()}, {grad_out.shape[1]}, F], "
+            f"got {tuple(w_down.shape)}"
+        )
+    if tuple(h.shape) != (R, 2 * F):
+        raise ValueError(f"h must be [R, 2F] = [{R}, {2 * F}], got {tuple(h.shape)}")
+    if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (N, top_k):
+        raise ValueError(
+            f"topk_weights must be [N, K] = [{N}, {top_k}], got "
+            f"{getattr(topk_weights, 'shape', type(topk_weights).__name__)}"
+        )
+    for t, name in ((w_down, "w_down"), (h, "h"), (topk_weights, "topk_weights")):
+        if t.device != grad_out.device:
+            raise ValueError(f"{name} is on {t.device}, expected grad_out's device {grad_out.device}")
+    dtype = grad_out.dtype
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if dh_out is not None:
+        check_out(dh_out, (R, 2 * F), dtype, grad_out.device, "dh_out")
+    if a_weighted_out is not None:
+        check_out(a_weighted_out, (R, F), dtype, grad_out.device, "a_weighted_out")
+    if grad_w_row_out is not None:
+        check_out(grad_w_row_out, (R,), cdt, grad_out.device, "grad_w_row_out")
+    if not _fused(grad_out) or R == 0 or F == 0 or N == 0 or D == 0:
+        return _dgrad_glu_fallback(
+            grad_out,
+            w_down,
+            h,
+            row_to_assign,
+            expert_ends,
+            topk_weights,
+            top_k,
+            activation_name,
+            dh_out,
+            a_weighted_out,
+            grad_w_row_out,
+        )
+    dev = grad_out.device
+    dh = torch.empty(R, 2 * F, device=dev, dtype=dtype) if dh_out is None else dh_out
+    aw = torch.empty(R, F, device=dev, dtype=dtype) if a_weighted_out is None else a_weighted_out
+    gw = torch.empty(R, device=dev, dtype=cdt) if grad_w_row_out is None else grad_w_row_out
+    if grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    if w_down.stride(2) != 1:
+        w_down = w_down.contiguous()
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    weights = topk_weights.reshape(-1).to(cdt).contiguous()
+    cfg, tma = _resolve_config("dgrad", dtype, config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles_n = cdiv(F, bn)
+    partial = gw if tiles_n == 1 else torch.empty(R, tiles_n, device=dev, dtype=torch.float32)
+    use_tma = tma and w_down.is_contiguous() and D % bk == 0 and _tma_ok(w_down)
+    w_desc = TensorDescriptor(w_down.view(E * D, F), [E * D, F], [F, 1], [bk, bn]) if use_tma else None
+    grid = (_m_tiles(R, E, bm) * tiles_n,)
+    _dgrad_glu_kernel[grid](
+        grad_out,
+        w_down,
+        w_desc if use_tma else w_down,
+        h,
+        row_to_assign,
+        expert_ends,
+        weights,
+        dh,
+        aw,
+        partial,
+        R,
+        D,
+        F,
+        E,
+        grad_out.stride(0),
+        w_down.stride(0),
+        w_down.stride(1),
+        h.stride(0),
+        TOP_K=top_k,
+        ACT=code,
+        USE_TMA=use_tma,
+        BLOCK_E=_block_e(E),
+        **cfg,
+    )
+    if tiles_n > 1:
+        torch.sum(partial, dim=1, out=gw)
+    return dh, aw, gw
+
+
+def _dgrad_glu_fallback(
+    grad_out, w_down, h, row_to_assign, expert_ends, topk_weights, top_k, act, dh_out, aw_out, gw_out
+):
+    R, F = row_to_assign.numel(), w_down.shape[2]
+    if R == 0 or grad_out.shape[0] == 0 or grad_out.shape[1] == 0:
+        da = torch.zeros(R, F, device=grad_out.device, dtype=grad_out.dtype)
+    else:
+        dyg = permute.gather_rows(grad_out, row_to_assign, top_k)
+        da = _rows_past_end_zero(grouped_gemm.grouped_mm(dyg, w_down, expert_ends, False), expert_ends)
+    results = activation.glu_backward(h, da, act, row_to_assign, topk_weights)
+    outs = (dh_out, aw_out, gw_out)
+    return tuple(r if o is None else o.copy_(r) for r, o in zip(results, outs, strict=True))
+
+
+def gathered_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_to_assign: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    gather: str,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Per-expert ``out[e] = A_e.T @ B_e`` with one operand gathered by token.
+
+    ``gather="a"``: ``a`` is ``[N, M]`` token rows, ``A[r] = a[row_to_assign[r] // top_k]``, and
+    ``b`` ``[R, Nout]`` expert-sorted (``grad_w_down = gathered_weight_grad(grad_out, a_weighted,
+    ..., "a")`` ``[E, D, F]``). ``gather="b"``: ``a`` ``[R, M]`` sorted, ``b`` ``[N, Nout]`` token
+    rows (``grad_w_up = gathered_weight_grad(dh, x, ..., "b")`` ``[E, 2F, D]``). Gathered rows of
+    ``row_to_assign == -1`` are zeros; sorted rows past ``expert_ends[-1]`` are never read.
+
+    Returns ``out`` ``[E, M, Nout]`` of the operands' dtype (exact zeros for an expert with no rows),
+    written into ``out`` when given (contiguous).
+    """
+    if gather not in ("a", "b"):
+        raise ValueError(f"gather must be 'a' or 'b', got {gather!r}")
+    _check_tensor(a, "a", 2, _FLOATS)
+    _check_tensor(b, "b", 2, (a.dtype,))
+    _check_layout(a, row_to_assign, expert_ends, top_k, "a")
+    if b.device != a.device:
+        raise ValueError(f"b is on {b.device}, expected a's device {a.device}")
+    R = row_to_assign.numel()
+    sorted_t, sorted_name = (b, "b") if gather == "a" else (a, "a")
+    if sorted_t.shape[0] != R:
+        raise ValueError(f"{sorted_name} (expert-sorted) must have R = {R} rows, got {sorted_t.shape[0]}")
+    E = expert_ends.numel()
+    M, N = a.shape[1], b.shape[1]
+    if out is not None:
+        check_out(out, (E, M, N), a.dtype, a.device, "out")
+    n_tok = (a if gather == "a" else b).shape[0]
+    if not _fused(a) or R == 0 or n_tok == 0 or M == 0 or N == 0:
+        if R == 0 or n_tok == 0:
+            result = torch.zeros(E, M, N, device=a.device, dtype=a.dtype)
+            return result if out is None else out.copy_(result)
+        if gather == "a":
+            lhs, rhs = permute.gather_rows(a, row_to_assign, top_k), b
+        else:
+            lhs, rhs = a, permute.gather_rows(b, row_to_assign, top_k)
+        return grouped_gemm.grouped_mm_weight_grad(lhs, rhs, expert_ends, out=out)
+    if out is None:
+        out = torch.empty(E, M, N, device=a.device, dtype=a.dtype)
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    cfg, tma = _resolve_config("wgrad", a.dtype, config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sorted_t = b if gather == "a" else a
+    use_tma = tma and _tma_ok(sorted_t)
+    a_desc = b_desc = sorted_t
+    if use_tma and gather == "a":
+        b_desc = TensorDescriptor(b, [R, N], [b.stride(0), 1], [bk, bn])
+    elif use_tma:
+        a_desc = TensorDescriptor(a, [R, M], [a.stride(0), 1], [bk, bm])
+    grid = (E * cdiv(M, bm) * cdiv(N, bn),)
+    _gathered_wgrad_kernel[grid](
+        a,
+        b,
+        a_desc,
+        b_desc,
+        row_to_assign,
+        expert_ends,
+        out,
+        M,
+        N,
+        a.stride(0),
+        b.stride(0),
+        TOP_K=top_k,
+        GATHER_A=gather == "a",
+        SORTED_TMA=use_tma,
+        **cfg,
+    )
+    return out
