@@ -10,7 +10,10 @@ import torch
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 SCORE_FUNCS = ("softmax", "sigmoid")
-GEMMS = ("auto", "grouped", "bmm")
+GEMMS = ("auto", "grouped", "gathered", "bmm")
+# "auto" runs "gathered" up to this expert width F and "grouped" above (docs/benchmarks.md: the
+# gathered up-projection beat gather + grouped GEMM + GLU at F=256 and tied or trailed at F>=1408).
+GATHERED_MAX_FFN = 512
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -63,10 +66,14 @@ class MoEOptions:
     - ``capacity_factor``: opt-in token dropping: each expert keeps at most
       ``ceil(capacity_factor * N * top_k / E)`` assignments (the highest-weight ones), and the
       drops are counted in ``aux["dropped_tokens"]``. None (default): dropless.
-    - ``gemm``: the row layout of the expert GEMMs. ``"grouped"``: unpadded, dropless, no host
-      sync. ``"bmm"``: the padded ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing
-      expert grows it with one host sync in eager mode, and raises ``CapacityOverflowError`` where
-      it can't grow). ``"auto"`` (default): ``"grouped"``, the same rule in torch and JAX.
+    - ``gemm``: how the expert GEMMs run. ``"grouped"``: unpadded, dropless, no host sync: the
+      tokens gathered into expert order, grouped GEMMs (CUTLASS / cuBLAS), a GLU kernel.
+      ``"gathered"``: the same layout, but the up-projection reads its rows from x by token index
+      and applies the GLU in its epilogue (no copy of x, no GLU pass). ``"bmm"``: the padded
+      ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing expert grows it with one host
+      sync in eager mode, and raises ``CapacityOverflowError`` where it can't grow). ``"auto"``
+      (default): ``"gathered"`` for experts of width F <= ``GATHERED_MAX_FFN`` (512), else
+      ``"grouped"``: the same rule in torch and JAX.
     - ``max_tokens_per_expert``: the padded layout's rows per expert with ``gemm="bmm"`` (default:
       twice the mean load; see ``calibrate_max_tokens``).
     - ``recompute``: save only x and the routing metadata for backward and recompute the
@@ -108,8 +115,8 @@ class MoEOptions:
             check_int("max_tokens_per_expert", self.max_tokens_per_expert, minimum=1)
             # It sizes the padded layout, which "grouped" doesn't have and capacity sizes itself.
             if self.gemm != "bmm":
-                runs = "gemm='grouped' has none" if self.gemm == "grouped" else (
-                    "it runs gemm='auto' as 'grouped', which has none: pass gemm='bmm'")
+                runs = f"gemm={self.gemm!r} has none" if self.gemm != "auto" else (
+                    "it runs gemm='auto' as 'grouped' or 'gathered', which have none: pass gemm='bmm'")
                 raise ValueError(
                     f"max_tokens_per_expert={self.max_tokens_per_expert} sizes the padded layout of "
                     f"gemm='bmm'; {runs}"
@@ -135,9 +142,12 @@ class MoEOptions:
                 f"of n_group={self.n_group} groups leave"
             )
 
-    def resolved_gemm(self) -> str:
-        """The layout ``gemm`` runs: ``"auto"`` is ``"grouped"`` (dropless, no host sync)."""
-        return "grouped" if self.gemm == "auto" else self.gemm
+    def resolved_gemm(self, ffn_dim: int) -> str:
+        """What ``gemm`` runs for experts of width ``ffn_dim`` (F): ``"auto"`` is ``"gathered"`` up to
+        ``GATHERED_MAX_FFN``, else ``"grouped"``."""
+        if self.gemm != "auto":
+            return self.gemm
+        return "gathered" if ffn_dim <= GATHERED_MAX_FFN else "grouped"
 
     def capacity(self, num_tokens: int, num_experts: int) -> int:
         """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``, at most N

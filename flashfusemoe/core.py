@@ -18,6 +18,7 @@ from flashfusemoe.kernels import (
     activation,
     compute_dtype,
     deliver,
+    gathered_gemm,
     grouped_gemm,
     out_buffer,
     permute,
@@ -38,7 +39,8 @@ class CapacityOverflowError(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How a call lays out rows: ``gemm`` is "grouped" (dropless, R = N*K) or "bmm" (R = E*M)."""
+    """How a call runs: ``gemm`` is "grouped" or "gathered" (the dropless layout, R = N*K; "gathered"
+    runs the gathered up-projection with the GLU in its epilogue) or "bmm" (padded, R = E*M)."""
 
     gemm: str
     rows_per_expert: int = 0  # M of the padded layout; 0 for grouped
@@ -145,13 +147,26 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
-def _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, expert_ends, options: MoEOptions,
-                 plan: Plan, h_into=None, out_into=None):
-    """The experts on a laid-out ``x_sorted [R, D]`` and their weighted combine. Returns
-    ``(out [N, D], h)``, ``h`` the pre-activation (``[0, 2F]`` with ``recompute``)."""
-    h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+def _rows_to_gather(x, plan: Plan):
+    """What the layout kernel copies into expert order: x, or nothing (a zero-width view) where the
+    gathered up-projection reads x by token index itself."""
+    return x[:, :0] if plan.gemm == "gathered" else x
+
+
+def _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                 options: MoEOptions, plan: Plan, h_into=None, out_into=None):
+    """The experts on a laid-out ``x_sorted [R, D]`` (unused with ``gemm="gathered"``, which reads
+    x by token index) and their weighted combine. Returns ``(out [N, D], h)``, ``h`` the
+    pre-activation (``[0, 2F]`` with ``recompute``)."""
     h_into = None if options.recompute else h_into
-    a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
+    if plan.gemm == "gathered":
+        a, h = gathered_gemm.up_proj_glu(x, w_up, row_to_assign, expert_ends, topk_weights.shape[1],
+                                         options.activation, h_out=h_into, save_h=not options.recompute)
+        if options.recompute:
+            h = x.new_empty((0, w_up.shape[1]))
+    else:
+        h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+        a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
     out = permute.combine_rows(y, assign_to_row, topk_weights.shape[1], weights=topk_weights,
                                out_dtype=x.dtype, out=out_into)
@@ -197,7 +212,7 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
     E = router_weight.shape[0]
     o = outputs_into or Outputs()
     r = residuals_into or Residuals()
-    grouped = plan.gemm == "grouped"
+    grouped = plan.gemm != "bmm"
     route = routing.route_forward(
         x, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob, options.n_group,
         options.topk_group, float(options.routed_scaling_factor), with_block_counts=grouped,
@@ -210,7 +225,7 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
         layout_out = permute.Layout(r.assign_to_row, r.row_to_assign, r.expert_ends, o.tokens_per_expert,
                                     None if o.dropped_tokens is None else o.dropped_tokens.view(1))
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = (
-            permute.layout_and_gather(x, topk_ids, E, *route[3:], out=layout_out))
+            permute.layout_and_gather(_rows_to_gather(x, plan), topk_ids, E, *route[3:], out=layout_out))
         if options.capacity_factor is not None:
             num_unplaced = permute.capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign,
                                                  expert_ends, options.capacity(x.shape[0], E))
@@ -231,8 +246,8 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
                 assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
                     topk_ids, topk_weights, E, plan, options)
         x_sorted = permute.gather_rows(x, row_to_assign, K)
-    out, h = _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, expert_ends, options, plan,
-                          h_into=r.h, out_into=o.out)
+    out, h = _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                          options, plan, h_into=r.h, out_into=o.out)
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
@@ -250,7 +265,7 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     g = into or Grads()
     dx_sorted, grad_w_row, grad_w_up, grad_w_down = _mlp_backward(
         x, grad_out, r.topk_weights, w_up, w_down, r, options, plan, g,
-        every_row_assigned=plan.gemm == "grouped" and options.capacity_factor is None)
+        every_row_assigned=plan.gemm != "bmm" and options.capacity_factor is None)
     # grad_logits in x's dtype feeds the router's two GEMMs (its term of grad_x, in the combine,
     # and the router-weight gradient) with fp32 accumulation, as an autocast linear layer would.
     grad_logits = routing.route_backward(
@@ -385,12 +400,12 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
     check_expert_ids(topk_ids, E, sync=check_ids, distinct=distinct_ids)
     ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
     weights = topk_weights.to(compute_dtype(x.dtype))
-    if plan.gemm == "grouped" and distinct_ids and N > 0:
+    if plan.gemm != "bmm" and distinct_ids and N > 0:
         ids = ids.contiguous()
         block_n = permute.layout_gather_blocks(N, K, E)
         layout_out = permute.Layout(r.assign_to_row, r.row_to_assign, r.expert_ends, o.tokens_per_expert)
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, _ = permute.layout_and_gather(
-            x, ids, E, _block_counts(ids, E, block_n), block_n, out=layout_out)
+            _rows_to_gather(x, plan), ids, E, _block_counts(ids, E, block_n), block_n, out=layout_out)
     else:
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
             ids, E, plan.rows_per_expert)
@@ -407,10 +422,12 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
                 layout = permute.expert_layout(ids, E, plan.rows_per_expert)
                 assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
             x_sorted = permute.gather_rows(x, row_to_assign, K)
-        else:  # dropless: assign_to_row is a permutation of the rows
+        elif plan.gemm == "grouped":  # dropless: assign_to_row is a permutation of the rows
             x_sorted = permute.scatter_rows(x, assign_to_row, K)
-    out, h = _mlp_forward(x, x_sorted, weights, w_up, w_down, assign_to_row, expert_ends, options, plan,
-                          h_into=r.h, out_into=o.out)
+        else:
+            x_sorted = None
+    out, h = _mlp_forward(x, x_sorted, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                          options, plan, h_into=r.h, out_into=o.out)
     outputs = ExpertsOutputs(out, tokens_per_expert)
     residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
@@ -426,7 +443,7 @@ def experts_backward(x, topk_weights, w_up, w_down, residuals: ExpertsResiduals,
     weights = topk_weights.to(compute_dtype(x.dtype))
     dx_sorted, grad_w_row, grad_w_up, grad_w_down = _mlp_backward(
         x, grad_out, weights, w_up, w_down, residuals, options, plan, g,
-        every_row_assigned=plan.gemm == "grouped")
+        every_row_assigned=plan.gemm != "bmm")
     grad_x = permute.combine_rows(dx_sorted, residuals.assign_to_row, K, out_dtype=x.dtype, out=g.x)
     # Every assignment has a row (dropless, or a padded layout that holds them all).
     grad_weights = grad_w_row.index_select(0, residuals.assign_to_row.long()).view(N, K)

@@ -15,6 +15,7 @@ import math
 import torch
 
 import flashfusemoe
+from flashfusemoe.config import GEMMS
 from flashfusemoe.profiling import count_cuda_kernels, median_ms
 from flashfusemoe.reference import moe_reference
 
@@ -43,7 +44,7 @@ def _rel(a, b):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=5, metavar=("N", "D", "F", "E", "K"), default=None)
-    parser.add_argument("--gemm", default="grouped", choices=["auto", "grouped", "bmm"])
+    parser.add_argument("--gemm", default="grouped", choices=GEMMS)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -70,7 +70,7 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     lead_shape = x.shape[:-1]
     # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
     x2d = x.contiguous() if x.dim() == 2 else x.reshape(-1, D).contiguous()
-    plan = make_plan(options, x2d.shape[0], router_weight.shape[0])
+    plan = make_plan(options, x2d.shape[0], router_weight.shape[0], w_down.shape[2])
     # Growing an overflowing padded layout changes residual shapes, which a traced graph can't follow.
     allow_grow = not torch.compiler.is_compiling()
     outputs = ops.moe_forward_call(
@@ -127,11 +127,12 @@ def _aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_fun
     return {"load_balance_loss": load_balance, "z_loss": z_loss}
 
 
-def make_plan(options: MoEOptions, num_tokens: int, num_experts: int) -> core.Plan:
-    """The row layout of a call: ``options.resolved_gemm()`` and, for ``"bmm"``, the padded size
+def make_plan(options: MoEOptions, num_tokens: int, num_experts: int, ffn_dim: int) -> core.Plan:
+    """How a call runs: ``options.resolved_gemm(ffn_dim)`` and, for ``"bmm"``, the padded size
     (the capacity, ``max_tokens_per_expert``, or twice the mean load)."""
-    if options.resolved_gemm() == "grouped":
-        return core.Plan("grouped")
+    gemm = options.resolved_gemm(ffn_dim)
+    if gemm != "bmm":
+        return core.Plan(gemm)
     if options.capacity_factor is not None:
         rows = min(options.capacity(num_tokens, num_experts), max(num_tokens, 1))
     elif options.max_tokens_per_expert is not None:

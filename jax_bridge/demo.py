@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashfusemoe.config import GEMMS
 from jax_bridge import compare
 
 
@@ -20,12 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jax_bridge.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=5, metavar=("N", "D", "F", "E", "K"), default=None,
                         help="default: flashfusemoe.demo's (the seed shape on a GPU, a small one on CPU)")
-    parser.add_argument("--gemm", default="grouped", choices=["auto", "grouped", "bmm"],
-                        help="'auto' runs 'grouped', as the bridge does")
+    parser.add_argument("--gemm", default="grouped", choices=GEMMS,
+                        help="'auto' resolves by one shape rule, in torch and JAX alike")
     args = parser.parse_args(argv)
     print("JAX bridge: one problem through torch-native, the bridge and both references")
-    # torch's "auto" may pick "bmm" by timing, the bridge's is "grouped": compare like with like.
-    compare_args = ["--gemm", "grouped" if args.gemm == "auto" else args.gemm]
+    compare_args = ["--gemm", args.gemm]
     if args.shape is not None:
         compare_args += ["--shape", *map(str, args.shape)]
     if compare.main(compare_args):

@@ -137,7 +137,8 @@ def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoE
         )
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace(", device meta", "")) from None
-    plan = make_plan(options, standins["x"].reshape(-1, D).shape[0], standins["router_weight"].shape[0])
+    plan = make_plan(options, standins["x"].reshape(-1, D).shape[0], standins["router_weight"].shape[0],
+                     standins["w_down"].shape[2])
     arrays = [None if a is None else jnp.asarray(a) for a in (x, router_weight, w_up, w_down, expert_bias)]
     return (*arrays, plan)
 
@@ -333,7 +334,7 @@ def _primal(options: MoEOptions, plan: core.Plan):
         weights_batched = any(jax.tree.leaves(in_batched[1:]))
         # Capacity competes across a call's tokens and the padded layout is sized per call,
         # so only the dropless grouped layout folds exactly.
-        if not x_batched or weights_batched or plan.gemm != "grouped" or options.capacity_factor is not None:
+        if not x_batched or weights_batched or plan.gemm == "bmm" or options.capacity_factor is not None:
             in_axes = [jax.tree.map(lambda b: 0 if b else None, flag) for flag in in_batched]
             outs = jax.vmap(unbatched, in_axes=in_axes)(x, router_weight, w_up, w_down, expert_bias)
             return outs, (True,) * 5

@@ -17,7 +17,7 @@ TOL64 = 1e-9
 
 
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "relu2"])
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_matches_reference(act, gemm, recompute):
     tensors = random_moe(N=48, D=32, F=24, E=6, dtype=torch.float64)
@@ -32,7 +32,7 @@ def test_leading_dims_and_gemm_auto():
     assert_close(fused, ref, TOL64)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_capacity_drops_are_counted_and_consistent(gemm):
     tensors = random_moe(N=40, D=16, F=8, E=4)
     x, router_weight, w_up, w_down = tensors
@@ -121,7 +121,7 @@ def test_ties_pick_lower_index(top_k, E, copies, always_chosen, never_chosen):
     assert_close(fused, ref, TOL64, "ties")
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_capacity_ties_keep_the_lower_token(gemm):
     """Identical tokens route identically with equal weights: capacity keeps the first ones."""
     N, E, top_k, capacity_factor = 12, 4, 2, 0.5
@@ -164,7 +164,7 @@ def test_expert_bias_gets_no_gradient():
     [(1, 16, 8, 4, 2), (7, 37, 5, 3, 3), (9, 16, 8, 1, 1), (12, 24, 8, 5, 5), (5, 8, 4, 8, 1)],
     ids=["N=1", "odd-D-F-topk=E", "E=1", "topk=E", "more-experts-than-tokens"],
 )
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_edge_shapes(N, D, F, E, top_k, gemm):
     tensors = random_moe(N=N, D=D, F=F, E=E)
     # top_k=1 with normalised weights has a zero router gradient: test the unnormalised one there
@@ -229,7 +229,7 @@ def test_aux_loss_values_and_gradients(aux_key, score_func):
     assert torch.count_nonzero(grads_f[1]) > 0
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_gradcheck(gemm):
     x, router_weight, w_up, w_down = far_from_ties(N=6, D=8, F=4, E=4, top_k=2)
     leaves = [t.clone().requires_grad_(True) for t in (x, router_weight, w_up, w_down)]

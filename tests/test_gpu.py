@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "relu2"])
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference(act, gemm, recompute, dtype):
@@ -29,7 +29,7 @@ def test_gpu_matches_reference(act, gemm, recompute, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_gpu_dtypes_capacity_and_odd_shapes(dtype, gemm):
     tensors = [t.to(dtype) for t in random_moe(N=333, D=136, F=72, E=6, dtype=torch.float32, device="cuda")]
     tensors[1][0] += 0.5 * tensors[0].float().mean(0).to(dtype)  # imbalance: capacity must drop
@@ -38,6 +38,20 @@ def test_gpu_dtypes_capacity_and_odd_shapes(dtype, gemm):
                                      ref_dtype=torch.float64)
     assert_close(fused, ref, tol, f"capacity {dtype}/{gemm}")
     assert int(fused[1]["dropped_tokens"]) == int(ref[1]["dropped_tokens"]) > 0
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+def test_gpu_fwd_bwd_is_deterministic(gemm):
+    """The same fwd+bwd twice: output and every gradient bitwise equal (no atomics in any sum)."""
+    tensors = [t.to(torch.bfloat16).requires_grad_(True)
+               for t in random_moe(N=4096, D=512, F=256, E=64, dtype=torch.float32, device="cuda")]
+    grad_out = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        out = flashfusemoe.fused_moe(*tensors, 6, gemm=gemm)
+        runs.append((out, *torch.autograd.grad(out, tensors, grad_out)))
+    for name, a, b in zip(("out", "x", "router_weight", "w_up", "w_down"), *runs, strict=True):
+        assert torch.equal(a, b), f"{gemm}: {name} differs between two identical calls"
 
 
 def test_gpu_adversarial_routing():

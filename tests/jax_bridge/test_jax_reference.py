@@ -438,7 +438,8 @@ def test_ragged_dot_aux_matches_reference(rng, x64, skewed):
     (val, aux), (val_ref, aux_ref) = (losses(fn, *args) for fn in (ragged_dot_moe, moe_reference))
     np.testing.assert_array_equal(aux["tokens_per_expert"], aux_ref["tokens_per_expert"])
     assert aux["tokens_per_expert"].dtype == jnp.int32 and int(aux["dropped_tokens"]) == 0
-    assert (np.asarray(aux["tokens_per_expert"]) == 0).any() == skewed
+    if skewed:  # (random routing may or may not leave an expert empty: only the skewed case is sure to)
+        assert (np.asarray(aux["tokens_per_expert"]) == 0).any()
     np.testing.assert_allclose(np.asarray(val), np.asarray(val_ref), **TOL64)
     jac = lambda fn: jax.jacrev(lambda x, rw: losses(fn, x, rw)[0], argnums=(0, 1))(*args)
     for g, g_ref in zip(jac(ragged_dot_moe), jac(moe_reference), strict=True):

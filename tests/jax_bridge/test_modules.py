@@ -98,7 +98,7 @@ def _nnx_fwd_bwd(module, x, grad_out):
     return out, {"x": g_x, **g_params}
 
 
-# gemm is explicit: on a GPU, "auto" lets torch pick bmm by timing while the bridge runs grouped.
+# gemm is explicit, so each set runs the layout it names.
 OPTION_SETS = {
     "default": dict(gemm="grouped"),
     "sigmoid-bias": dict(
