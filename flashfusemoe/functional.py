@@ -26,13 +26,14 @@ _AUTO_GEMM_CACHE: dict[tuple, str] = {}
 def fused_moe(x, router_weight, w_up, w_down, top_k, *, activation="swiglu", score_func="softmax",
               norm_topk_prob=True, expert_bias=None, n_group=None, topk_group=None,
               routed_scaling_factor=1.0, capacity_factor=None, gemm="auto", max_tokens_per_expert=None,
-              recompute=False, return_aux=False):
+              recompute=False, return_aux=False, ep_group=None):
     """Top-k routed GLU mixture of experts, fused.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
     expert_bias [E] fp32 (selection only). Returns ``out`` shaped like x, or ``(out, aux)`` with
     ``aux = {load_balance_loss, z_loss, tokens_per_expert [E], dropped_tokens []}``.
-    Routing semantics: ``docs/design.md``.
+    Routing semantics: ``docs/design.md``. ``ep_group``: a ``torch.distributed`` process group for
+    expert parallelism; w_up/w_down then hold this rank's E/W experts (``flashfusemoe.parallel``).
     """
     options = MoEOptions(
         top_k=top_k, activation=activation, score_func=score_func, norm_topk_prob=norm_topk_prob,
@@ -40,12 +41,19 @@ def fused_moe(x, router_weight, w_up, w_down, top_k, *, activation="swiglu", sco
         capacity_factor=capacity_factor, gemm=gemm, max_tokens_per_expert=max_tokens_per_expert,
         recompute=recompute,
     )
-    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
+    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux,
+               ep_group=ep_group)
 
 
-def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False):
+def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False,
+        ep_group=None):
     """``fused_moe`` with the options already in a ``MoEOptions``."""
     check_bool("return_aux", return_aux)
+    if ep_group is not None:
+        from flashfusemoe import parallel
+
+        return parallel.ep_moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias,
+                               group=ep_group, return_aux=return_aux)
     out, outputs = moe_outputs(x, router_weight, w_up, w_down, options, expert_bias=expert_bias)
     return (out, make_aux(outputs, options)) if return_aux else out
 

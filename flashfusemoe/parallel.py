@@ -1,0 +1,449 @@
+"""Expert parallelism on ``torch.distributed``: experts sharded over a process group, tokens moved
+by all-to-all.
+
+``fused_moe(..., ep_group=group)`` and ``MoELayer(..., ep_group=group)`` land here. For a group of
+size W, rank r holds the experts ``r*E/W .. (r+1)*E/W - 1`` (``w_up [E/W, 2F, D]``,
+``w_down [E/W, D, F]``); ``router_weight [E, D]`` and ``expert_bias [E]`` are replicated; ``x`` is
+this rank's tokens and ``out`` their output. One call, on every rank of the group:
+
+1. route this rank's tokens with the fused routing kernel (all E experts);
+2. sort the assignments by expert (the owners' ranges are contiguous, so each destination rank
+   gets one contiguous block of rows) and exchange the per-expert counts (``all_gather``);
+3. ``all_to_all_single`` the rows and their routing weights to the experts' owners;
+4. run the local experts on the received rows (one function, ``_local_experts``);
+5. ``all_to_all_single`` the weighted results back and sum each token's ``top_k`` rows.
+
+Dropless (the default): the split sizes come from the exchanged counts, which the host reads once
+per call (``.tolist()``: the one host sync; the receive buffer's size depends on it). With
+``capacity_factor`` every buffer has a fixed size and nothing is read on the host: each rank
+sends each expert at most ``S = min(C, N)`` rows (``C = capacity(W*N, E)``, the capacity of the
+whole group's batch; its own best-weighted ones), and the owner keeps the ``C`` best of the
+``W*S`` candidates (weight, then token order over the concatenated batch), the same selection as
+the single-process layer on the concatenated batch. Capacity mode needs every rank to pass the
+same number of tokens N (the buffer sizes derive from it).
+
+Gradients flow back the same way, by all-to-all in reverse: ``x`` gets its own tokens' gradient,
+``w_up``/``w_down`` the complete gradient of the local experts (every rank's tokens that reached
+them), ``router_weight`` this rank's share (the sum over ranks is the full gradient, what DDP's
+all-reduce computes).
+
+Aux values describe the whole group's batch: ``tokens_per_expert [E]`` and ``dropped_tokens`` are
+group totals (from the count exchange). ``load_balance_loss`` and ``z_loss`` are this rank's
+*share* of the group's losses: ``E * sum_e f_e * sum_{n in rank} p_ne / N_total`` and
+``sum_{n in rank} lse_n^2 / N_total`` with ``f_e`` the group's fraction of assignments to expert
+e. The shares sum over ranks to the losses of the concatenated batch, and each share's gradient
+reaches only this rank's logits, so the per-rank router gradients sum to the full gradient, as
+for the main loss. (DDP averages gradients over ranks: the result is the full gradient / W for
+every term alike.)
+
+The checks that need the other ranks (the same E, expert count, widths and top_k everywhere; the
+same N in capacity mode) run once per configuration, with one extra ``all_gather`` and host sync.
+
+``torch.compile``: the EP call is excluded from tracing (``torch.compiler.disable``), so a
+compiled model runs it eagerly between graph segments.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from flashfusemoe.config import (
+    MoEOptions,
+    _check_expert_bias,
+    _check_float_tensors,
+    _check_same_device_and_dtype,
+    _check_x_rank,
+    _describe,
+    _router_dims,
+    check_has_data,
+)
+from flashfusemoe.kernels import compute_dtype, permute, routing
+
+_CHECKED: set = set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def group_size_and_rank(group) -> tuple[int, int]:
+    """``(W, rank)`` of a ``torch.distributed`` process group; TypeError for anything else."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"ep_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def local_experts(num_experts: int, group) -> tuple[int, int]:
+    """``(first, count)``: the experts rank ``rank(group)`` owns out of ``num_experts``."""
+    W, rank = group_size_and_rank(group)
+    if num_experts % W:
+        raise ValueError(f"num_experts={num_experts} must be divisible by the ep_group size W={W}")
+    per_rank = num_experts // W
+    return rank * per_rank, per_rank
+
+
+def validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, group,
+                       *, autocast=False):
+    """The checks of ``validate_inputs`` with local expert weights. Returns ``(D, E, F, W, rank)``."""
+    named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
+    _check_float_tensors(named)
+    _check_x_rank("x", x)
+    D, E = _router_dims(x, router_weight)
+    W, rank = group_size_and_rank(group)
+    if E % W:
+        raise ValueError(
+            f"router_weight has E={E} experts, which the ep_group of size W={W} cannot split evenly: "
+            "E must be divisible by W"
+        )
+    E_local = E // W
+    for name in ("w_up", "w_down"):
+        if named[name].dim() != 3:
+            raise ValueError(f"{name} must have rank 3, got {_describe(named[name])}")
+    if w_up.shape[0] != E_local or w_up.shape[2] != D:
+        raise ValueError(
+            f"w_up must hold this rank's E/W={E}/{W}={E_local} experts as [{E_local}, 2F, D={D}] "
+            f"(router_weight has E={E}, ep_group size W={W}), got {_describe(w_up)}"
+        )
+    if w_up.shape[1] % 2:
+        raise ValueError(f"w_up must have an even number of rows (gate and up halves), got {w_up.shape[1]}")
+    F = w_up.shape[1] // 2
+    if tuple(w_down.shape) != (E_local, D, F):
+        raise ValueError(
+            f"w_down must hold this rank's experts as [E/W={E_local}, D={D}, F={F}], got {_describe(w_down)}"
+        )
+    if D < 1 or F < 1:
+        raise ValueError(f"D={D} and F={F} must both be >= 1")
+    _check_same_device_and_dtype(named, autocast)
+    _check_expert_bias(expert_bias, E, "x", x.device)
+    options.check_num_experts(E)
+    if options.gemm == "bmm" or options.max_tokens_per_expert is not None:
+        raise ValueError(
+            f"gemm={options.gemm!r} (max_tokens_per_expert={options.max_tokens_per_expert}): with ep_group "
+            "the local experts run the dropless grouped layout; use gemm='auto' or 'grouped' (capacity_factor "
+            "gives fixed-size buffers)"
+        )
+    if options.recompute:
+        raise ValueError("recompute=True is not supported with ep_group")
+    return D, E, F, W, rank
+
+
+def _check_group_agrees(N: int, D: int, E: int, F: int, W: int, options: MoEOptions, x, group) -> None:
+    """Every rank passes the same E, local expert count, D, F, options (and N with capacity).
+
+    One ``all_gather`` and host sync per configuration and process (cached); skipped under tracing.
+    """
+    capacity = options.capacity_factor is not None
+    key = (id(group), N if capacity else -1, D, E, F, options, x.dtype)
+    if key in _CHECKED or torch.compiler.is_compiling():
+        return
+    sig = [E, E // W, D, F, options.top_k, N if capacity else -1, zlib.crc32(repr(options).encode()),
+           zlib.crc32(str(x.dtype).encode())]
+    mine = torch.tensor(sig, dtype=torch.int64, device=x.device)
+    gathered = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = [g.tolist() for g in gathered]
+    names = ("E", "E/W", "D", "F", "top_k", "N (capacity mode)", "options", "dtype")
+    for r, row in enumerate(rows):
+        for name, a, b in zip(names, sig, row):
+            if a != b:
+                raise ValueError(
+                    f"ep_group rank {r} disagrees with this rank on {name}: it has {b}, this rank {a}. "
+                    "Every rank of the group must pass the same router, expert shapes and options"
+                    + (", and with capacity_factor the same number of tokens N" if name.startswith("N") else "")
+                )
+    _CHECKED.add(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_to_all(t: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    """``all_to_all_single`` of rows: ``t [sum(in_splits), ...]`` -> ``[sum(out_splits), ...]``.
+
+    ``None`` splits: equal blocks (then ``t.shape[0]`` is a multiple of W)."""
+    t = t.contiguous()
+    rows = t.shape[0] if out_splits is None else sum(out_splits)
+    out = t.new_empty((rows, *t.shape[1:]))
+    dist.all_to_all_single(out, t, out_splits, in_splits, group=group)
+    return out
+
+
+class _State:
+    """What dispatch learns and combine needs (one call, one rank)."""
+
+    top_k: int
+    assign_to_row: torch.Tensor  # [N*K] int32: row of each assignment in the send layout, -1 none
+    row_to_assign: torch.Tensor  # [R] int32
+    send_splits: list | None  # rows to each rank (None: equal blocks)
+    recv_splits: list | None
+    keep: torch.Tensor | None  # [M] bool, capacity mode: received rows the owner keeps
+    tokens_per_expert: torch.Tensor  # [E] int32, the group's
+    num_tokens: torch.Tensor  # [] int64, the group's
+    dropped: torch.Tensor  # [] int32, the group's
+
+
+class _Route(torch.autograd.Function):
+    """The fused routing kernel: ``x [N, D] -> logits [N, E], topk_weights [N, K], topk_ids [N, K]``."""
+
+    @staticmethod
+    def forward(ctx, x, router_weight, expert_bias, options: MoEOptions, block_counts_out: list):
+        logits, ids, weights, block_counts, block_n = routing.route_forward(
+            x, router_weight, expert_bias, options.top_k, options.score_func, options.norm_topk_prob,
+            options.n_group, options.topk_group, float(options.routed_scaling_factor), with_block_counts=True,
+        )
+        block_counts_out.extend((block_counts, block_n))
+        ctx.options = options
+        ctx.save_for_backward(x, router_weight, logits, ids)
+        ctx.mark_non_differentiable(ids)
+        ctx.set_materialize_grads(False)
+        return logits, weights, ids
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_weights, _):
+        x, router_weight, logits, ids = ctx.saved_tensors
+        o = ctx.options
+        if grad_weights is None and grad_logits is None:
+            return None, None, None, None, None
+        N, K = ids.shape
+        if grad_weights is None:
+            grad_weights = logits.new_zeros(N, K)
+        identity = torch.arange(N * K, dtype=torch.int32, device=x.device)
+        gl = routing.route_backward(
+            logits, ids, grad_weights.reshape(-1).to(logits.dtype).contiguous(), identity, grad_logits,
+            o.score_func, o.norm_topk_prob, float(o.routed_scaling_factor), out_dtype=x.dtype,
+        )
+        grad_x = grad_router = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(gl, router_weight)
+        if ctx.needs_input_grad[1]:
+            grad_router = torch.mm(gl.t(), x)
+        return grad_x, grad_router, None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """Sends each assignment's row of ``x`` and its routing weight to the expert's owner.
+
+    ``x [N, D]``, ``topk_weights [N, K]`` -> ``x_recv [M, D]``, ``w_recv [M]`` and the local expert
+    of each received row ``ids_recv [M]`` int32 (non-differentiable). Backward: the received rows'
+    gradients go back by the reverse all-to-all and each token sums its K rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, topk_ids, block_counts, block_n, options: MoEOptions, group,
+                state: _State):
+        W, rank = group_size_and_rank(group)
+        N, K = topk_ids.shape
+        E = state.num_experts
+        El = E // W
+        w_flat = topk_weights.reshape(-1)
+        i64 = torch.int64
+        if options.capacity_factor is None:
+            x_rows, assign_to_row, row_to_assign, _, tpe, _ = permute.layout_and_gather(
+                x, topk_ids, E, block_counts, block_n)
+            counts = torch.cat([tpe.to(i64), torch.tensor([N], dtype=i64, device=x.device)])
+            gathered = torch.empty(W, E + 1, dtype=i64, device=x.device)
+            dist.all_gather(list(gathered.unbind(0)), counts, group=group)
+            table = gathered.tolist()  # the one host sync of dropless mode: split sizes
+            mine = table[rank]
+            send_splits = [sum(mine[r * El:(r + 1) * El]) for r in range(W)]
+            recv_splits = [sum(table[s][rank * El:(rank + 1) * El]) for s in range(W)]
+            M = sum(recv_splits)
+            block = gathered[:, rank * El:(rank + 1) * El].reshape(-1)
+            ids_recv = torch.repeat_interleave(
+                torch.arange(El, dtype=torch.int32, device=x.device).repeat(W), block, output_size=M)
+            w_rows = w_flat[row_to_assign.long()]
+            x_recv = _all_to_all(x_rows, recv_splits, send_splits, group)
+            w_recv = _all_to_all(w_rows, recv_splits, send_splits, group)
+            keep = None
+            dropped = torch.zeros((), dtype=torch.int32, device=x.device)
+        else:
+            N_total = W * N
+            C = options.capacity(N_total, E)
+            S = min(C, N)
+            keep_local = permute.capacity_keep(topk_ids, topk_weights, E, S)
+            assign_to_row, row_to_assign, _, tpe, _ = permute.expert_layout(
+                topk_ids, E, rows_per_expert=S, keep=keep_local)
+            counts = torch.cat([tpe.to(i64), torch.tensor([N], dtype=i64, device=x.device)])
+            gathered = torch.empty(W, E + 1, dtype=i64, device=x.device)
+            dist.all_gather(list(gathered.unbind(0)), counts, group=group)
+            x_rows = permute.gather_rows(x, row_to_assign, K)
+            valid_send = row_to_assign >= 0
+            # Empty slots carry weight -1 (routing weights are >= 0), which marks them invalid.
+            w_rows = torch.where(valid_send, w_flat[row_to_assign.long().clamp(min=0)],
+                                 torch.full((), -1.0, dtype=w_flat.dtype, device=x.device))
+            send_splits = recv_splits = None
+            x_recv = _all_to_all(x_rows, None, None, group)
+            w_recv = _all_to_all(w_rows, None, None, group)
+            # Candidates of local expert j: W sources x S slots, in (source, slot) = global token order.
+            cand = w_recv.view(W, El, S).transpose(0, 1).reshape(El, W * S)
+            score = torch.where(cand >= 0, cand, torch.full((), float("-inf"), dtype=cand.dtype,
+                                                             device=x.device))
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices
+            position = torch.empty_like(order).scatter_(
+                1, order, torch.arange(W * S, device=x.device).expand(El, W * S).contiguous())
+            keep_c = (position < C) & (cand >= 0)
+            keep = keep_c.view(El, W, S).transpose(0, 1).reshape(-1)
+            w_recv = torch.where(keep, w_recv, torch.zeros((), dtype=w_recv.dtype, device=x.device))
+            ids_recv = torch.arange(El, dtype=torch.int32, device=x.device).view(1, El, 1).expand(
+                W, El, S).reshape(-1)
+            tpe_group = gathered[:, :E].sum(0)
+            dropped = (tpe_group - C).clamp(min=0).sum().to(torch.int32)
+        state.top_k, state.assign_to_row, state.row_to_assign = K, assign_to_row, row_to_assign
+        state.send_splits, state.recv_splits, state.keep = send_splits, recv_splits, keep
+        state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
+        state.num_tokens = gathered[:, E].sum()
+        state.dropped = dropped
+        ctx.state, ctx.group, ctx.num_tokens = state, group, N
+        ctx.mark_non_differentiable(ids_recv)
+        ctx.set_materialize_grads(False)
+        return x_recv, w_recv, ids_recv
+
+    @staticmethod
+    def backward(ctx, grad_x_recv, grad_w_recv, _):
+        s, group = ctx.state, ctx.group
+        # Both exchanges run on every rank, in this order, whatever gradients arrived.
+        if grad_x_recv is None:
+            grad_x_recv = torch.zeros(s.recv_rows, s.width, dtype=s.x_dtype, device=s.device)
+        if grad_w_recv is None:
+            grad_w_recv = torch.zeros(s.recv_rows, dtype=s.w_dtype, device=s.device)
+        if s.keep is not None:
+            grad_x_recv = torch.where(s.keep[:, None], grad_x_recv, 0)
+            grad_w_recv = torch.where(s.keep, grad_w_recv, 0)
+        grad_rows = _all_to_all(grad_x_recv, s.send_splits, s.recv_splits, group)
+        grad_w_rows = _all_to_all(grad_w_recv, s.send_splits, s.recv_splits, group)
+        grad_x = permute.combine_rows(grad_rows, s.assign_to_row, s.top_k, out_dtype=grad_rows.dtype)
+        valid = s.assign_to_row >= 0
+        grad_w = torch.where(valid, grad_w_rows[s.assign_to_row.long().clamp(min=0)], 0)
+        return grad_x, grad_w.view(ctx.num_tokens, s.top_k), None, None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Sends the weighted expert outputs back and sums each token's rows: ``y_recv [M, D] -> [N, D]``."""
+
+    @staticmethod
+    def forward(ctx, y_recv, group, state: _State, out_dtype):
+        y_rows = _all_to_all(y_recv, state.send_splits, state.recv_splits, group)
+        ctx.state, ctx.group = state, group
+        return permute.combine_rows(y_rows, state.assign_to_row, state.top_k, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s = ctx.state
+        grad_rows = permute.gather_rows(grad_out.contiguous(), s.row_to_assign, s.top_k)
+        return _all_to_all(grad_rows, s.recv_splits, s.send_splits, ctx.group), None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The local experts
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options: MoEOptions):
+    """``y[m] = w_recv[m] * expert_{ids_recv[m]}(x_recv[m])`` for the received rows, differentiable
+    in ``x_recv [M, D]``, ``w_recv [M]``, ``w_up [El, 2F, D]`` and ``w_down [El, D, F]``."""
+    from flashfusemoe.layer import glu_mlp
+
+    y = x_recv.new_zeros(x_recv.shape)
+    for e in range(w_up.shape[0]):
+        rows = (ids_recv == e).nonzero(as_tuple=True)[0]
+        y = y.index_add(0, rows, glu_mlp(x_recv[rows], w_up[e], w_down[e], options.activation)
+                        * w_recv[rows, None].to(x_recv.dtype))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group):
+    """Validates and runs the expert-parallel MoE. Returns ``(out [..., D], logits [N, E], state)``."""
+    from flashfusemoe.functional import _autocast_dtype
+
+    dtype = _autocast_dtype(x)
+    D, E, F, W, _ = validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options, group,
+                                       autocast=dtype is not None)
+    check_has_data("x", x)
+    if dtype is not None:
+        x, router_weight, w_up, w_down = (t.to(dtype) for t in (x, router_weight, w_up, w_down))
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, D).contiguous()
+    _check_group_agrees(x2d.shape[0], D, E, F, W, options, x2d, group)
+    block = []
+    logits, topk_weights, topk_ids = _Route.apply(x2d, router_weight.contiguous(), expert_bias, options, block)
+    state = _State()
+    state.num_experts = E
+    x_recv, w_recv, ids_recv = _Dispatch.apply(x2d, topk_weights, topk_ids, block[0], block[1], options,
+                                               group, state)
+    state.recv_rows, state.width, state.device = x_recv.shape[0], D, x2d.device
+    state.x_dtype, state.w_dtype = x_recv.dtype, w_recv.dtype
+    y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up.contiguous(), w_down.contiguous(), options)
+    out = _Combine.apply(y_recv, group, state, x2d.dtype)
+    return out.reshape(*lead_shape, D), logits, state
+
+
+def ep_aux(logits: torch.Tensor, state: _State, score_func: str) -> dict:
+    """This rank's shares of the group's aux losses, and the group's ``tokens_per_expert`` and
+    ``dropped_tokens`` (see the module docstring)."""
+    N, E = logits.shape
+    total = state.num_tokens.clamp(min=1).to(logits.dtype)
+    if score_func == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    fraction = state.tokens_per_expert.to(logits.dtype) / total
+    load_balance = E * (fraction * probs.sum(dim=0)).sum() / total
+    z_loss = torch.logsumexp(logits, dim=-1).square().sum() / total
+    return {"load_balance_loss": load_balance, "z_loss": z_loss,
+            "tokens_per_expert": state.tokens_per_expert, "dropped_tokens": state.dropped}
+
+
+def ep_moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group,
+           return_aux=False):
+    """``fused_moe(..., ep_group=group)``: ``out`` or ``(out, aux)``."""
+    out, logits, state = ep_moe_outputs(x, router_weight, w_up, w_down, options, expert_bias=expert_bias,
+                                        group=group)
+    return (out, ep_aux(logits, state, options.score_func)) if return_aux else out
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts
+# ---------------------------------------------------------------------------------------------
+
+EXPERT_KEYS = ("w_up", "w_down")
+
+
+def shard_state_dict(state_dict: dict, rank: int, world_size: int, *, prefix: str = "") -> dict:
+    """Rank ``rank``'s shard of a full ``MoELayer`` state dict: the expert weights
+    ``{prefix}w_up``/``{prefix}w_down`` sliced to its ``E/W`` experts, everything else as is."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key[len(prefix):] in EXPERT_KEYS:
+            E = value.shape[0]
+            if E % world_size:
+                raise ValueError(f"{key} has {E} experts, not divisible by world_size={world_size}")
+            per = E // world_size
+            value = value[rank * per:(rank + 1) * per].clone()
+        out[key] = value
+    return out
+
+
+def gather_state_dict(state_dict: dict, group, *, prefix: str = "") -> dict:
+    """The full state dict from every rank's shard (collective: every rank calls it and gets it)."""
+    W, _ = group_size_and_rank(group)
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key[len(prefix):] in EXPERT_KEYS:
+            parts = [torch.empty_like(value) for _ in range(W)]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts, 0)
+        out[key] = value
+    return out
