@@ -2,6 +2,7 @@
 
 from flashfusemoe.config import MoEOptions
 from flashfusemoe.core import CapacityOverflowError
+from flashfusemoe.experts import moe_experts
 from flashfusemoe.functional import aux_losses, calibrate_max_tokens, fused_moe, moe
 from flashfusemoe.layer import MoELayer
 
@@ -13,5 +14,6 @@ __all__ = [
     "calibrate_max_tokens",
     "fused_moe",
     "moe",
+    "moe_experts",
 ]
 __version__ = "0.1.0"

@@ -218,3 +218,131 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
     else:
         grad_router = torch.mm(grad_logits.t(), x, out=grad_router_into)
     return grad_x, grad_router, grad_w_up, grad_w_down
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts only: routing computed elsewhere (``flashfusemoe.moe_experts``, the JAX bridge's twin)
+# ---------------------------------------------------------------------------------------------
+
+
+class ExpertsOutputs(NamedTuple):
+    out: torch.Tensor  # [N, D], x.dtype
+    tokens_per_expert: torch.Tensor  # [E] int32
+
+
+class ExpertsResiduals(NamedTuple):
+    assign_to_row: torch.Tensor  # [N*K] int32
+    row_to_assign: torch.Tensor  # [R] int32
+    expert_ends: torch.Tensor  # [E] int32
+    h: torch.Tensor  # [R, 2F] pre-activation; [0, 2F] when recompute=True
+
+
+def experts_result_specs(num_tokens: int, d_model: int, num_experts: int, top_k: int, two_f: int,
+                         recompute: bool, plan: Plan) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype)`` of each of ``experts_forward``'s ``(*ExpertsOutputs, *ExpertsResiduals)``
+    (dtype names as in ``result_specs``)."""
+    N, D, E, K = num_tokens, d_model, num_experts, top_k
+    R = plan.num_rows(N, K, E)
+    return (
+        ((N, D), "input"),
+        ((E,), "int32"),
+        ((N * K,), "int32"),
+        ((R,), "int32"),
+        ((E,), "int32"),
+        ((0 if recompute else R, two_f), "input"),
+    )
+
+
+def check_expert_ids(topk_ids: torch.Tensor, num_experts: int, sync: bool = True) -> None:
+    """Every id in ``[0, num_experts)``.
+
+    ``sync``: checked on the host (one device sync), raising ``ValueError`` with the first bad
+    id and its position. Otherwise an asynchronous device-side assert (no sync): on CUDA a bad id
+    stops the process with a device-side assertion at the next sync (nothing runs after it); on
+    CPU it raises ``RuntimeError`` at once.
+    """
+    if topk_ids.numel() == 0:
+        return
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    if not sync:
+        torch._assert_async(~bad.any(), f"topk_ids has an expert id outside [0, {num_experts})")
+        return
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"topk_ids must hold expert ids in [0, num_experts={num_experts}), got "
+            f"{int(topk_ids[n, k])} at [{n}, {k}]"
+        )
+
+
+def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions, plan: Plan, *,
+                    allow_grow: bool = False,
+                    check_ids: bool = True) -> tuple[ExpertsOutputs, ExpertsResiduals, Plan]:
+    """The experts of the fused MoE on routing computed elsewhere.
+
+    x [N, D]; topk_ids [N, K] int32/int64 (repeats within a row allowed: each assignment counts);
+    topk_weights [N, K] floating; w_up [E, 2F, D]; w_down [E, D, F]; ``options``: activation and
+    recompute (top_k is K). ``out[n] = sum_k topk_weights[n, k] * expert_{topk_ids[n, k]}(x[n])``
+    with the weights applied in the routing dtype (fp32, fp64 for fp64 x), as ``forward`` does.
+    ``check_ids``: ``check_expert_ids`` with a host sync; else its device-side assert. The padded
+    layout grows or raises as in ``forward``.
+    """
+    N, K = topk_ids.shape
+    E = w_up.shape[0]
+    check_expert_ids(topk_ids, E, sync=check_ids)
+    ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+    weights = topk_weights.to(compute_dtype(x.dtype))
+    assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
+        ids, E, plan.rows_per_expert)
+    if plan.gemm == "bmm":
+        overflow = int(num_unplaced.sum()) if N > 0 else 0  # the padded layout needs this host sync
+        if overflow:
+            needed = int(tokens_per_expert.max())
+            if not allow_grow:
+                raise CapacityOverflowError(
+                    f"gemm='bmm': an expert received {needed} assignments but the padded layout holds "
+                    f"{plan.rows_per_expert} ({overflow} overflow). Use gemm='grouped'."
+                )
+            plan = Plan("bmm", needed)
+            layout = permute.expert_layout(ids, E, plan.rows_per_expert)
+            assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
+        x_sorted = permute.gather_rows(x, row_to_assign, K)
+    else:  # dropless: assign_to_row is a permutation of the rows
+        x_sorted = permute.scatter_rows(x, assign_to_row, K)
+    h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+    a = activation.glu_forward(h, options.activation)
+    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
+    out = permute.combine_rows(y, assign_to_row, K, weights=weights, out_dtype=x.dtype)
+    if options.recompute:
+        h = h.new_empty((0, h.shape[1]))
+    residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
+    return ExpertsOutputs(out, tokens_per_expert), residuals, plan
+
+
+def experts_backward(x, topk_weights, w_up, w_down, residuals: ExpertsResiduals, grad_out,
+                     options: MoEOptions, plan: Plan):
+    """Backward of ``experts_forward``: grad_out [N, D] (or None).
+
+    Returns ``(grad_x [N, D], grad_topk_weights [N, K] (routing dtype), grad_w_up [E, 2F, D],
+    grad_w_down [E, D, F])``; ``grad_topk_weights[n, k] = <grad_out[n], expert_{ids[n, k]}(x[n])>``.
+    """
+    N, K = topk_weights.shape
+    E = w_up.shape[0]
+    r = residuals
+    weights = topk_weights.to(compute_dtype(x.dtype))
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if plan.gemm == "grouped":
+        x_sorted, dy = permute.scatter_rows(x, r.assign_to_row, K, second=grad_out)
+    else:
+        x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
+    h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
+    da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
+    dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign, weights)
+    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E)
+    dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
+    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E)
+    grad_x = permute.combine_rows(dx_sorted, r.assign_to_row, K, out_dtype=x.dtype)
+    # Every assignment has a row (dropless, or a padded layout that holds them all).
+    grad_weights = grad_w_row.index_select(0, r.assign_to_row.long()).view(N, K)
+    return grad_x, grad_weights, grad_w_up, grad_w_down

@@ -1,0 +1,210 @@
+"""``moe_experts``: the fused experts on given routing, against an independent float64 loop."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moe_cases import rel_err
+
+from flashfusemoe import CapacityOverflowError, moe_experts
+from flashfusemoe.experts import experts_forward_op
+
+
+def experts_reference(x, ids, weights, w_up, w_down, activation="swiglu"):
+    """One (token, slot) at a time, in float64: sum_k w[n, k] * down_e(act(gate_e x) * up_e x)."""
+    acts = {"swiglu": F.silu, "geglu": F.gelu, "relu2": lambda g: F.relu(g) ** 2}
+    f = w_up.shape[1] // 2
+    rows = []
+    for n in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1], dtype=torch.float64)
+        for k in range(ids.shape[1]):
+            e = int(ids[n, k])
+            h = w_up[e].double() @ x[n].double()
+            acc = acc + weights[n, k].double() * (w_down[e].double() @ (acts[activation](h[:f]) * h[f:]))
+        rows.append(acc)
+    return torch.stack(rows) if rows else torch.zeros(0, x.shape[1], dtype=torch.float64)
+
+
+def problem(N, D, F_, E, K, dtype, ids=None, weights=None):
+    x = torch.randn(N, D, dtype=dtype)
+    w_up = torch.randn(E, 2 * F_, D, dtype=dtype) / math.sqrt(D)
+    w_down = torch.randn(E, D, F_, dtype=dtype) / math.sqrt(F_)
+    if ids is None:
+        rows = [torch.randperm(E)[:K] for _ in range(N)]
+        ids = torch.stack(rows) if N else torch.zeros(0, K, dtype=torch.long)
+    if weights is None:
+        weights = torch.rand(N, K, dtype=dtype)
+    return x, ids, weights, w_up, w_down
+
+
+def grads_of(fn, x, ids, weights, w_up, w_down, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weights, w_up, w_down)]
+    out = fn(leaves[0], ids, *leaves[1:])
+    grads = [None] * 4
+    if out.requires_grad:  # (the reference with no tokens does not depend on its inputs)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+def check_against_reference(x, ids, weights, w_up, w_down, tol, **kw):
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    out, grads = grads_of(lambda *a: moe_experts(*a, **kw), x, ids, weights, w_up, w_down, grad_out)
+    activation = kw.get("activation", "swiglu")
+    inputs64 = (t.double() if t.is_floating_point() else t for t in (x, ids, weights, w_up, w_down))
+    ref_out, ref_grads = grads_of(lambda x_, i, w, u, d: experts_reference(x_, i, w, u, d, activation),
+                                  *inputs64, grad_out)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    errors = {"out": rel_err(out, ref_out)}
+    names = ("x", "topk_weights", "w_up", "w_down")
+    for name, g, r, t in zip(names, grads, ref_grads, (x, weights, w_up, w_down)):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        errors[f"grad_{name}"] = rel_err(g, r)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return grads
+
+
+def _ids(rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# Routing patterns on E=6 experts: (N, K, ids or None for random distinct ids)
+ROUTINGS = {
+    "random": (24, 2, None),
+    "one_expert_takes_all": (12, 1, _ids([[3]] * 12)),
+    "empty_experts": (10, 2, _ids([[0, 1], [1, 0]] * 5)),
+    "top_k_equals_E": (5, 6, None),
+    "repeated_ids_in_a_row": (6, 3, _ids([[2, 2, 2], [0, 0, 5], [5, 1, 5], [4, 3, 2], [1, 1, 0], [0, 5, 0]])),
+    "more_slots_than_experts": (3, 8, _ids([[0, 1, 2, 3, 4, 5, 0, 0], [5] * 8, [1, 2] * 4])),
+    "N1": (1, 2, None),
+    "N0": (0, 2, None),
+}
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_float64_matches_reference(routing, gemm):
+    N, K, ids = ROUTINGS[routing]
+    x, ids, weights, w_up, w_down = problem(N, 16, 8, 6, K, torch.float64, ids=ids)
+    check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm=gemm)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
+@pytest.mark.parametrize("routing", ["random", "repeated_ids_in_a_row"])
+def test_float32_kernels_match_reference(routing, activation):
+    N, K, ids = ROUTINGS[routing]
+    x, ids, weights, w_up, w_down = problem(N, 32, 16, 6, K, torch.float32, ids=ids)
+    check_against_reference(x, ids, weights, w_up, w_down, 2e-5, activation=activation)
+
+
+def test_repeated_weights_and_int32_ids_and_recompute():
+    x, ids, _, w_up, w_down = problem(16, 16, 8, 4, 2, torch.float64)
+    weights = torch.full((16, 2), 0.5, dtype=torch.float64)  # ties everywhere
+    check_against_reference(x, ids.int(), weights, w_up, w_down, 1e-12, recompute=True)
+
+
+def test_repeated_id_equals_summed_weight():
+    x, _, _, w_up, w_down = problem(5, 16, 8, 4, 2, torch.float64)
+    f64 = torch.float64
+    twice = moe_experts(x, _ids([[1, 1]] * 5), torch.tensor([[0.25, 0.5]] * 5, dtype=f64), w_up, w_down)
+    once = moe_experts(x, _ids([[1]] * 5), torch.tensor([[0.75]] * 5, dtype=f64), w_up, w_down)
+    assert rel_err(twice, once) < 1e-14
+
+
+def test_weights_of_another_dtype():
+    """fp32 routing weights (a router run in fp32) with fp64 activations: the gradient keeps fp32."""
+    x, ids, weights, w_up, w_down = problem(12, 16, 8, 4, 2, torch.float64)
+    grads = check_against_reference(x, ids, weights.float(), w_up, w_down, 1e-6)
+    assert grads[1].dtype == torch.float32
+
+
+def test_empty_experts_get_exact_zero_gradients():
+    x, ids, weights, w_up, w_down = problem(8, 16, 8, 5, 2, torch.float32, ids=_ids([[0, 2]] * 8))
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    _, grads = grads_of(moe_experts, x, ids, weights, w_up, w_down, grad_out)
+    for e in (1, 3, 4):
+        assert torch.equal(grads[2][e], torch.zeros_like(grads[2][e]))
+        assert torch.equal(grads[3][e], torch.zeros_like(grads[3][e]))
+
+
+def test_bmm_grows_when_an_expert_overflows_and_raises_in_a_trace():
+    # One expert takes every assignment: far above the padded layout's 2x mean load.
+    x, ids, weights, w_up, w_down = problem(16, 16, 8, 8, 1, torch.float64, ids=_ids([[5]] * 16))
+    check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm="bmm")
+    with pytest.raises(CapacityOverflowError):
+        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True)
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 1 << 40])
+def test_out_of_range_ids_raise(bad):
+    x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
+    ids[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"topk_ids .*\[0, num_experts=6\).*got {bad} at \[2, 1\]"):
+        moe_experts(x, ids, weights, w_up, w_down)
+    # Without the host check the device-side assert still refuses (RuntimeError on CPU).
+    with pytest.raises(RuntimeError, match=r"topk_ids has an expert id outside \[0, 6\)"):
+        moe_experts(x, ids, weights, w_up, w_down, check_ids=False)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: {**a, "topk_ids": a["topk_ids"].float()}, TypeError, "topk_ids must be int32 or int64"),
+        (lambda a: {**a, "topk_ids": a["topk_ids"].short()}, TypeError, "topk_ids must be int32 or int64"),
+        (lambda a: {**a, "topk_ids": a["topk_ids"][:, 0]}, ValueError, "topk_ids must have rank 2"),
+        (lambda a: {**a, "topk_ids": a["topk_ids"][:3]}, ValueError, r"topk_ids must be \[N=4, K\]"),
+        (lambda a: {**a, "topk_ids": a["topk_ids"][:, :0]}, ValueError,
+         r"topk_ids must be \[N=4, K\] with K >= 1"),
+        (lambda a: {**a, "topk_weights": a["topk_weights"][:, :1]}, ValueError,
+         r"topk_weights must be \[N=4, K=2\]"),
+        (lambda a: {**a, "topk_weights": a["topk_weights"].long()}, TypeError,
+         "topk_weights must have a floating"),
+        (lambda a: {**a, "topk_weights": [[0.5, 0.5]] * 4}, TypeError, "topk_weights must be a torch.Tensor"),
+        (lambda a: {**a, "x": a["x"][None]}, ValueError, r"x must be \[N, D\]"),
+        (lambda a: {**a, "w_up": a["w_up"][:, :15]}, ValueError, "w_up must have an even number"),
+        (lambda a: {**a, "w_down": a["w_down"][:, :, :4]}, ValueError, r"w_down must be \[E=6, D=16, F=8\]"),
+        (lambda a: {**a, "w_up": a["w_up"].float()}, TypeError, "w_up has dtype torch.float32 but x has"),
+        (lambda a: {**a, "x": a["x"].to("meta")}, ValueError, "on meta but|meta device"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, error, match):
+    x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
+    args = change({"x": x, "topk_ids": ids, "topk_weights": weights, "w_up": w_up, "w_down": w_down})
+    with pytest.raises(error, match=match):
+        moe_experts(args["x"], args["topk_ids"], args["topk_weights"], args["w_up"], args["w_down"])
+
+
+@pytest.mark.parametrize("kw, match", [({"activation": "gelu"}, "activation='gelu'"),
+                                       ({"gemm": "dense"}, "gemm="),
+                                       ({"check_ids": 1}, "check_ids must be a bool")])
+def test_bad_options(kw, match):
+    x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        moe_experts(x, ids, weights, w_up, w_down, **kw)
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_opcheck(gemm):
+    x, ids, weights, w_up, w_down = (t.requires_grad_(t.is_floating_point())
+                                     for t in problem(8, 16, 8, 4, 2, torch.float64))
+    rows = 8 if gemm == "bmm" else 0
+    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True)
+    torch.library.opcheck(experts_forward_op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x, ids, weights, w_up, w_down = problem(12, 16, 8, 4, 2, torch.float64)
+    params = [t.requires_grad_(True) for t in (weights, w_up, w_down)]
+
+    def loss_fn(x, ids, weights, w_up, w_down):
+        return (moe_experts(torch.tanh(x), ids, weights.softmax(-1), w_up, w_down) ** 2).mean()
+
+    eager = loss_fn(x, ids, *params)
+    grads_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(loss_fn, fullgraph=True)(x, ids, *params)
+    grads_compiled = torch.autograd.grad(compiled, params)
+    assert rel_err(compiled.detach(), eager.detach()) < 1e-12
+    for ge, gc in zip(grads_eager, grads_compiled):
+        assert rel_err(gc, ge) < 1e-9
