@@ -60,7 +60,7 @@ from flashfusemoe.config import (
     _router_dims,
     check_has_data,
 )
-from flashfusemoe.kernels import compute_dtype, permute, routing
+from flashfusemoe.kernels import permute, routing
 
 _CHECKED: set = set()
 
@@ -120,14 +120,12 @@ def validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoE
     _check_same_device_and_dtype(named, autocast)
     _check_expert_bias(expert_bias, E, "x", x.device)
     options.check_num_experts(E)
-    if options.gemm == "bmm" or options.max_tokens_per_expert is not None:
+    if options.max_tokens_per_expert is not None:
         raise ValueError(
-            f"gemm={options.gemm!r} (max_tokens_per_expert={options.max_tokens_per_expert}): with ep_group "
-            "the local experts run the dropless grouped layout; use gemm='auto' or 'grouped' (capacity_factor "
-            "gives fixed-size buffers)"
+            f"max_tokens_per_expert={options.max_tokens_per_expert} is not supported with ep_group: the "
+            "local experts size their layout from the tokens they receive (capacity_factor gives "
+            "fixed-size buffers)"
         )
-    if options.recompute:
-        raise ValueError("recompute=True is not supported with ep_group")
     return D, E, F, W, rank
 
 
@@ -153,7 +151,7 @@ def _check_group_agrees(N: int, D: int, E: int, F: int, W: int, options: MoEOpti
                 raise ValueError(
                     f"ep_group rank {r} disagrees with this rank on {name}: it has {b}, this rank {a}. "
                     "Every rank of the group must pass the same router, expert shapes and options"
-                    + (", and with capacity_factor the same number of tokens N" if name.startswith("N") else "")
+                    + (", and with capacity_factor the same number of tokens N" if name[0] == "N" else "")
                 )
     _CHECKED.add(key)
 
@@ -346,15 +344,14 @@ class _Combine(torch.autograd.Function):
 
 def _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options: MoEOptions):
     """``y[m] = w_recv[m] * expert_{ids_recv[m]}(x_recv[m])`` for the received rows, differentiable
-    in ``x_recv [M, D]``, ``w_recv [M]``, ``w_up [El, 2F, D]`` and ``w_down [El, D, F]``."""
-    from flashfusemoe.layer import glu_mlp
+    in ``x_recv [M, D]``, ``w_recv [M]``, ``w_up [El, 2F, D]`` and ``w_down [El, D, F]``: the
+    experts-only core (``flashfusemoe.moe_experts``), each received row a token with one assignment.
+    The ids come from the count exchange, in range by construction: no id check, no host sync."""
+    from flashfusemoe.experts import moe_experts
 
-    y = x_recv.new_zeros(x_recv.shape)
-    for e in range(w_up.shape[0]):
-        rows = (ids_recv == e).nonzero(as_tuple=True)[0]
-        y = y.index_add(0, rows, glu_mlp(x_recv[rows], w_up[e], w_down[e], options.activation)
-                        * w_recv[rows, None].to(x_recv.dtype))
-    return y
+    return moe_experts(x_recv, ids_recv[:, None], w_recv[:, None], w_up, w_down,
+                       activation=options.activation, gemm=options.gemm, recompute=options.recompute,
+                       check_ids=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +374,8 @@ def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, exper
     x2d = x.reshape(-1, D).contiguous()
     _check_group_agrees(x2d.shape[0], D, E, F, W, options, x2d, group)
     block = []
-    logits, topk_weights, topk_ids = _Route.apply(x2d, router_weight.contiguous(), expert_bias, options, block)
+    logits, topk_weights, topk_ids = _Route.apply(x2d, router_weight.contiguous(), expert_bias, options,
+                                                  block)
     state = _State()
     state.num_experts = E
     x_recv, w_recv, ids_recv = _Dispatch.apply(x2d, topk_weights, topk_ids, block[0], block[1], options,

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 import flashfusemoe
 from flashfusemoe import parallel
+from flashfusemoe.reference import moe_reference
 
 D, F = 8, 6
 
@@ -70,7 +71,7 @@ def spawn(fn, W: int, *args, interpret: bool):
 
 def _problem(case: dict, W: int, seed: int, dtype):
     g = torch.Generator().manual_seed(seed)
-    E, K = case["E"], case["K"]
+    E = case["E"]
     ns = case["ns"]
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     p = {
@@ -117,12 +118,26 @@ def _run_case(rank: int, W: int, case: dict, seed: int, dtype) -> None:
     want_aux = bool(case.get("aux"))
     kw = _layer_kwargs(case)
 
-    # Reference: the single-process layer on the concatenated batch with the full weights.
+    # Reference on the concatenated batch with the full weights: float64, the single-process layer;
+    # float32 (the kernels, interpreted), the independent float64 loop of flashfusemoe.reference.
     ref = flashfusemoe.MoELayer(D, F, E, K, dtype=dtype, **kw)
     ref.load_state_dict({k: v for k, v in p.items() if k not in ("x", "g")}, strict=True)
     x_ref = p["x"].clone().requires_grad_(True)
-    res = ref(x_ref, return_aux=True)
-    _loss(res[0], res[1], p["g"], case).backward()
+    if dtype == torch.float64:
+        res = ref(x_ref, return_aux=True)
+    else:
+        ref = ref.double()
+        x_ref = p["x"].double().requires_grad_(True)
+        o = ref.options
+        shared = {n: getattr(ref, n) for n in ("shared_w_up", "shared_w_down", "shared_gate_weight")
+                  if getattr(ref, n, None) is not None}
+        res = moe_reference(x_ref, ref.router_weight, ref.w_up, ref.w_down, K, activation=o.activation,
+                            score_func=o.score_func, norm_topk_prob=o.norm_topk_prob,
+                            expert_bias=ref.expert_bias,
+                            n_group=o.n_group, topk_group=o.topk_group,
+                            routed_scaling_factor=o.routed_scaling_factor, capacity_factor=o.capacity_factor,
+                            return_aux=True, **shared)
+    _loss(res[0], res[1], p["g"].to(x_ref.dtype), case).backward()
 
     # EP layer: this rank's shard of the same state dict.
     ep = flashfusemoe.MoELayer(D, F, E, K, dtype=dtype, ep_group=group, **kw)
@@ -135,9 +150,8 @@ def _run_case(rank: int, W: int, case: dict, seed: int, dtype) -> None:
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
     name = case["name"]
 
-    def close(a, b, what):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"[{name}] rank {rank} {what}: {m}")
-
+    close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
+        a, b.to(a.dtype), **tol, msg=lambda m: f"[{name}] rank {rank} {what}: {m}")
     close(out.detach(), res[0].detach()[lo:hi], "out")
     close(x.grad, x_ref.grad[lo:hi], "grad x")
     close(ep.w_up.grad, ref.w_up.grad[rank * El:(rank + 1) * El], "grad w_up")
@@ -159,13 +173,16 @@ def _run_case(rank: int, W: int, case: dict, seed: int, dtype) -> None:
         loads = res[1]["tokens_per_expert"].view(W, El).sum(1)
         assert int(loads[case["expect_empty_rank"]]) == 0, loads
     gathered = parallel.gather_state_dict(ep.state_dict(), group)
-    for k, v in full.items():
+    for k, v in full.items():  # noqa: B007
         assert torch.equal(gathered[k], v), k
 
 
-def _cases_worker(rank: int, W: int, port: int, cases: list, seed: int, dtype_name: str):
+def _cases_worker(rank: int, W: int, port: int, cases: list, seed: int, dtype_name: str,
+                  bad_inputs: bool = False):
     _init(rank, W, port)
     try:
+        if bad_inputs:
+            _bad_inputs(rank)
         dtype = getattr(torch, dtype_name)
         for i, case in enumerate(cases):
             try:
@@ -202,24 +219,29 @@ def _cases(W: int, full: bool) -> list:
             dict(name="sigmoid, bias, groups", E=4 * W, K=3, ns=[n] * W, aux=True, sigmoid_bias=True,
                  kw=dict(score_func="sigmoid", n_group=W, topk_group=2 if W > 2 else 1,
                          routed_scaling_factor=2.5)),
-            dict(name="capacity tight, top1", E=2 * W, K=1, ns=[n] * W, aux=True, kw=dict(capacity_factor=0.5)),
+            dict(name="capacity tight, top1", E=2 * W, K=1, ns=[n] * W, aux=True,
+                 kw=dict(capacity_factor=0.5)),
             dict(name="capacity, all to rank 0", E=2 * W, K=2, ns=[n] * W, aux=True,
                  bias=_bias_to_rank(2 * W, W, 0), kw=dict(capacity_factor=1.0)),
             dict(name="all ranks N=0 but one", E=2 * W, K=2, ns=[0] * (W - 1) + [3], aux=True),
+            dict(name="bmm experts, recompute", E=2 * W, K=2, ns=[n] * W, aux=True,
+                 kw=dict(gemm="bmm", recompute=True)),
         ]
     return cases
 
 
 @pytest.mark.parametrize("W", [2, 4])
 def test_ep_matches_single_process_float64(W):
-    spawn(_cases_worker, W, _cases(W, full=True), torch.initial_seed() % (1 << 30), "float64",
+    """W=2 also runs the bad inputs (each must raise on every rank, before or at the first collective)."""
+    spawn(_cases_worker, W, _cases(W, full=W == 2), torch.initial_seed() % (1 << 30), "float64", W == 2,
           interpret=False)
 
 
 @pytest.mark.parametrize("W", [2, 4])
-def test_ep_matches_single_process_kernels_float32(W):
-    spawn(_cases_worker, W, _cases(W, full=W == 2), torch.initial_seed() % (1 << 30), "float32",
-          interpret=True)
+def test_ep_matches_reference_kernels_float32(W):
+    cases = _cases(W, full=False) if W == 2 else [c for c in _cases(W, full=False) if c["name"] in (
+        "capacity", "rank with N=0")]
+    spawn(_cases_worker, W, cases, torch.initial_seed() % (1 << 30), "float32", interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,42 +254,37 @@ def _expect(exc, match: str, fn):
         fn()
 
 
-def _bad_inputs_worker(rank: int, W: int, port: int):
-    _init(rank, W, port)
-    try:
-        group = dist.group.WORLD
-        x = torch.randn(4, D, dtype=torch.float64)
-        rw = torch.randn(4, D, dtype=torch.float64)
-        up, down = torch.randn(2, 2 * F, D, dtype=torch.float64), torch.randn(2, D, F, dtype=torch.float64)
-        run = lambda rw=rw, up=up, down=down, **kw: flashfusemoe.fused_moe(  # noqa: E731
-            x, rw, up, down, 2, ep_group=group, **kw)
-        _expect(ValueError, r"E=5 experts.*W=2.*divisible", lambda: run(rw=torch.randn(5, D, dtype=torch.float64)))
-        _expect(ValueError, r"w_up must hold this rank's E/W=4/2=2 experts", lambda: run(
-            up=torch.randn(4, 2 * F, D, dtype=torch.float64)))
-        _expect(ValueError, r"w_down must hold this rank's experts as \[E/W=2", lambda: run(
-            down=torch.randn(4, D, F, dtype=torch.float64)))
-        _expect(ValueError, r"num_experts=3 must be divisible by the ep_group size W=2",
-                lambda: flashfusemoe.MoELayer(D, F, 3, 1, ep_group=group))
-        _expect(TypeError, r"ep_group must be a torch.distributed.ProcessGroup", lambda: flashfusemoe.fused_moe(
-            x, rw, up, down, 2, ep_group="world"))
-        _expect(ValueError, r"gemm='bmm'", lambda: run(gemm="bmm"))
-        # Rank 1 has a router of 8 experts (and 4 local ones, consistent for itself): the group disagrees.
-        if rank == 1:
-            bad = dict(rw=torch.randn(8, D, dtype=torch.float64), up=torch.randn(4, 2 * F, D, dtype=torch.float64),
-                       down=torch.randn(4, D, F, dtype=torch.float64))
-        else:
-            bad = {}
-        _expect(ValueError, r"rank \d disagrees with this rank on E: it has \d, this rank \d", lambda: run(**bad))
-        # Capacity mode needs the same N on every rank.
-        xc = torch.randn(4 + rank, D, dtype=torch.float64)
-        _expect(ValueError, r"disagrees with this rank on N \(capacity mode\)", lambda: flashfusemoe.fused_moe(
-            xc, rw, up, down, 2, ep_group=group, capacity_factor=1.0))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ep_bad_inputs():
-    spawn(_bad_inputs_worker, 2, interpret=False)
+def _bad_inputs(rank: int):
+    """Each bad input raises on every rank (W=2), before or at the first collective."""
+    group = dist.group.WORLD
+    f64 = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    x = f64(4, D)
+    rw = f64(4, D)
+    up, down = f64(2, 2 * F, D), f64(2, D, F)
+    run = lambda rw=rw, up=up, down=down, **kw: flashfusemoe.fused_moe(  # noqa: E731
+        x, rw, up, down, 2, ep_group=group, **kw)
+    _expect(ValueError, r"E=5 experts.*W=2.*divisible", lambda: run(rw=f64(5, D)))
+    _expect(ValueError, r"w_up must hold this rank's E/W=4/2=2 experts", lambda: run(
+        up=f64(4, 2 * F, D)))
+    _expect(ValueError, r"w_down must hold this rank's experts as \[E/W=2", lambda: run(
+        down=f64(4, D, F)))
+    _expect(ValueError, r"num_experts=3 must be divisible by the ep_group size W=2",
+            lambda: flashfusemoe.MoELayer(D, F, 3, 1, ep_group=group))
+    _expect(TypeError, r"ep_group must be a torch.distributed.ProcessGroup", lambda: flashfusemoe.fused_moe(
+        x, rw, up, down, 2, ep_group="world"))
+    _expect(ValueError, r"max_tokens_per_expert=8 is not supported with ep_group",
+            lambda: run(gemm="bmm", max_tokens_per_expert=8))
+    # Rank 1 has a router of 8 experts (and 4 local ones, consistent for itself): the group disagrees.
+    if rank == 1:
+        bad = dict(rw=f64(8, D), up=f64(4, 2 * F, D),
+                   down=f64(4, D, F))
+    else:
+        bad = {}
+    _expect(ValueError, r"rank \d disagrees with this rank on E: it has \d, this rank \d", lambda: run(**bad))
+    # Capacity mode needs the same N on every rank.
+    xc = f64(4 + rank, D)
+    _expect(ValueError, r"disagrees with this rank on N \(capacity mode\)", lambda: flashfusemoe.fused_moe(
+        xc, rw, up, down, 2, ep_group=group, capacity_factor=1.0))
 
 
 def test_shard_state_dict_bad_world_size():
