@@ -44,6 +44,7 @@ def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu",
     """
     options, plan = experts_plan(x, topk_ids, topk_weights, w_up, w_down, activation=activation, gemm=gemm,
                                  recompute=recompute, check_ids=check_ids)
+    check_has_data("x", x)
     dtype = _autocast_dtype(x)
     if dtype is not None:
         x, w_up, w_down = (t.to(dtype) for t in (x, w_up, w_down))
@@ -109,7 +110,6 @@ def validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, *, autocast
     for name, t in named.items():
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must share a device")
-        check_has_data(name, t)
     for name in ("w_up", "w_down"):
         if named[name].dtype != x.dtype and not autocast:
             raise TypeError(f"{name} has dtype {named[name].dtype} but x has {x.dtype}; they must match")
