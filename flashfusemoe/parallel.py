@@ -89,14 +89,22 @@ def local_experts(num_experts: int, group) -> tuple[int, int]:
 def validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, group,
                        *, autocast=False):
     """The checks of ``validate_inputs`` with local expert weights. Returns ``(D, E, F, W, rank)``."""
+    W, rank = group_size_and_rank(group)
+    D, E, F = validate_ep_shapes(x, router_weight, w_up, w_down, expert_bias, options, W, autocast=autocast)
+    return D, E, F, W, rank
+
+
+def validate_ep_shapes(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, W: int, *,
+                       autocast=False, group_name="ep_group"):
+    """``validate_inputs`` for ``w_up``/``w_down`` holding E/W local experts (also the JAX bridge's,
+    on shape-only stand-ins). Returns ``(D, E, F)``."""
     named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
     _check_float_tensors(named)
     _check_x_rank("x", x)
     D, E = _router_dims(x, router_weight)
-    W, rank = group_size_and_rank(group)
     if E % W:
         raise ValueError(
-            f"router_weight has E={E} experts, which the ep_group of size W={W} cannot split evenly: "
+            f"router_weight has E={E} experts, which the {group_name} of size W={W} cannot split evenly: "
             "E must be divisible by W"
         )
     E_local = E // W
@@ -106,7 +114,7 @@ def validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoE
     if w_up.shape[0] != E_local or w_up.shape[2] != D:
         raise ValueError(
             f"w_up must hold this rank's E/W={E}/{W}={E_local} experts as [{E_local}, 2F, D={D}] "
-            f"(router_weight has E={E}, ep_group size W={W}), got {_describe(w_up)}"
+            f"(router_weight has E={E}, {group_name} size W={W}), got {_describe(w_up)}"
         )
     if w_up.shape[1] % 2:
         raise ValueError(f"w_up must have an even number of rows (gate and up halves), got {w_up.shape[1]}")
@@ -122,11 +130,11 @@ def validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoE
     options.check_num_experts(E)
     if options.max_tokens_per_expert is not None:
         raise ValueError(
-            f"max_tokens_per_expert={options.max_tokens_per_expert} is not supported with ep_group: the "
+            f"max_tokens_per_expert={options.max_tokens_per_expert} is not supported with {group_name}: the "
             "local experts size their layout from the tokens they receive (capacity_factor gives "
             "fixed-size buffers)"
         )
-    return D, E, F, W, rank
+    return D, E, F
 
 
 def _check_group_agrees(N: int, D: int, E: int, F: int, W: int, options: MoEOptions, x, group) -> None:

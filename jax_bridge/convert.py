@@ -91,10 +91,12 @@ class LayerConfig:
             return 0
         return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
 
-    def param_specs(self) -> dict[str, tuple[tuple[int, ...], int]]:
-        """``{name: (shape, fan_in)}`` of the trainable parameters this config has."""
+    def param_specs(self, num_local_experts: int | None = None) -> dict[str, tuple[tuple[int, ...], int]]:
+        """``{name: (shape, fan_in)}`` of the trainable parameters this config has (with
+        ``num_local_experts``: w_up/w_down of that many experts, a device's share under ``ep_axis``)."""
         D, F, E, Fs = self.d_model, self.ffn_dim, self.num_experts, self.resolved_shared_ffn_dim
-        specs = {"router_weight": ((E, D), D), "w_up": ((E, 2 * F, D), D), "w_down": ((E, D, F), F)}
+        El = E if num_local_experts is None else num_local_experts
+        specs = {"router_weight": ((E, D), D), "w_up": ((El, 2 * F, D), D), "w_down": ((El, D, F), F)}
         if Fs:
             specs["shared_w_up"] = ((2 * Fs, D), D)
             specs["shared_w_down"] = ((D, Fs), Fs)
@@ -179,8 +181,19 @@ def glu_mlp(x, w_up, w_down, activation: str):
     return jnp.matmul(_activation(gate, activation) * up, w_down.T, precision=_HI)
 
 
-def _check_params(params: Mapping, config: LayerConfig) -> None:
-    expected = dict(config.param_specs())
+def local_experts(config: LayerConfig, ep_axis) -> int | None:
+    """The experts each device of ``ep_axis`` holds (None without ``ep_axis``); call inside ``shard_map``."""
+    if ep_axis is None:
+        return None
+    W = jax.lax.axis_size(ep_axis)
+    if config.num_experts % W:
+        raise ValueError(f"num_experts={config.num_experts} must be divisible by the size W={W} of "
+                         f"ep_axis={ep_axis!r}")
+    return config.num_experts // W
+
+
+def _check_params(params: Mapping, config: LayerConfig, num_local_experts: int | None = None) -> None:
+    expected = dict(config.param_specs(num_local_experts))
     if config.use_expert_bias:
         expected["expert_bias"] = ((config.num_experts,), None)
     missing = sorted(set(expected) - set(params))
@@ -192,13 +205,15 @@ def _check_params(params: Mapping, config: LayerConfig) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(jnp.shape(params[name]))}")
 
 
-def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_aux: bool = False):
+def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_aux: bool = False,
+                ep_axis=None):
     """The ``MoELayer`` forward on JAX arrays: ``x [..., D] -> out [..., D]`` (or ``(out, aux)``).
 
     ``params`` maps the torch names to arrays. Everything but ``expert_bias`` (fp32) is cast to
-    the compute ``dtype``: given, or the promoted dtype of ``x`` and the parameters.
+    the compute ``dtype``: given, or the promoted dtype of ``x`` and the parameters. ``ep_axis``:
+    expert parallelism inside ``shard_map`` (w_up/w_down hold this device's E/W experts).
     """
-    _check_params(params, config)
+    _check_params(params, config, local_experts(config, ep_axis))
     weights = {k: jnp.asarray(v) for k, v in params.items() if k != "expert_bias"}
     if dtype is None:
         dtype = jnp.result_type(jnp.asarray(x).dtype, *(w.dtype for w in weights.values()))
@@ -215,6 +230,7 @@ def apply_layer(params: Mapping, x, config: LayerConfig, *, dtype=None, return_a
         config.top_k,
         expert_bias=expert_bias,
         return_aux=return_aux,
+        ep_axis=ep_axis,
         **config.fused_moe_kwargs(),
     )
     out, aux = result if return_aux else (result, None)

@@ -35,7 +35,10 @@ class FusedMoE(nnx.Module):
     ``expert_bias``, an fp32 ``ExpertBias [E]`` of zeros (not trained; update it yourself).
 
     ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
-    ``flashfusemoe.fused_moe``'s.
+    ``flashfusemoe.fused_moe``'s. ``ep_axis``: expert parallelism inside ``shard_map`` over that
+    mesh axis (size W). The module is built with all E experts; shard its state into the
+    ``shard_map`` with ``w_up``/``w_down`` split over ``ep_axis`` (``P(ep_axis)``) and the rest
+    replicated, so the call sees this device's ``[E/W, ...]`` shards (``jax_bridge.parallel``).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class FusedMoE(nnx.Module):
         shared_expert_gate=False,
         param_dtype=jnp.float32,
         dtype=None,
+        ep_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         self.config = LayerConfig(
@@ -85,7 +89,7 @@ class FusedMoE(nnx.Module):
         )
         check_float_dtype("param_dtype", param_dtype)
         check_float_dtype("dtype", dtype, allow_none=True)
-        self.param_dtype, self.dtype = param_dtype, dtype
+        self.param_dtype, self.dtype, self.ep_axis = param_dtype, dtype, ep_axis
         params = init_params(rngs.params(), self.config, param_dtype)
         for name in ("router_weight", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate_weight"):
             setattr(self, name, nnx.Param(params[name]) if name in params else None)
@@ -127,4 +131,5 @@ class FusedMoE(nnx.Module):
             getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
 
     def __call__(self, x, return_aux: bool = False):
-        return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux)
+        return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux,
+                           ep_axis=self.ep_axis)

@@ -81,6 +81,7 @@ def fused_moe(
     max_tokens_per_expert=None,
     recompute=False,
     return_aux=False,
+    ep_axis=None,
 ):
     """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
 
@@ -88,6 +89,8 @@ def fused_moe(
     expert_bias [E] float32/float64 (selection only, zero gradient). Returns ``out`` shaped like x,
     or ``(out, aux)`` with ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32,
     dropped_tokens [] int32}``; the losses are differentiable. ``gemm="auto"`` runs "grouped".
+    ``ep_axis``: inside ``shard_map``, the mesh axis of expert parallelism; w_up/w_down then hold
+    this device's E/W experts (``jax_bridge.parallel``).
     """
     options = MoEOptions(
         top_k=top_k,
@@ -103,6 +106,11 @@ def fused_moe(
         recompute=recompute,
     )
     check_bool("return_aux", return_aux)
+    if ep_axis is not None:
+        from jax_bridge.parallel import ep_fused_moe
+
+        return ep_fused_moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, axis=ep_axis,
+                            return_aux=return_aux)
     x, router_weight, w_up, w_down, expert_bias, plan = _validate_and_plan(
         x, router_weight, w_up, w_down, expert_bias, options
     )
