@@ -89,7 +89,8 @@ def _main() -> int:
                                 in_specs=(P("ep"), P(), P("ep"), P("ep"), P("ep")),
                                 out_specs=(P(), (P("ep"), P())))
         args = [put(x, P("ep")), put(rw, P()), put(wu, P("ep")), put(wd, P("ep")), put(g, P("ep"))]
-        (val, (out, aux)), grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+        grad_fn = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3), has_aux=True))
+        (val, (out, aux)), grads = grad_fn(*args)
         (rval, (rout, raux)), rgrads = jax.value_and_grad(
             lambda *a: loss(False, *a), argnums=(0, 1, 2, 3), has_aux=True)(x, rw, wu, wd, g)
         check(f"{name} loss", val, rval, dtype)
@@ -98,8 +99,9 @@ def _main() -> int:
             check(f"{name} grad {gname}", a, b, dtype)
         for key in ("load_balance_loss", "z_loss"):
             check(f"{name} {key}", aux[key], raux[key], dtype)
-        if not np.array_equal(np.asarray(aux["tokens_per_expert"]), np.asarray(raux["tokens_per_expert"])):
-            failures.append(f"{name} tokens_per_expert {aux['tokens_per_expert']} != {raux['tokens_per_expert']}")
+        tpe, rtpe = np.asarray(aux["tokens_per_expert"]), np.asarray(raux["tokens_per_expert"])
+        if not np.array_equal(tpe, rtpe):
+            failures.append(f"{name} tokens_per_expert {tpe} != {rtpe}")
         if int(aux["dropped_tokens"]) != int(raux["dropped_tokens"]):
             failures.append(f"{name} dropped {aux['dropped_tokens']} != {raux['dropped_tokens']}")
         if expect_dropped and int(raux["dropped_tokens"]) == 0:
@@ -136,7 +138,8 @@ def _main() -> int:
             params = {"params": variables["params"], convert.LINEN_BUFFERS: {"expert_bias": bias}}
 
             def apply(params, x, ep):
-                return LinenMoE(D, F, E, K, ep_axis="ep" if ep else None, **kw).apply(params, x, return_aux=True)
+                module = LinenMoE(D, F, E, K, ep_axis="ep" if ep else None, **kw)
+                return module.apply(params, x, return_aux=True)
 
         def loss(ep, p, x, g):
             out, aux = apply(p, x, ep)
@@ -151,7 +154,8 @@ def _main() -> int:
                                 in_specs=(specs, P("ep"), P("ep")), out_specs=(P(), P("ep")))
         (val, out), grads = jax.jit(jax.value_and_grad(sharded, has_aux=True))(
             p_sharded, put(x, P("ep")), put(g, P("ep")))
-        (rval, rout), rgrads = jax.value_and_grad(lambda p, x, g: loss(False, p, x, g), has_aux=True)(params, x, g)
+        ref_fn = jax.value_and_grad(lambda p, x, g: loss(False, p, x, g), has_aux=True)
+        (rval, rout), rgrads = ref_fn(params, x, g)
         check(f"{kind} loss", val, rval, jnp.float32)
         check(f"{kind} out", out, rout, jnp.float32)
         leaves = jax.tree_util.tree_leaves_with_path(grads)
@@ -165,9 +169,10 @@ def _main() -> int:
 
         def expect(exc, text, E, E_local, axis="ep"):
             rw = jnp.zeros((E, D), jnp.float32)
-            wu, wd = jnp.zeros((E_local * W, 2 * F, D), jnp.float32), jnp.zeros((E_local * W, D, F), jnp.float32)
-            f = jax.shard_map(lambda x, rw, wu, wd: jax_bridge.fused_moe(x, rw, wu, wd, 1, ep_axis=axis), mesh=mesh,
-                              in_specs=(P("ep"), P(), P("ep"), P("ep")), out_specs=P("ep"))
+            wu = jnp.zeros((E_local * W, 2 * F, D), jnp.float32)
+            wd = jnp.zeros((E_local * W, D, F), jnp.float32)
+            f = jax.shard_map(lambda x, rw, wu, wd: jax_bridge.fused_moe(x, rw, wu, wd, 1, ep_axis=axis),
+                              mesh=mesh, in_specs=(P("ep"), P(), P("ep"), P("ep")), out_specs=P("ep"))
             try:
                 f(put(x, P("ep")), put(rw, P()), put(wu, P("ep")), put(wd, P("ep")))
             except exc as e:
