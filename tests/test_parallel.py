@@ -291,3 +291,48 @@ def test_shard_state_dict_bad_world_size():
     layer = flashfusemoe.MoELayer(D, F, 4, 1)
     with pytest.raises(ValueError, match="w_up has 4 experts, not divisible by world_size=3"):
         parallel.shard_state_dict(layer.state_dict(), 0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank, in process (gloo on CPU, NCCL on a GPU): the plain layer, and torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_group(device):
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_factor):
+    """W=1: the EP layer is the plain layer (out and every gradient); under torch.compile (the EP
+    call is a graph break) a model around it gives the eager results."""
+    E, K = 4, 2
+    kw = dict(capacity_factor=capacity_factor, num_shared_experts=1, device=device)
+    plain = flashfusemoe.MoELayer(D, F, E, K, **kw)
+    ep = flashfusemoe.MoELayer(D, F, E, K, ep_group=one_rank_group, **kw)
+    ep.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, D, device=device)
+    g = torch.randn(2, 5, D, device=device)
+
+    def run(layer, compiled=False):
+        model = torch.nn.Sequential(torch.nn.LayerNorm(D, device=device), layer)
+        model[0].weight.data.copy_(torch.linspace(0.5, 1.5, D))
+        if compiled:
+            model = torch.compile(model, backend="aot_eager")
+        for p in layer.parameters():
+            p.grad = None
+        xr = x.clone().requires_grad_(True)
+        out = model(xr)
+        (out * g).sum().backward()
+        return [out.detach(), xr.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    want = run(plain)
+    for compiled in (False, True):
+        for a, b in zip(run(ep, compiled), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
