@@ -237,11 +237,10 @@ def test_ep_matches_single_process_float64(W):
           interpret=False)
 
 
-@pytest.mark.parametrize("W", [2, 4])
-def test_ep_matches_reference_kernels_float32(W):
-    cases = _cases(W, full=False) if W == 2 else [c for c in _cases(W, full=False) if c["name"] in (
-        "capacity", "rank with N=0")]
-    spawn(_cases_worker, W, cases, torch.initial_seed() % (1 << 30), "float32", interpret=True)
+def test_ep_matches_reference_kernels_float32():
+    """The Triton kernels (interpreted) on W=2 ranks; W=4 runs the same code on the torch path above."""
+    seed = torch.initial_seed() % (1 << 30)
+    spawn(_cases_worker, 2, _cases(2, full=False), seed, "float32", interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,6 @@ def _main() -> int:
         expect(ValueError, "ep_axis='nope' is not a mesh axis", 8, 2, axis="nope")
 
     cases = [
-        lambda: functional_case("top1", 8, 1),
         lambda: functional_case("top2", 8, 2),
         lambda: functional_case("top4 float64", 8, 4, dtype=jnp.float64),
         lambda: functional_case("sigmoid, bias, groups", 8, 3, bias=jnp.asarray(
