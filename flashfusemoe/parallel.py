@@ -33,8 +33,14 @@ group totals (from the count exchange). ``load_balance_loss`` and ``z_loss`` are
 ``sum_{n in rank} lse_n^2 / N_total`` with ``f_e`` the group's fraction of assignments to expert
 e. The shares sum over ranks to the losses of the concatenated batch, and each share's gradient
 reaches only this rank's logits, so the per-rank router gradients sum to the full gradient, as
-for the main loss. (DDP averages gradients over ranks: the result is the full gradient / W for
-every term alike.)
+for the main loss. (DDP averages the replicated parameters' gradients over ranks, i.e. the full
+gradient / W: scale the expert gradients by 1/W to keep one objective; the README shows how.)
+
+Every rank of the group must call the layer and backpropagate through ``out`` the same number of
+times, in the same order as the other collectives on the group (as for any collective): the
+backward's all-to-alls pair up across ranks. In 16-bit, each expert's weighted output row is
+rounded to x's dtype before the K rows of a token are summed (in fp32); the single-process
+layer rounds once, after the sum.
 
 The checks that need the other ranks (the same E, expert count, widths and top_k everywhere; the
 same N in capacity mode) run once per configuration, with one extra ``all_gather`` and host sync.
@@ -181,8 +187,9 @@ def _all_to_all(t: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
 
 
 class _State:
-    """What dispatch learns and combine needs (one call, one rank)."""
+    """What dispatch learns and combine and the backward need (one call, one rank)."""
 
+    num_experts: int  # E, set by the caller
     top_k: int
     assign_to_row: torch.Tensor  # [N*K] int32: row of each assignment in the send layout, -1 none
     row_to_assign: torch.Tensor  # [R] int32
@@ -192,6 +199,9 @@ class _State:
     tokens_per_expert: torch.Tensor  # [E] int32, the group's
     num_tokens: torch.Tensor  # [] int64, the group's
     dropped: torch.Tensor  # [] int32, the group's
+    recv_rows: int  # M
+    x_recv_meta: torch.Tensor  # [0, D] like x_recv, w_recv_meta [0] like w_recv: zero gradients' template
+    w_recv_meta: torch.Tensor
 
 
 class _Route(torch.autograd.Function):
@@ -305,6 +315,8 @@ class _Dispatch(torch.autograd.Function):
         state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
         state.num_tokens = gathered[:, E].sum()
         state.dropped = dropped
+        state.recv_rows = x_recv.shape[0]
+        state.x_recv_meta, state.w_recv_meta = x_recv.new_empty(0, x.shape[1]), w_recv.new_empty(0)
         ctx.state, ctx.group, ctx.num_tokens = state, group, N
         ctx.mark_non_differentiable(ids_recv)
         ctx.set_materialize_grads(False)
@@ -315,9 +327,9 @@ class _Dispatch(torch.autograd.Function):
         s, group = ctx.state, ctx.group
         # Both exchanges run on every rank, in this order, whatever gradients arrived.
         if grad_x_recv is None:
-            grad_x_recv = torch.zeros(s.recv_rows, s.width, dtype=s.x_dtype, device=s.device)
+            grad_x_recv = s.x_recv_meta.new_zeros(s.recv_rows, s.x_recv_meta.shape[1])
         if grad_w_recv is None:
-            grad_w_recv = torch.zeros(s.recv_rows, dtype=s.w_dtype, device=s.device)
+            grad_w_recv = s.w_recv_meta.new_zeros(s.recv_rows)
         if s.keep is not None:
             grad_x_recv = torch.where(s.keep[:, None], grad_x_recv, 0)
             grad_w_recv = torch.where(s.keep, grad_w_recv, 0)
@@ -388,8 +400,6 @@ def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, exper
     state.num_experts = E
     x_recv, w_recv, ids_recv = _Dispatch.apply(x2d, topk_weights, topk_ids, block[0], block[1], options,
                                                group, state)
-    state.recv_rows, state.width, state.device = x_recv.shape[0], D, x2d.device
-    state.x_dtype, state.w_dtype = x_recv.dtype, w_recv.dtype
     y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up.contiguous(), w_down.contiguous(), options)
     out = _Combine.apply(y_recv, group, state, x2d.dtype)
     return out.reshape(*lead_shape, D), logits, state
