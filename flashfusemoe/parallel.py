@@ -45,16 +45,19 @@ layer rounds once, after the sum.
 The checks that need the other ranks (the same E, expert count, widths and top_k everywhere; the
 same N in capacity mode) run once per configuration, with one extra ``all_gather`` and host sync.
 
-``torch.compile``: the EP call is excluded from tracing (``torch.compiler.disable``), so a
-compiled model runs it eagerly between graph segments.
+``torch.compile``: with ``capacity_factor`` the whole call is traced (``fullgraph=True`` works):
+routing, dispatch and combine are custom ops with their collectives inside, the experts are
+``moe_experts``' custom op, and every shape is fixed. Dropless mode's receive sizes come from the
+exchanged counts, so its call is excluded from tracing (``torch.compiler.disable``): a compiled
+model runs it eagerly between graph segments. The cross-rank agreement check is eager-only.
 """
 
-from __future__ import annotations
-
 import zlib
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from flashfusemoe.config import (
     MoEOptions,
@@ -66,7 +69,7 @@ from flashfusemoe.config import (
     _router_dims,
     check_has_data,
 )
-from flashfusemoe.kernels import permute, routing
+from flashfusemoe.kernels import compute_dtype, permute, routing
 
 _CHECKED: set = set()
 
@@ -148,9 +151,11 @@ def _check_group_agrees(N: int, D: int, E: int, F: int, W: int, options: MoEOpti
 
     One ``all_gather`` and host sync per configuration and process (cached); skipped under tracing.
     """
+    if torch.compiler.is_compiling():
+        return
     capacity = options.capacity_factor is not None
     key = (id(group), N if capacity else -1, D, E, F, options, x.dtype)
-    if key in _CHECKED or torch.compiler.is_compiling():
+    if key in _CHECKED:
         return
     sig = [E, E // W, D, F, options.top_k, N if capacity else -1, zlib.crc32(repr(options).encode()),
            zlib.crc32(str(x.dtype).encode())]
@@ -226,20 +231,81 @@ class _Route(torch.autograd.Function):
         o = ctx.options
         if grad_weights is None and grad_logits is None:
             return None, None, None, None, None
-        N, K = ids.shape
-        if grad_weights is None:
-            grad_weights = logits.new_zeros(N, K)
-        identity = torch.arange(N * K, dtype=torch.int32, device=x.device)
-        gl = routing.route_backward(
-            logits, ids, grad_weights.reshape(-1).to(logits.dtype).contiguous(), identity, grad_logits,
-            o.score_func, o.norm_topk_prob, float(o.routed_scaling_factor), out_dtype=x.dtype,
-        )
-        grad_x = grad_router = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(gl, router_weight)
-        if ctx.needs_input_grad[1]:
-            grad_router = torch.mm(gl.t(), x)
+        grad_x, grad_router = _route_grads(x, router_weight, logits, ids, grad_logits, grad_weights,
+                                           o.score_func, o.norm_topk_prob, float(o.routed_scaling_factor))
         return grad_x, grad_router, None, None, None
+
+
+def _route_grads(x, router_weight, logits, ids, grad_logits, grad_weights, score_func, norm_topk_prob, scale):
+    """Gradients of x [N, D] and router_weight [E, D] from those of logits and topk_weights (None: 0)."""
+    N, K = ids.shape
+    if grad_weights is None:
+        grad_weights = logits.new_zeros(N, K)
+    identity = torch.arange(N * K, dtype=torch.int32, device=x.device)
+    gl = routing.route_backward(logits, ids, grad_weights.reshape(-1).to(logits.dtype).contiguous(), identity,
+                                grad_logits, score_func, norm_topk_prob, scale, out_dtype=x.dtype)
+    return torch.mm(gl, router_weight), torch.mm(gl.t(), x)
+
+
+def _capacity_dispatch(x, topk_weights, topk_ids, E: int, C: int, group):
+    """Capacity mode's fixed-size exchange (see the module docstring). Returns ``x_recv [E*S, D]``,
+    ``w_recv [E*S]`` (0 where not kept), ``ids_recv [E*S]`` int32, ``keep [E*S]`` bool, the send
+    layout's ``assign_to_row [N*K]`` and ``row_to_assign [E*S]`` int32, and every rank's per-expert
+    counts and N, ``gathered [W, E+1]`` int64."""
+    W, _ = group_size_and_rank(group)
+    N, K = topk_ids.shape
+    El, S = E // W, min(C, N)
+    i64, dev = torch.int64, x.device
+    w_flat = topk_weights.reshape(-1)
+    keep_local = permute.capacity_keep(topk_ids, topk_weights, E, S)
+    assign_to_row, row_to_assign, _, tpe, _ = permute.expert_layout(topk_ids, E, rows_per_expert=S,
+                                                                     keep=keep_local)
+    counts = torch.cat([tpe.to(i64), torch.full((1,), N, dtype=i64, device=dev)])
+    gathered = torch.empty(W, E + 1, dtype=i64, device=dev)
+    dist.all_gather(list(gathered.unbind(0)), counts, group=group)
+    x_rows = permute.gather_rows(x, row_to_assign, K)
+    # Empty slots carry weight -1 (routing weights are >= 0), which marks them invalid.
+    w_rows = torch.where(row_to_assign >= 0, w_flat[row_to_assign.long().clamp(min=0)],
+                         torch.full((), -1.0, dtype=w_flat.dtype, device=dev))
+    x_recv = _all_to_all(x_rows, None, None, group)
+    w_recv = _all_to_all(w_rows, None, None, group)
+    # Candidates of local expert j: W sources x S slots, in (source, slot) = global token order.
+    cand = w_recv.view(W, El, S).transpose(0, 1).reshape(El, W * S)
+    score = torch.where(cand >= 0, cand, torch.full((), float("-inf"), dtype=cand.dtype, device=dev))
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    position = torch.empty_like(order).scatter_(1, order, torch.arange(W * S, device=dev).expand(El, W * S)
+                                                .contiguous())
+    keep = ((position < C) & (cand >= 0)).view(El, W, S).transpose(0, 1).reshape(-1)
+    w_recv = torch.where(keep, w_recv, torch.zeros((), dtype=w_recv.dtype, device=dev))
+    ids_recv = torch.arange(El, dtype=torch.int32, device=dev).view(1, El, 1).expand(W, El, S).reshape(-1)
+    return x_recv, w_recv, ids_recv, keep, assign_to_row, row_to_assign, gathered
+
+
+def _dispatch_grads(grad_x_recv, grad_w_recv, keep, assign_to_row, top_k: int, send_splits, recv_splits,
+                    group):
+    """Backward of the dispatch: the received rows' gradients back by the reverse all-to-all (both
+    exchanges run on every rank, in this order), each token summing its K rows.
+    Returns ``grad_x [N, D]`` and ``grad_topk_weights [N, K]``."""
+    if keep is not None:
+        grad_x_recv = torch.where(keep[:, None], grad_x_recv, 0)
+        grad_w_recv = torch.where(keep, grad_w_recv, 0)
+    grad_rows = _all_to_all(grad_x_recv, send_splits, recv_splits, group)
+    grad_w_rows = _all_to_all(grad_w_recv, send_splits, recv_splits, group)
+    grad_x = permute.combine_rows(grad_rows, assign_to_row, top_k, out_dtype=grad_rows.dtype)
+    grad_w = torch.where(assign_to_row >= 0, grad_w_rows[assign_to_row.long().clamp(min=0)], 0)
+    return grad_x, grad_w.view(-1, top_k)
+
+
+def _combine(y_recv, assign_to_row, top_k: int, send_splits, recv_splits, group, out_dtype):
+    """The weighted rows back to their tokens: ``y_recv [M, D] -> out [N, D]``."""
+    y_rows = _all_to_all(y_recv, send_splits, recv_splits, group)
+    return permute.combine_rows(y_rows, assign_to_row, top_k, out_dtype=out_dtype)
+
+
+def _combine_grad(grad_out, row_to_assign, top_k: int, send_splits, recv_splits, group):
+    """Backward of ``_combine``: ``grad_out [N, D] -> grad_y_recv [M, D]``."""
+    grad_rows = permute.gather_rows(grad_out.contiguous(), row_to_assign, top_k)
+    return _all_to_all(grad_rows, recv_splits, send_splits, group)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -279,37 +345,11 @@ class _Dispatch(torch.autograd.Function):
             keep = None
             dropped = torch.zeros((), dtype=torch.int32, device=x.device)
         else:
-            N_total = W * N
-            C = options.capacity(N_total, E)
-            S = min(C, N)
-            keep_local = permute.capacity_keep(topk_ids, topk_weights, E, S)
-            assign_to_row, row_to_assign, _, tpe, _ = permute.expert_layout(
-                topk_ids, E, rows_per_expert=S, keep=keep_local)
-            counts = torch.cat([tpe.to(i64), torch.tensor([N], dtype=i64, device=x.device)])
-            gathered = torch.empty(W, E + 1, dtype=i64, device=x.device)
-            dist.all_gather(list(gathered.unbind(0)), counts, group=group)
-            x_rows = permute.gather_rows(x, row_to_assign, K)
-            valid_send = row_to_assign >= 0
-            # Empty slots carry weight -1 (routing weights are >= 0), which marks them invalid.
-            w_rows = torch.where(valid_send, w_flat[row_to_assign.long().clamp(min=0)],
-                                 torch.full((), -1.0, dtype=w_flat.dtype, device=x.device))
+            C = options.capacity(W * N, E)
+            x_recv, w_recv, ids_recv, keep, assign_to_row, row_to_assign, gathered = _capacity_dispatch(
+                x, topk_weights, topk_ids, E, C, group)
             send_splits = recv_splits = None
-            x_recv = _all_to_all(x_rows, None, None, group)
-            w_recv = _all_to_all(w_rows, None, None, group)
-            # Candidates of local expert j: W sources x S slots, in (source, slot) = global token order.
-            cand = w_recv.view(W, El, S).transpose(0, 1).reshape(El, W * S)
-            score = torch.where(cand >= 0, cand, torch.full((), float("-inf"), dtype=cand.dtype,
-                                                             device=x.device))
-            order = torch.sort(score, dim=1, descending=True, stable=True).indices
-            position = torch.empty_like(order).scatter_(
-                1, order, torch.arange(W * S, device=x.device).expand(El, W * S).contiguous())
-            keep_c = (position < C) & (cand >= 0)
-            keep = keep_c.view(El, W, S).transpose(0, 1).reshape(-1)
-            w_recv = torch.where(keep, w_recv, torch.zeros((), dtype=w_recv.dtype, device=x.device))
-            ids_recv = torch.arange(El, dtype=torch.int32, device=x.device).view(1, El, 1).expand(
-                W, El, S).reshape(-1)
-            tpe_group = gathered[:, :E].sum(0)
-            dropped = (tpe_group - C).clamp(min=0).sum().to(torch.int32)
+            dropped = (gathered[:, :E].sum(0) - C).clamp(min=0).sum().to(torch.int32)
         state.top_k, state.assign_to_row, state.row_to_assign = K, assign_to_row, row_to_assign
         state.send_splits, state.recv_splits, state.keep = send_splits, recv_splits, keep
         state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
@@ -330,15 +370,9 @@ class _Dispatch(torch.autograd.Function):
             grad_x_recv = s.x_recv_meta.new_zeros(s.recv_rows, s.x_recv_meta.shape[1])
         if grad_w_recv is None:
             grad_w_recv = s.w_recv_meta.new_zeros(s.recv_rows)
-        if s.keep is not None:
-            grad_x_recv = torch.where(s.keep[:, None], grad_x_recv, 0)
-            grad_w_recv = torch.where(s.keep, grad_w_recv, 0)
-        grad_rows = _all_to_all(grad_x_recv, s.send_splits, s.recv_splits, group)
-        grad_w_rows = _all_to_all(grad_w_recv, s.send_splits, s.recv_splits, group)
-        grad_x = permute.combine_rows(grad_rows, s.assign_to_row, s.top_k, out_dtype=grad_rows.dtype)
-        valid = s.assign_to_row >= 0
-        grad_w = torch.where(valid, grad_w_rows[s.assign_to_row.long().clamp(min=0)], 0)
-        return grad_x, grad_w.view(ctx.num_tokens, s.top_k), None, None, None, None, None, None
+        grad_x, grad_w = _dispatch_grads(grad_x_recv, grad_w_recv, s.keep, s.assign_to_row, s.top_k,
+                                         s.send_splits, s.recv_splits, group)
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -346,15 +380,172 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_recv, group, state: _State, out_dtype):
-        y_rows = _all_to_all(y_recv, state.send_splits, state.recv_splits, group)
         ctx.state, ctx.group = state, group
-        return permute.combine_rows(y_rows, state.assign_to_row, state.top_k, out_dtype=out_dtype)
+        return _combine(y_recv, state.assign_to_row, state.top_k, state.send_splits, state.recv_splits, group,
+                        out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         s = ctx.state
-        grad_rows = permute.gather_rows(grad_out.contiguous(), s.row_to_assign, s.top_k)
-        return _all_to_all(grad_rows, s.recv_splits, s.send_splits, ctx.group), None, None, None
+        return _combine_grad(grad_out, s.row_to_assign, s.top_k, s.send_splits, s.recv_splits, ctx.group), \
+            None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity mode under torch.compile: the same steps as custom ops (fixed shapes, no host sync)
+# ---------------------------------------------------------------------------------------------
+
+
+def _group(name: str):
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+@torch.library.custom_op("flashfusemoe::ep_route", mutates_args=())
+def _ep_route(x: Tensor, router_weight: Tensor, expert_bias: Optional[Tensor], top_k: int,  # noqa: UP045
+              score_func: str, norm_topk_prob: bool, n_group: int, topk_group: int,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    logits, ids, weights = routing.route_forward(x, router_weight, expert_bias, top_k, score_func,
+                                                 norm_topk_prob, n_group or None, topk_group or None, scale)
+    return logits, weights, ids
+
+
+@_ep_route.register_fake
+def _(x, router_weight, expert_bias, top_k, *args):
+    cdt = compute_dtype(x.dtype)
+    N, E = x.shape[0], router_weight.shape[0]
+    return (x.new_empty(N, E, dtype=cdt), x.new_empty(N, top_k, dtype=cdt),
+            x.new_empty(N, top_k, dtype=torch.int32))
+
+
+@torch.library.custom_op("flashfusemoe::ep_route_backward", mutates_args=())
+def _ep_route_backward(x: Tensor, router_weight: Tensor, logits: Tensor, ids: Tensor,
+                       grad_logits: Optional[Tensor], grad_weights: Optional[Tensor],  # noqa: UP045
+                       score_func: str, norm_topk_prob: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return _route_grads(x, router_weight, logits, ids, grad_logits, grad_weights, score_func, norm_topk_prob,
+                        scale)
+
+
+@_ep_route_backward.register_fake
+def _(x, router_weight, *args):
+    return torch.empty_like(x), torch.empty_like(router_weight)
+
+
+def _ep_route_setup(ctx, inputs, output):
+    x, router_weight = inputs[:2]
+    ctx.args = (inputs[4], inputs[5], inputs[8])  # score_func, norm_topk_prob, scale
+    ctx.save_for_backward(x, router_weight, output[0], output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _ep_route_grad(ctx, grad_logits, grad_weights, _):
+    x, router_weight, logits, ids = ctx.saved_tensors
+    grads = _ep_route_backward(x, router_weight, logits, ids, grad_logits, grad_weights, *ctx.args)
+    return (*grads, *([None] * 7))
+
+
+_ep_route.register_autograd(_ep_route_grad, setup_context=_ep_route_setup)
+
+
+@torch.library.custom_op("flashfusemoe::ep_dispatch_capacity", mutates_args=())
+def _ep_dispatch(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, group_name: str, world_size: int,
+                 num_experts: int, capacity: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _capacity_dispatch(x, topk_weights, topk_ids, num_experts, capacity, _group(group_name))
+
+
+@_ep_dispatch.register_fake
+def _(x, topk_weights, topk_ids, group_name, world_size, num_experts, capacity):
+    N, K = topk_ids.shape
+    M = num_experts * min(capacity, N)
+    i32 = torch.int32
+    return (x.new_empty(M, x.shape[1]), topk_weights.new_empty(M), x.new_empty(M, dtype=i32),
+            x.new_empty(M, dtype=torch.bool), x.new_empty(N * K, dtype=i32), x.new_empty(M, dtype=i32),
+            x.new_empty(world_size, num_experts + 1, dtype=torch.int64))
+
+
+@torch.library.custom_op("flashfusemoe::ep_dispatch_capacity_backward", mutates_args=())
+def _ep_dispatch_backward(grad_x_recv: Tensor, grad_w_recv: Tensor, keep: Tensor, assign_to_row: Tensor,
+                          group_name: str, top_k: int) -> tuple[Tensor, Tensor]:
+    return _dispatch_grads(grad_x_recv, grad_w_recv, keep, assign_to_row, top_k, None, None,
+                           _group(group_name))
+
+
+@_ep_dispatch_backward.register_fake
+def _(grad_x_recv, grad_w_recv, keep, assign_to_row, group_name, top_k):
+    N = assign_to_row.shape[0] // top_k
+    return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
+
+
+def _ep_dispatch_setup(ctx, inputs, output):
+    ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
+    ctx.save_for_backward(output[3], output[4], output[0], output[1])
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+
+
+def _ep_dispatch_grad(ctx, grad_x_recv, grad_w_recv, *_):
+    keep, assign_to_row, x_recv, w_recv = ctx.saved_tensors
+    grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
+    grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
+    grads = _ep_dispatch_backward(grad_x_recv, grad_w_recv, keep, assign_to_row, *ctx.args)
+    return (*grads, *([None] * 5))
+
+
+_ep_dispatch.register_autograd(_ep_dispatch_grad, setup_context=_ep_dispatch_setup)
+
+
+@torch.library.custom_op("flashfusemoe::ep_combine_capacity", mutates_args=())
+def _ep_combine(y_recv: Tensor, assign_to_row: Tensor, row_to_assign: Tensor, group_name: str,
+                top_k: int) -> Tensor:
+    return _combine(y_recv, assign_to_row, top_k, None, None, _group(group_name), y_recv.dtype)
+
+
+@_ep_combine.register_fake
+def _(y_recv, assign_to_row, row_to_assign, group_name, top_k):
+    return y_recv.new_empty(assign_to_row.shape[0] // top_k, y_recv.shape[1])
+
+
+@torch.library.custom_op("flashfusemoe::ep_combine_capacity_backward", mutates_args=())
+def _ep_combine_backward(grad_out: Tensor, row_to_assign: Tensor, group_name: str, top_k: int) -> Tensor:
+    return _combine_grad(grad_out, row_to_assign, top_k, None, None, _group(group_name))
+
+
+@_ep_combine_backward.register_fake
+def _(grad_out, row_to_assign, group_name, top_k):
+    return grad_out.new_empty(row_to_assign.shape[0], grad_out.shape[1])
+
+
+def _ep_combine_setup(ctx, inputs, output):
+    ctx.args = (inputs[3], inputs[4])
+    ctx.save_for_backward(inputs[2])
+
+
+def _ep_combine_grad(ctx, grad_out):
+    (row_to_assign,) = ctx.saved_tensors
+    return _ep_combine_backward(grad_out, row_to_assign, *ctx.args), None, None, None, None
+
+
+_ep_combine.register_autograd(_ep_combine_grad, setup_context=_ep_combine_setup)
+
+
+def _ep_traced(x2d, router_weight, w_up, w_down, expert_bias, options: MoEOptions, group, W: int, E: int):
+    """Capacity mode through the custom ops above (what ``torch.compile`` traces)."""
+    N, K = x2d.shape[0], options.top_k
+    C = options.capacity(W * N, E)
+    logits, topk_weights, topk_ids = _ep_route(
+        x2d, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
+        options.n_group or 0, options.topk_group or 0, float(options.routed_scaling_factor))
+    name = group.group_name
+    x_recv, w_recv, ids_recv, _, assign_to_row, row_to_assign, gathered = _ep_dispatch(
+        x2d, topk_weights, topk_ids, name, W, E, C)
+    y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options)
+    out = _ep_combine(y_recv, assign_to_row, row_to_assign, name, K)
+    state = _State()
+    state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
+    state.num_tokens = gathered[:, E].sum()
+    state.dropped = (state.tokens_per_expert - C).clamp(min=0).sum().to(torch.int32)
+    return out, logits, state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +570,22 @@ def _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options: MoEOptions):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.compiler.disable
 def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group):
-    """Validates and runs the expert-parallel MoE. Returns ``(out [..., D], logits [N, E], state)``."""
+    """Validates and runs the expert-parallel MoE. Returns ``(out [..., D], logits [N, E], state)``.
+
+    Under ``torch.compile``, capacity mode is traced (custom ops, no host sync); dropless mode,
+    whose buffer sizes depend on the exchanged counts, runs eagerly (a graph break)."""
+    if not (torch.compiler.is_compiling() and options.capacity_factor is not None):
+        return _ep_eager(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, group=group)
+    x, router_weight, w_up, w_down, x2d, (D, E, F, W) = _prepare(x, router_weight, w_up, w_down, expert_bias,
+                                                              options, group)
+    out, logits, state = _ep_traced(x2d, router_weight.contiguous(), w_up.contiguous(), w_down.contiguous(),
+                                    expert_bias, options, group, W, E)
+    return out.reshape(*x.shape[:-1], D), logits, state
+
+
+def _prepare(x, router_weight, w_up, w_down, expert_bias, options, group):
+    """Validation and autocast; returns the (cast) tensors, ``x2d [N, D]`` and ``(D, E, F, W)``."""
     from flashfusemoe.functional import _autocast_dtype
 
     dtype = _autocast_dtype(x)
@@ -390,9 +594,15 @@ def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, exper
     check_has_data("x", x)
     if dtype is not None:
         x, router_weight, w_up, w_down = (t.to(dtype) for t in (x, router_weight, w_up, w_down))
-    lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, D).contiguous()
     _check_group_agrees(x2d.shape[0], D, E, F, W, options, x2d, group)
+    return x, router_weight, w_up, w_down, x2d, (D, E, F, W)
+
+
+@torch.compiler.disable
+def _ep_eager(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group):
+    x, router_weight, w_up, w_down, x2d, (D, E, F, W) = _prepare(x, router_weight, w_up, w_down, expert_bias,
+                                                              options, group)
     block = []
     logits, topk_weights, topk_ids = _Route.apply(x2d, router_weight.contiguous(), expert_bias, options,
                                                   block)
@@ -402,7 +612,7 @@ def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, exper
                                                group, state)
     y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up.contiguous(), w_down.contiguous(), options)
     out = _Combine.apply(y_recv, group, state, x2d.dtype)
-    return out.reshape(*lead_shape, D), logits, state
+    return out.reshape(*x.shape[:-1], D), logits, state
 
 
 def ep_aux(logits: torch.Tensor, state: _State, score_func: str) -> dict:

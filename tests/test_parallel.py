@@ -144,7 +144,8 @@ def _run_case(rank: int, W: int, case: dict, seed: int, dtype) -> None:
     full = ref.state_dict()
     ep.load_state_dict(parallel.shard_state_dict(full, rank, W))
     x = p["x"][lo:hi].clone().requires_grad_(True)
-    out, aux = ep(x, return_aux=True)
+    call = torch.compile(ep, backend="aot_eager", fullgraph=True) if case.get("compile") else ep
+    out, aux = call(x, return_aux=True)
     _loss(out, aux, p["g"][lo:hi], case).backward()
 
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
@@ -221,6 +222,8 @@ def _cases(W: int, full: bool) -> list:
                          routed_scaling_factor=2.5)),
             dict(name="capacity tight, top1", E=2 * W, K=1, ns=[n] * W, aux=True,
                  kw=dict(capacity_factor=0.5)),
+            dict(name="capacity under torch.compile(fullgraph=True)", E=2 * W, K=2, ns=[n] * W, aux=True,
+                 kw=dict(capacity_factor=0.75), compile=True),
             dict(name="capacity, all to rank 0", E=2 * W, K=2, ns=[n] * W, aux=True,
                  bias=_bias_to_rank(2 * W, W, 0), kw=dict(capacity_factor=1.0)),
             dict(name="all ranks N=0 but one", E=2 * W, K=2, ns=[0] * (W - 1) + [3], aux=True),
@@ -309,8 +312,8 @@ def one_rank_group(device):
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_factor):
-    """W=1: the EP layer is the plain layer (out and every gradient); under torch.compile (the EP
-    call is a graph break) a model around it gives the eager results."""
+    """W=1: the EP layer is the plain layer (out and every gradient), also under torch.compile: traced
+    whole with capacity_factor (fullgraph), a graph break around the dropless EP call."""
     E, K = 4, 2
     kw = dict(capacity_factor=capacity_factor, num_shared_experts=1, device=device)
     plain = flashfusemoe.MoELayer(D, F, E, K, **kw)
@@ -323,7 +326,7 @@ def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_
         model = torch.nn.Sequential(torch.nn.LayerNorm(D, device=device), layer)
         model[0].weight.data.copy_(torch.linspace(0.5, 1.5, D))
         if compiled:
-            model = torch.compile(model, backend="aot_eager")
+            model = torch.compile(model, backend="aot_eager", fullgraph=capacity_factor is not None)
         for p in layer.parameters():
             p.grad = None
         xr = x.clone().requires_grad_(True)
