@@ -647,29 +647,43 @@ def ep_moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=N
 EXPERT_KEYS = ("w_up", "w_down")
 
 
-def shard_state_dict(state_dict: dict, rank: int, world_size: int, *, prefix: str = "") -> dict:
-    """Rank ``rank``'s shard of a full ``MoELayer`` state dict: the expert weights
-    ``{prefix}w_up``/``{prefix}w_down`` sliced to its ``E/W`` experts, everything else as is."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(prefix) and key[len(prefix):] in EXPERT_KEYS:
-            E = value.shape[0]
-            if E % world_size:
-                raise ValueError(f"{key} has {E} experts, not divisible by world_size={world_size}")
-            per = E // world_size
-            value = value[rank * per:(rank + 1) * per].clone()
-        out[key] = value
+def expert_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of the expert weights of every ``MoELayer`` in ``model``."""
+    from flashfusemoe.layer import MoELayer
+
+    return [f"{name}.{k}" if name else k for name, m in model.named_modules() if isinstance(m, MoELayer)
+            for k in EXPERT_KEYS]
+
+
+def shard_state_dict(state_dict: dict, rank: int, world_size: int, *, keys=EXPERT_KEYS) -> dict:
+    """Rank ``rank``'s shard of a full state dict: the expert weights under ``keys`` (default: a
+    bare ``MoELayer``'s; ``expert_keys(model)`` for a model) sliced to the rank's ``E/W`` experts,
+    everything else as is (not copied)."""
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict has no expert weights {missing}")
+    out = dict(state_dict)
+    for key in keys:
+        value = state_dict[key]
+        E = value.shape[0]
+        if E % world_size:
+            raise ValueError(f"{key} has {E} experts, not divisible by world_size={world_size}")
+        per = E // world_size
+        out[key] = value[rank * per:(rank + 1) * per].clone()
     return out
 
 
-def gather_state_dict(state_dict: dict, group, *, prefix: str = "") -> dict:
-    """The full state dict from every rank's shard (collective: every rank calls it and gets it)."""
+def gather_state_dict(state_dict: dict, group, *, keys=EXPERT_KEYS) -> dict:
+    """The full state dict from every rank's shard: the expert weights under ``keys`` gathered over
+    ``group`` in rank order. Collective: every rank calls it and gets the result."""
     W, _ = group_size_and_rank(group)
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(prefix) and key[len(prefix):] in EXPERT_KEYS:
-            parts = [torch.empty_like(value) for _ in range(W)]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts, 0)
-        out[key] = value
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict has no expert weights {missing}")
+    out = dict(state_dict)
+    for key in keys:
+        value = state_dict[key].contiguous()
+        parts = [torch.empty_like(value) for _ in range(W)]
+        dist.all_gather(parts, value, group=group)
+        out[key] = torch.cat(parts, 0)
     return out

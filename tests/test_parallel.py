@@ -289,10 +289,21 @@ def _bad_inputs(rank: int):
         xc, rw, up, down, 2, ep_group=group, capacity_factor=1.0))
 
 
-def test_shard_state_dict_bad_world_size():
+def test_shard_state_dict():
     layer = flashfusemoe.MoELayer(D, F, 4, 1)
     with pytest.raises(ValueError, match="w_up has 4 experts, not divisible by world_size=3"):
         parallel.shard_state_dict(layer.state_dict(), 0, 3)
+    model = torch.nn.ModuleDict({"a": flashfusemoe.MoELayer(D, F, 4, 1), "b": torch.nn.Linear(D, D),
+                                 "c": flashfusemoe.MoELayer(D, F, 6, 1)})
+    keys = parallel.expert_keys(model)
+    assert keys == ["a.w_up", "a.w_down", "c.w_up", "c.w_down"]
+    full = model.state_dict()
+    shard = parallel.shard_state_dict(full, 1, 2, keys=keys)
+    assert torch.equal(shard["a.w_up"], full["a.w_up"][2:])
+    assert torch.equal(shard["c.w_down"], full["c.w_down"][3:])
+    assert shard["b.weight"] is full["b.weight"] and shard.keys() == full.keys()
+    with pytest.raises(ValueError, match=r"state_dict has no expert weights \['w_up', 'w_down'\]"):
+        parallel.shard_state_dict(full, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------
