@@ -253,19 +253,26 @@ def experts_result_specs(num_tokens: int, d_model: int, num_experts: int, top_k:
     )
 
 
-def check_expert_ids(topk_ids: torch.Tensor, num_experts: int, sync: bool = True) -> None:
-    """Every id in ``[0, num_experts)``.
+def check_expert_ids(topk_ids: torch.Tensor, num_experts: int, sync: bool = True,
+                     distinct: bool = False) -> None:
+    """Every id in ``[0, num_experts)`` and, with ``distinct``, no id twice in a row.
 
-    ``sync``: checked on the host (one device sync), raising ``ValueError`` with the first bad
-    id and its position. Otherwise an asynchronous device-side assert (no sync): on CUDA a bad id
-    stops the process with a device-side assertion at the next sync (nothing runs after it); on
-    CPU it raises ``RuntimeError`` at once.
+    ``sync``: checked on the host (one device sync), raising ``ValueError`` naming the first bad
+    entry. Otherwise asynchronous device-side asserts (no sync): on CUDA a bad id stops the
+    process with a device-side assertion at the next sync (nothing runs after it); on CPU it
+    raises ``RuntimeError`` at once.
     """
     if topk_ids.numel() == 0:
         return
     bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    repeated = None
+    if distinct and topk_ids.shape[1] > 1:
+        ordered = topk_ids.sort(dim=1).values
+        repeated = ordered[:, 1:] == ordered[:, :-1]
     if not sync:
         torch._assert_async(~bad.any(), f"topk_ids has an expert id outside [0, {num_experts})")
+        if repeated is not None:
+            torch._assert_async(~repeated.any(), "topk_ids repeats an expert in a row (distinct_ids=True)")
         return
     if bool(bad.any()):
         n, k = (int(i) for i in bad.nonzero()[0])
@@ -273,25 +280,53 @@ def check_expert_ids(topk_ids: torch.Tensor, num_experts: int, sync: bool = True
             f"topk_ids must hold expert ids in [0, num_experts={num_experts}), got "
             f"{int(topk_ids[n, k])} at [{n}, {k}]"
         )
+    if repeated is not None and bool(repeated.any()):
+        n = int(repeated.any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"topk_ids row {n} repeats an expert ({topk_ids[n].tolist()}) but distinct_ids=True promised "
+            "K distinct experts per row; pass distinct_ids=False to allow repeats"
+        )
+
+
+def _block_counts(ids: torch.Tensor, num_experts: int, block_n: int) -> torch.Tensor:
+    """``[cdiv(N, block_n), E]`` int32: assignments of each block of ``block_n`` tokens per expert
+    (what the routing kernel counts for ``layout_and_gather``). ids [N, K] int32, in range."""
+    N, K = ids.shape
+    blocks = -(-N // block_n)
+    token_block = torch.arange(N * K, device=ids.device, dtype=torch.int32) // (K * block_n)
+    flat = (token_block * num_experts + ids.reshape(-1)).long()
+    counts = torch.zeros(blocks * num_experts, device=ids.device, dtype=torch.int32)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.view(blocks, num_experts)
 
 
 def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions, plan: Plan, *,
-                    allow_grow: bool = False,
-                    check_ids: bool = True) -> tuple[ExpertsOutputs, ExpertsResiduals, Plan]:
+                    allow_grow: bool = False, check_ids: bool = True,
+                    distinct_ids: bool = False) -> tuple[ExpertsOutputs, ExpertsResiduals, Plan]:
     """The experts of the fused MoE on routing computed elsewhere.
 
     x [N, D]; topk_ids [N, K] int32/int64 (repeats within a row allowed: each assignment counts);
     topk_weights [N, K] floating; w_up [E, 2F, D]; w_down [E, D, F]; ``options``: activation and
     recompute (top_k is K). ``out[n] = sum_k topk_weights[n, k] * expert_{topk_ids[n, k]}(x[n])``
     with the weights applied in the routing dtype (fp32, fp64 for fp64 x), as ``forward`` does.
-    ``check_ids``: ``check_expert_ids`` with a host sync; else its device-side assert. The padded
-    layout grows or raises as in ``forward``.
+    ``check_ids``: ``check_expert_ids`` with a host sync; else its device-side asserts. The padded
+    layout grows or raises as in ``forward``. ``distinct_ids`` (each row names K distinct experts,
+    as a top-k does; checked like the range): the dropless layout and the row gather take one
+    launch (``layout_and_gather``, on block counts made here) instead of ``expert_layout`` (one
+    program per expert) and ``scatter_rows``. Both layouts are the same.
     """
     N, K = topk_ids.shape
     E = w_up.shape[0]
-    check_expert_ids(topk_ids, E, sync=check_ids)
+    check_expert_ids(topk_ids, E, sync=check_ids, distinct=distinct_ids)
     ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
     weights = topk_weights.to(compute_dtype(x.dtype))
+    if plan.gemm == "grouped" and distinct_ids and N > 0:
+        ids = ids.contiguous()
+        block_n = permute.layout_gather_blocks(N, K, E)
+        x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, _ = permute.layout_and_gather(
+            x, ids, E, _block_counts(ids, E, block_n), block_n)
+        return _experts_mlp(x, x_sorted, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                            tokens_per_expert, options, plan)
     assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
         ids, E, plan.rows_per_expert)
     if plan.gemm == "bmm":
@@ -309,6 +344,14 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
         x_sorted = permute.gather_rows(x, row_to_assign, K)
     else:  # dropless: assign_to_row is a permutation of the rows
         x_sorted = permute.scatter_rows(x, assign_to_row, K)
+    return _experts_mlp(x, x_sorted, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                        tokens_per_expert, options, plan)
+
+
+def _experts_mlp(x, x_sorted, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                 tokens_per_expert, options: MoEOptions, plan: Plan):
+    """Forward steps 3-6 on a laid-out ``x_sorted``; returns ``experts_forward``'s results."""
+    K = weights.shape[1]
     h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
     a = activation.glu_forward(h, options.activation)
     y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)

@@ -20,7 +20,7 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 
 def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu", gemm="auto",
-                recompute=False, check_ids=True):
+                recompute=False, check_ids=True, distinct_ids=False):
     """GLU experts on given routing: ``out[n] = sum_k topk_weights[n, k] * expert_{topk_ids[n, k]}(x[n])``.
 
     x [N, D]; topk_ids [N, K] int32/int64 in [0, E); topk_weights [N, K] floating; w_up [E, 2F, D]
@@ -36,6 +36,9 @@ def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu",
       be in range, e.g. from a top-k over E scores, and for CUDA graphs): an out-of-range id then
       trips a device-side assert instead (fatal on CUDA, a ``RuntimeError`` on CPU). No id is ever
       clipped or dropped.
+    - ``distinct_ids=True`` promises K distinct experts per row (as from a top-k; checked with the
+      range, a repeat raising ``ValueError`` or tripping the device-side assert): the dropless layout
+      and the row gather then take one launch instead of two.
     - ``gemm``: "grouped" (dropless, the default of "auto") or "bmm" (padded layout of twice the
       mean load per expert, grown with one host sync when an expert overflows it; under
       ``torch.compile`` an overflow raises ``CapacityOverflowError``).
@@ -43,7 +46,7 @@ def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu",
     Under torch autocast, x and the expert weights are cast to its dtype.
     """
     options, plan = experts_plan(x, topk_ids, topk_weights, w_up, w_down, activation=activation, gemm=gemm,
-                                 recompute=recompute, check_ids=check_ids)
+                                 recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
     check_has_data("x", x)
     dtype = _autocast_dtype(x)
     if dtype is not None:
@@ -53,10 +56,10 @@ def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu",
     if torch.compiler.is_compiling():
         results = experts_forward_op(x, topk_ids, topk_weights, w_up, w_down, options.activation,
                                      options.recompute, plan.gemm, plan.rows_per_expert, allow_grow,
-                                     check_ids)
+                                     check_ids, distinct_ids)
     else:
         results = _EagerExperts.apply(x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow,
-                                      check_ids)
+                                      check_ids, distinct_ids)
     return results[0]
 
 
@@ -116,7 +119,8 @@ def validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, *, autocast
     return N, D, E, F, K
 
 
-def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, recompute, check_ids):
+def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, recompute, check_ids,
+                 distinct_ids=False):
     """Validates ``moe_experts``' arguments; returns ``(MoEOptions, core.Plan)``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
@@ -124,6 +128,7 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
         raise ValueError(f"gemm={gemm!r} is not one of {EXPERT_GEMMS}")
     check_bool("recompute", recompute)
     check_bool("check_ids", check_ids)
+    check_bool("distinct_ids", distinct_ids)
     autocast = isinstance(x, torch.Tensor) and _autocast_dtype(x) is not None
     N, _, E, _, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
     options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute)
@@ -150,21 +155,21 @@ def _options(activation: str, recompute: bool, top_k: int) -> MoEOptions:
 @torch.library.custom_op("flashfusemoe::experts_forward", mutates_args=())
 def experts_forward_op(
     x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, activation: str,
-    recompute: bool, gemm: str, rows_per_expert: int, allow_grow: bool, check_ids: bool,
+    recompute: bool, gemm: str, rows_per_expert: int, allow_grow: bool, check_ids: bool, distinct_ids: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(*core.ExpertsOutputs, *core.ExpertsResiduals)``."""
     options = _options(activation, recompute, topk_ids.shape[1])
     with _no_autocast(x.device.type):
         outputs, residuals, _ = core.experts_forward(
             x, topk_ids, topk_weights, w_up, w_down, options, core.Plan(gemm, rows_per_expert),
-            allow_grow=allow_grow, check_ids=check_ids,
+            allow_grow=allow_grow, check_ids=check_ids, distinct_ids=distinct_ids,
         )
     return (*outputs, *residuals)
 
 
 @experts_forward_op.register_fake
 def _(x, topk_ids, topk_weights, w_up, w_down, activation, recompute, gemm, rows_per_expert, allow_grow,
-      check_ids):
+      check_ids, distinct_ids):
     N, K = topk_ids.shape
     specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], recompute,
                                       core.Plan(gemm, rows_per_expert))
@@ -206,7 +211,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, *unused):
     grads = experts_backward_op(*ctx.saved_tensors, grad_out, *ctx.option_args)
-    return grads[0], None, *grads[1:], *([None] * 6)
+    return grads[0], None, *grads[1:], *([None] * 7)
 
 
 torch.library.register_autograd("flashfusemoe::experts_forward", _backward, setup_context=_setup_context)
@@ -216,10 +221,12 @@ class _EagerExperts(torch.autograd.Function):
     """The same core without the custom-op dispatch (used outside tracing)."""
 
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow, check_ids):
+    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow, check_ids,
+                distinct_ids):
         with _no_autocast(x.device.type):
-            outputs, residuals, plan = core.experts_forward(x, topk_ids, topk_weights, w_up, w_down, options,
-                                                            plan, allow_grow=allow_grow, check_ids=check_ids)
+            outputs, residuals, plan = core.experts_forward(
+                x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow=allow_grow,
+                check_ids=check_ids, distinct_ids=distinct_ids)
         ctx.options, ctx.plan = options, plan
         ctx.save_for_backward(x, topk_weights, w_up, w_down, *residuals)
         ctx.mark_non_differentiable(outputs.tokens_per_expert)
@@ -233,7 +240,7 @@ class _EagerExperts(torch.autograd.Function):
             grad_x, grad_w, grad_w_up, grad_w_down = core.experts_backward(
                 x, topk_weights, w_up, w_down, core.ExpertsResiduals(*residuals), grad_out, ctx.options,
                 ctx.plan)
-        return grad_x, None, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down, None, None, None, None
+        return grad_x, None, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down, *([None] * 5)
 
 
 __all__ = ["moe_experts", "validate_experts_inputs"]

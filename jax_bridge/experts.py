@@ -34,7 +34,7 @@ _ID_DTYPES = (jnp.int32, jnp.int64)
 
 
 def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu", gemm="auto", recompute=False,
-                check_ids=True):
+                check_ids=True, distinct_ids=False):
     """GLU experts on given routing, as ``flashfusemoe.moe_experts``, on JAX arrays.
 
     x [N, D]; topk_ids [N, K] int32 (int64 with x64 on) in [0, E); topk_weights [N, K] floating;
@@ -46,11 +46,11 @@ def moe_experts(x, topk_ids, topk_weights, w_up, w_down, *, activation="swiglu",
                  ("w_down", w_down))}
     try:
         options, plan = experts_plan(*standins.values(), activation=activation, gemm=gemm,
-                                     recompute=recompute, check_ids=check_ids)
+                                     recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace(", device meta", "").replace("torch.", "")) from None
     args = _align_varying(*(jnp.asarray(a) for a in (x, topk_ids, topk_weights, w_up, w_down)))
-    return _experts(options, plan, check_ids, *args)
+    return _experts(options, plan, (check_ids, distinct_ids), *args)
 
 
 def _standin(name: str, a) -> torch.Tensor:
@@ -64,11 +64,11 @@ def _standin(name: str, a) -> torch.Tensor:
     return torch.empty(a.shape, dtype=dtype, device="meta")
 
 
-def _forward_callback(options, plan, check_ids, ctx, outs, x, topk_ids, topk_weights, w_up, w_down):
+def _forward_callback(options, plan, checks, ctx, outs, x, topk_ids, topk_weights, w_up, w_down):
     with _TorchScope(ctx, x):
         tensors = [_as_torch(b) for b in (x, topk_ids, topk_weights, w_up, w_down)]
         outputs, residuals, _ = core.experts_forward(*tensors, options, plan, allow_grow=False,
-                                                     check_ids=check_ids)
+                                                     check_ids=checks[0], distinct_ids=checks[1])
         _write([_as_torch(b) for b in outs], (*outputs, *residuals))
 
 
@@ -81,12 +81,12 @@ def _backward_callback(options, plan, ctx, outs, x, topk_weights, w_up, w_down, 
         _write([_as_torch(b) for b in outs], (grad_x, grad_w.to(tensors[1].dtype), grad_w_up, grad_w_down))
 
 
-def _forward_call(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_down):
+def _forward_call(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down):
     N, K = topk_ids.shape
     specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], options.recompute, plan)
     dtypes = {"input": x.dtype, "int32": jnp.int32}
     call = buffer_callback(
-        functools.partial(_forward_callback, options, plan, check_ids),
+        functools.partial(_forward_callback, options, plan, checks),
         tuple(jax.ShapeDtypeStruct(shape, dtypes[kind]) for shape, kind in specs),
         vmap_method="sequential",
     )
@@ -96,16 +96,17 @@ def _forward_call(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _experts(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_down):
-    return _forward_call(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_down)[0]
+def _experts(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down):
+    """checks: (check_ids, distinct_ids)."""
+    return _forward_call(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down)[0]
 
 
-def _experts_fwd(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_down):
-    results = _forward_call(options, plan, check_ids, x, topk_ids, topk_weights, w_up, w_down)
+def _experts_fwd(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down):
+    results = _forward_call(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down)
     return results[0], (x, topk_ids, topk_weights, w_up, w_down, results[2:])
 
 
-def _experts_bwd(options, plan, check_ids, saved, grad_out):
+def _experts_bwd(options, plan, checks, saved, grad_out):
     x, topk_ids, topk_weights, w_up, w_down, residuals = saved
     primals = (x, topk_weights, w_up, w_down)
     call = buffer_callback(

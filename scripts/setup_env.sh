@@ -23,6 +23,6 @@ else
   echo "setup: installing CPU torch, triton, jax into $VENV (about 2 minutes)"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -c constraints/cpu.txt -e ".[test,jax,bench]"
+  "$VENV/bin/pip" install -q -c constraints/cpu.txt -e ".[test,jax,bench,hf]"
 fi
 touch "$stamp"

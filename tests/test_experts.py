@@ -1,4 +1,8 @@
-"""``moe_experts``: the fused experts on given routing, against an independent float64 loop."""
+"""``moe_experts``: the fused experts on given routing, against an independent float64 loop.
+
+The tensors live on CUDA when there is a GPU (the reference loop always runs on CPU in float64), else on CPU
+with the real Triton kernels under the interpreter.
+"""
 
 import math
 
@@ -9,6 +13,8 @@ from moe_cases import rel_err
 
 from flashfusemoe import CapacityOverflowError, moe_experts
 from flashfusemoe.experts import experts_forward_op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def experts_reference(x, ids, weights, w_up, w_down, activation="swiglu"):
@@ -27,15 +33,15 @@ def experts_reference(x, ids, weights, w_up, w_down, activation="swiglu"):
 
 
 def problem(N, D, F_, E, K, dtype, ids=None, weights=None):
-    x = torch.randn(N, D, dtype=dtype)
-    w_up = torch.randn(E, 2 * F_, D, dtype=dtype) / math.sqrt(D)
-    w_down = torch.randn(E, D, F_, dtype=dtype) / math.sqrt(F_)
+    x = torch.randn(N, D, dtype=dtype, device=DEVICE)
+    w_up = torch.randn(E, 2 * F_, D, dtype=dtype, device=DEVICE) / math.sqrt(D)
+    w_down = torch.randn(E, D, F_, dtype=dtype, device=DEVICE) / math.sqrt(F_)
     if ids is None:
         rows = [torch.randperm(E)[:K] for _ in range(N)]
         ids = torch.stack(rows) if N else torch.zeros(0, K, dtype=torch.long)
     if weights is None:
-        weights = torch.rand(N, K, dtype=dtype)
-    return x, ids, weights, w_up, w_down
+        weights = torch.rand(N, K, dtype=dtype, device=DEVICE)
+    return x, ids.to(DEVICE), weights, w_up, w_down
 
 
 def grads_of(fn, x, ids, weights, w_up, w_down, grad_out):
@@ -43,7 +49,7 @@ def grads_of(fn, x, ids, weights, w_up, w_down, grad_out):
     out = fn(leaves[0], ids, *leaves[1:])
     grads = [None] * 4
     if out.requires_grad:  # (the reference with no tokens does not depend on its inputs)
-        grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
     return out.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
 
 
@@ -51,7 +57,8 @@ def check_against_reference(x, ids, weights, w_up, w_down, tol, **kw):
     grad_out = torch.randn(x.shape, dtype=torch.float64)
     out, grads = grads_of(lambda *a: moe_experts(*a, **kw), x, ids, weights, w_up, w_down, grad_out)
     activation = kw.get("activation", "swiglu")
-    inputs64 = (t.double() if t.is_floating_point() else t for t in (x, ids, weights, w_up, w_down))
+    inputs64 = (t.cpu().double() if t.is_floating_point() else t.cpu()
+                for t in (x, ids, weights, w_up, w_down))
     ref_out, ref_grads = grads_of(lambda x_, i, w, u, d: experts_reference(x_, i, w, u, d, activation),
                                   *inputs64, grad_out)
     assert out.dtype == x.dtype and out.shape == x.shape
@@ -66,7 +73,7 @@ def check_against_reference(x, ids, weights, w_up, w_down, tol, **kw):
 
 
 def _ids(rows):
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
 
 
 # Routing patterns on E=6 experts: (N, K, ids or None for random distinct ids)
@@ -90,6 +97,38 @@ def test_float64_matches_reference(routing, gemm):
     check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm=gemm)
 
 
+DISTINCT = [r for r in ROUTINGS if r not in ("repeated_ids_in_a_row", "more_slots_than_experts")]
+
+
+@pytest.mark.parametrize("routing", DISTINCT)
+def test_distinct_ids_layout_matches_reference_and_the_general_layout(routing):
+    """distinct_ids=True (one-launch layout and gather) against the loop, and bit-equal to the default."""
+    N, K, ids = ROUTINGS[routing]
+    x, ids, weights, w_up, w_down = problem(N, 16, 8, 6, K, torch.float64, ids=ids)
+    grads = check_against_reference(x, ids, weights, w_up, w_down, 1e-12, distinct_ids=True)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    fast = grads_of(lambda *a: moe_experts(*a, distinct_ids=True), x, ids, weights, w_up, w_down, grad_out)
+    general = grads_of(moe_experts, x, ids, weights, w_up, w_down, grad_out)
+    for f, g in zip((fast[0], *fast[1]), (general[0], *general[1])):
+        assert torch.equal(f, g)
+    assert len(grads) == 4
+
+
+def test_distinct_ids_float32_kernels():
+    x, ids, weights, w_up, w_down = problem(40, 32, 16, 8, 3, torch.float32)
+    check_against_reference(x, ids, weights, w_up, w_down, 2e-5, distinct_ids=True)
+
+
+def test_distinct_ids_refuses_a_repeat():
+    x, ids, weights, w_up, w_down = problem(6, 16, 8, 6, 3, torch.float64)
+    ids[4, 2] = ids[4, 0]
+    with pytest.raises(ValueError, match=r"topk_ids row 4 repeats an expert .* distinct_ids=True"):
+        moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True)
+    if DEVICE == "cpu":  # (on CUDA a device-side assert would end the process's CUDA context)
+        with pytest.raises(RuntimeError, match=r"topk_ids repeats an expert in a row"):
+            moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True, check_ids=False)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
 @pytest.mark.parametrize("routing", ["random", "repeated_ids_in_a_row"])
 def test_float32_kernels_match_reference(routing, activation):
@@ -100,15 +139,15 @@ def test_float32_kernels_match_reference(routing, activation):
 
 def test_repeated_weights_and_int32_ids_and_recompute():
     x, ids, _, w_up, w_down = problem(16, 16, 8, 4, 2, torch.float64)
-    weights = torch.full((16, 2), 0.5, dtype=torch.float64)  # ties everywhere
+    weights = torch.full((16, 2), 0.5, dtype=torch.float64, device=DEVICE)  # ties everywhere
     check_against_reference(x, ids.int(), weights, w_up, w_down, 1e-12, recompute=True)
 
 
 def test_repeated_id_equals_summed_weight():
     x, _, _, w_up, w_down = problem(5, 16, 8, 4, 2, torch.float64)
-    f64 = torch.float64
-    twice = moe_experts(x, _ids([[1, 1]] * 5), torch.tensor([[0.25, 0.5]] * 5, dtype=f64), w_up, w_down)
-    once = moe_experts(x, _ids([[1]] * 5), torch.tensor([[0.75]] * 5, dtype=f64), w_up, w_down)
+    f64 = {"dtype": torch.float64, "device": DEVICE}
+    twice = moe_experts(x, _ids([[1, 1]] * 5), torch.tensor([[0.25, 0.5]] * 5, **f64), w_up, w_down)
+    once = moe_experts(x, _ids([[1]] * 5), torch.tensor([[0.75]] * 5, **f64), w_up, w_down)
     assert rel_err(twice, once) < 1e-14
 
 
@@ -133,7 +172,7 @@ def test_bmm_grows_when_an_expert_overflows_and_raises_in_a_trace():
     x, ids, weights, w_up, w_down = problem(16, 16, 8, 8, 1, torch.float64, ids=_ids([[5]] * 16))
     check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm="bmm")
     with pytest.raises(CapacityOverflowError):
-        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True)
+        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True, False)
 
 
 @pytest.mark.parametrize("bad", [-1, 6, 1 << 40])
@@ -142,6 +181,8 @@ def test_out_of_range_ids_raise(bad):
     ids[2, 1] = bad
     with pytest.raises(ValueError, match=rf"topk_ids .*\[0, num_experts=6\).*got {bad} at \[2, 1\]"):
         moe_experts(x, ids, weights, w_up, w_down)
+    if DEVICE == "cuda":
+        return  # a device-side assert would end the process's CUDA context
     # Without the host check the device-side assert still refuses (RuntimeError on CPU).
     with pytest.raises(RuntimeError, match=r"topk_ids has an expert id outside \[0, 6\)"):
         moe_experts(x, ids, weights, w_up, w_down, check_ids=False)
@@ -165,7 +206,7 @@ def test_out_of_range_ids_raise(bad):
         (lambda a: {**a, "w_up": a["w_up"][:, :15]}, ValueError, "w_up must have an even number"),
         (lambda a: {**a, "w_down": a["w_down"][:, :, :4]}, ValueError, r"w_down must be \[E=6, D=16, F=8\]"),
         (lambda a: {**a, "w_up": a["w_up"].float()}, TypeError, "w_up has dtype torch.float32 but x has"),
-        (lambda a: {**a, "x": a["x"].to("meta")}, ValueError, "topk_ids is on cpu but x is on meta"),
+        (lambda a: {**a, "x": a["x"].to("meta")}, ValueError, r"topk_ids is on \S+ but x is on meta"),
         (lambda a: {k: t.to("meta") for k, t in a.items()}, ValueError, "x is on the meta device"),
     ],
 )
@@ -178,7 +219,8 @@ def test_bad_arguments_name_the_argument(change, error, match):
 
 @pytest.mark.parametrize("kw, match", [({"activation": "gelu"}, "activation='gelu'"),
                                        ({"gemm": "dense"}, "gemm="),
-                                       ({"check_ids": 1}, "check_ids must be a bool")])
+                                       ({"check_ids": 1}, "check_ids must be a bool"),
+                                       ({"distinct_ids": None}, "distinct_ids must be a bool")])
 def test_bad_options(kw, match):
     x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -190,7 +232,7 @@ def test_opcheck(gemm):
     x, ids, weights, w_up, w_down = (t.requires_grad_(t.is_floating_point())
                                      for t in problem(8, 16, 8, 4, 2, torch.float64))
     rows = 8 if gemm == "bmm" else 0
-    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True)
+    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True, gemm == "grouped")
     torch.library.opcheck(experts_forward_op, args)
 
 
@@ -209,3 +251,21 @@ def test_compile_fullgraph_matches_eager():
     assert rel_err(compiled.detach(), eager.detach()) < 1e-12
     for ge, gc in zip(grads_eager, grads_compiled):
         assert rel_err(gc, ge) < 1e-9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["random", "one_expert_takes_all", "repeated_ids_in_a_row"])
+def test_bfloat16_on_gpu(routing):
+    """bf16 on the GPU kernels (torch._grouped_mm): within bf16 rounding of the float64 loop."""
+    N, K, ids = ROUTINGS[routing]
+    x, ids, weights, w_up, w_down = problem(N * 32, 256, 128, 6, K, torch.bfloat16,
+                                            ids=None if ids is None else ids.repeat(32, 1))
+    check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2)
+
+
+def test_autocast_casts_states_and_expert_weights():
+    x, ids, weights, w_up, w_down = problem(12, 16, 8, 4, 2, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = moe_experts(x, ids, weights, w_up, w_down)
+    expected = moe_experts(x.bfloat16(), ids, weights, w_up.bfloat16(), w_down.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)

@@ -68,6 +68,12 @@ def test_bit_identical_to_torch(dtype, weights_dtype, gemm):
     assert_bit_identical(*run_both(x, ids, weights, w_up, w_down, gemm=gemm))
 
 
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+def test_distinct_ids_bit_identical_to_torch(gemm):
+    x, ids, weights, w_up, w_down = problem(12, 16, 8, 4, 2, torch.float32)
+    assert_bit_identical(*run_both(x, ids, weights, w_up, w_down, gemm=gemm, distinct_ids=True))
+
+
 def test_adversarial_routing_and_recompute():
     x, ids, weights, w_up, w_down = problem(9, 16, 8, 6, 3, torch.float32)
     ids[:] = torch.tensor([5, 5, 0], dtype=torch.int32)  # two experts take everything, four are empty
