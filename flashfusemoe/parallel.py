@@ -562,7 +562,7 @@ def _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options: MoEOptions):
 
     return moe_experts(x_recv, ids_recv[:, None], w_recv[:, None], w_up, w_down,
                        activation=options.activation, gemm=options.gemm, recompute=options.recompute,
-                       check_ids=False)
+                       check_ids=False, distinct_ids=True)
 
 
 # ---------------------------------------------------------------------------------------------

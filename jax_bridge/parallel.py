@@ -84,7 +84,7 @@ def ep_fused_moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_
         dropped_of = C
     y_recv = moe_experts(x_recv, id_recv[:, None], w_recv[:, None], w_up, w_down,
                          activation=options.activation, gemm=options.gemm, recompute=options.recompute,
-                         check_ids=False)
+                         check_ids=False, distinct_ids=True)
     y_back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
     acc = jnp.float64 if x2.dtype == jnp.float64 else jnp.float32
     rows = jnp.where(kept[:, None], y_back[jnp.where(kept, slot, 0)].astype(acc), 0)
