@@ -1,5 +1,5 @@
 """The README's expert-parallel examples run: torchrun with 2 gloo ranks, and JAX shard_map on 4 forced
-host devices (each in a subprocess, on the torch path)."""
+host devices (each in a subprocess, on the torch path, on CPU also where there is a GPU)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, **env):
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    full_env = dict(os.environ, PYTHONPATH=path, **env)
+    full_env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", **env)
     full_env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, *args], env=full_env, cwd=ROOT, capture_output=True, text=True,
                             timeout=300)

@@ -23,6 +23,7 @@ def test_ep_shard_map_matches_single_device():
     pytest.importorskip("jax")
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={W}", TRITON_INTERPRET="1",
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
                             cwd=root)
