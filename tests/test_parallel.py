@@ -81,6 +81,8 @@ def _problem(case: dict, W: int, seed: int, dtype):
         "w_down": rnd(E, D, F) / F**0.5,
         "g": rnd(sum(ns), D),
     }
+    if case.get("identical_tokens"):  # every weight ties: capacity keeps the lowest global tokens
+        p["x"] = p["x"][:1].expand_as(p["x"]).clone()
     if case.get("shared"):
         p["shared_w_up"] = rnd(2 * F, D) / D**0.5
         p["shared_w_down"] = rnd(D, F) / F**0.5
@@ -210,6 +212,8 @@ def _cases(W: int, full: bool) -> list:
         dict(name="top2 uneven N", E=2 * W, K=2, ns=[n + r for r in range(W)], aux=True),
         dict(name="capacity", E=2 * W, K=2, ns=[n] * W, aux=True, kw=dict(capacity_factor=0.75)),
         dict(name="rank with N=0", E=2 * W, K=2, ns=[n] * (W - 1) + [0], aux=True),
+        dict(name="capacity, identical tokens (ties across ranks)", E=2 * W, K=2, ns=[n] * W, aux=True,
+             identical_tokens=True, kw=dict(capacity_factor=1.0)),
         dict(name="all tokens to rank 0's experts, rank W-1 receives none", E=2 * W, K=2, ns=[n] * W,
              aux=True, bias=_bias_to_rank(2 * W, W, 0), expect_empty_rank=W - 1),
     ]

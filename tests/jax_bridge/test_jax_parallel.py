@@ -69,9 +69,11 @@ def _main() -> int:
         return jnp.asarray(b)
 
     def functional_case(name, E, K, dtype=jnp.float32, bias=None, expect_empty=None, expect_dropped=False,
-                        **kw):
+                        identical_tokens=False, **kw):
         rng = np.random.default_rng(abs(hash(name)) % (1 << 31))
         x = jnp.asarray(rng.standard_normal((W * N, D)), dtype)
+        if identical_tokens:  # every weight ties: capacity keeps the lowest tokens of the gathered batch
+            x = jnp.broadcast_to(x[:1], x.shape)
         rw = jnp.asarray(rng.standard_normal((E, D)) * 0.7, dtype)
         wu = jnp.asarray(rng.standard_normal((E, 2 * F, D)) / D**0.5, dtype)
         wd = jnp.asarray(rng.standard_normal((E, D, F)) / F**0.5, dtype)
@@ -193,6 +195,8 @@ def _main() -> int:
             np.random.default_rng(3).standard_normal(8) * 0.1, jnp.float32), score_func="sigmoid", n_group=4,
             topk_group=2, routed_scaling_factor=2.5),
         lambda: functional_case("capacity", 8, 2, capacity_factor=0.75, expect_dropped=True),
+        lambda: functional_case("capacity, identical tokens", 8, 2, capacity_factor=1.0, expect_dropped=True,
+                                identical_tokens=True),
         lambda: functional_case("all to device 0, device 3 receives none", 8, 2, bias=bias_to(0, 8),
                                 expect_empty=3),
         lambda: functional_case("capacity, all to device 0, top1", 8, 1, bias=bias_to(0, 8),
