@@ -200,7 +200,8 @@ class _State:
     row_to_assign: torch.Tensor  # [R] int32
     send_splits: list | None  # rows to each rank (None: equal blocks)
     recv_splits: list | None
-    keep: torch.Tensor | None  # [M] bool, capacity mode: received rows the owner keeps
+    comp_to_recv: torch.Tensor | None  # capacity mode: [El*C'] received row of each compact row, -1 none
+    recv_to_comp: torch.Tensor | None  # [M] compact row of each received row, -1: not kept
     tokens_per_expert: torch.Tensor  # [E] int32, the group's
     num_tokens: torch.Tensor  # [] int64, the group's
     dropped: torch.Tensor  # [] int32, the group's
@@ -248,14 +249,20 @@ def _route_grads(x, router_weight, logits, ids, grad_logits, grad_weights, score
 
 
 def _capacity_dispatch(x, topk_weights, topk_ids, E: int, C: int, group):
-    """Capacity mode's fixed-size exchange (see the module docstring). Returns ``x_recv [E*S, D]``,
-    ``w_recv [E*S]`` (0 where not kept), ``ids_recv [E*S]`` int32, ``keep [E*S]`` bool, the send
-    layout's ``assign_to_row [N*K]`` and ``row_to_assign [E*S]`` int32, and every rank's per-expert
-    counts and N, ``gathered [W, E+1]`` int64."""
+    """Capacity mode's fixed-size exchange (see the module docstring).
+
+    Each rank sends ``S = min(C, N)`` slots per expert (``M = E*S`` rows in all, received as
+    ``[W, E/W, S]``); the owner keeps the C best candidates of each local expert and compacts them
+    to ``C' = min(C, W*S)`` rows per expert, so the experts run ``E/W * C'`` rows. Returns
+    ``x_comp [E/W*C', D]``, ``w_comp [E/W*C']`` (0 in unused rows), ``ids_comp [E/W*C']`` int32,
+    ``comp_to_recv [E/W*C']`` and ``recv_to_comp [M]`` (the two directions between compact and
+    received rows, -1 none), the send layout's ``assign_to_row [N*K]`` and ``row_to_assign [M]``
+    int32, and every rank's per-expert counts and N, ``gathered [W, E+1]`` int64."""
     W, _ = group_size_and_rank(group)
     N, K = topk_ids.shape
     El, S = E // W, min(C, N)
-    i64, dev = torch.int64, x.device
+    Cc = min(C, W * S)
+    i32, i64, dev = torch.int32, torch.int64, x.device
     w_flat = topk_weights.reshape(-1)
     keep_local = permute.capacity_keep(topk_ids, topk_weights, E, S)
     assign_to_row, row_to_assign, _, tpe, _ = permute.expert_layout(topk_ids, E, rows_per_expert=S,
@@ -269,26 +276,40 @@ def _capacity_dispatch(x, topk_weights, topk_ids, E: int, C: int, group):
                          torch.full((), -1.0, dtype=w_flat.dtype, device=dev))
     x_recv = _all_to_all(x_rows, None, None, group)
     w_recv = _all_to_all(w_rows, None, None, group)
+    M = x_recv.shape[0]
     # Candidates of local expert j: W sources x S slots, in (source, slot) = global token order.
     cand = w_recv.view(W, El, S).transpose(0, 1).reshape(El, W * S)
     score = torch.where(cand >= 0, cand, torch.full((), float("-inf"), dtype=cand.dtype, device=dev))
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     position = torch.empty_like(order).scatter_(1, order, torch.arange(W * S, device=dev).expand(El, W * S)
                                                 .contiguous())
-    keep = ((position < C) & (cand >= 0)).view(El, W, S).transpose(0, 1).reshape(-1)
-    w_recv = torch.where(keep, w_recv, torch.zeros((), dtype=w_recv.dtype, device=dev))
-    ids_recv = torch.arange(El, dtype=torch.int32, device=dev).view(1, El, 1).expand(W, El, S).reshape(-1)
-    return x_recv, w_recv, ids_recv, keep, assign_to_row, row_to_assign, gathered
+    kept = (position < C) & (cand >= 0)
+    # Received row of candidate (j, c): source c // S, slot c % S. Unkept ones go to a spare entry.
+    c = torch.arange(W * S, device=dev)
+    recv_row = ((c // S) * (El * S) + (c % S)).view(1, -1) + (torch.arange(El, device=dev) * S).view(-1, 1)
+    comp_row = torch.arange(El, device=dev).view(-1, 1) * Cc + position
+    comp_to_recv = torch.full((El * Cc + 1,), -1, dtype=i32, device=dev).scatter_(
+        0, torch.where(kept, comp_row, El * Cc).reshape(-1), recv_row.reshape(-1).to(i32))[:-1]
+    recv_to_comp = torch.full((M + 1,), -1, dtype=i32, device=dev).scatter_(
+        0, torch.where(kept, recv_row, M).reshape(-1),
+        torch.where(kept, comp_row, -1).reshape(-1).to(i32))[:-1]
+    x_comp = permute.gather_rows(x_recv, comp_to_recv, 1)
+    w_comp = torch.where(comp_to_recv >= 0, w_recv[comp_to_recv.long().clamp(min=0)],
+                         torch.zeros((), dtype=w_recv.dtype, device=dev))
+    ids_comp = torch.arange(El, dtype=i32, device=dev).repeat_interleave(Cc)
+    return x_comp, w_comp, ids_comp, comp_to_recv, recv_to_comp, assign_to_row, row_to_assign, gathered
 
 
-def _dispatch_grads(grad_x_recv, grad_w_recv, keep, assign_to_row, top_k: int, send_splits, recv_splits,
-                    group):
-    """Backward of the dispatch: the received rows' gradients back by the reverse all-to-all (both
+def _dispatch_grads(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, top_k: int, send_splits,
+                    recv_splits, group):
+    """Backward of the dispatch: the received rows' gradients (capacity: the compact rows', spread
+    back over the received rows with ``recv_to_comp``) go back by the reverse all-to-all (both
     exchanges run on every rank, in this order), each token summing its K rows.
     Returns ``grad_x [N, D]`` and ``grad_topk_weights [N, K]``."""
-    if keep is not None:
-        grad_x_recv = torch.where(keep[:, None], grad_x_recv, 0)
-        grad_w_recv = torch.where(keep, grad_w_recv, 0)
+    if recv_to_comp is not None:
+        valid = recv_to_comp >= 0
+        grad_w_recv = torch.where(valid, grad_w_recv[recv_to_comp.long().clamp(min=0)], 0)
+        grad_x_recv = permute.combine_rows(grad_x_recv, recv_to_comp, 1, out_dtype=grad_x_recv.dtype)
     grad_rows = _all_to_all(grad_x_recv, send_splits, recv_splits, group)
     grad_w_rows = _all_to_all(grad_w_recv, send_splits, recv_splits, group)
     grad_x = permute.combine_rows(grad_rows, assign_to_row, top_k, out_dtype=grad_rows.dtype)
@@ -296,16 +317,21 @@ def _dispatch_grads(grad_x_recv, grad_w_recv, keep, assign_to_row, top_k: int, s
     return grad_x, grad_w.view(-1, top_k)
 
 
-def _combine(y_recv, assign_to_row, top_k: int, send_splits, recv_splits, group, out_dtype):
-    """The weighted rows back to their tokens: ``y_recv [M, D] -> out [N, D]``."""
+def _combine(y_recv, assign_to_row, top_k: int, send_splits, recv_splits, group, out_dtype,
+             recv_to_comp=None):
+    """The weighted rows back to their tokens: ``y_recv [M, D] -> out [N, D]`` (capacity: the compact
+    rows, placed back as received rows first)."""
+    if recv_to_comp is not None:
+        y_recv = permute.combine_rows(y_recv, recv_to_comp, 1, out_dtype=y_recv.dtype)
     y_rows = _all_to_all(y_recv, send_splits, recv_splits, group)
     return permute.combine_rows(y_rows, assign_to_row, top_k, out_dtype=out_dtype)
 
 
-def _combine_grad(grad_out, row_to_assign, top_k: int, send_splits, recv_splits, group):
-    """Backward of ``_combine``: ``grad_out [N, D] -> grad_y_recv [M, D]``."""
+def _combine_grad(grad_out, row_to_assign, top_k: int, send_splits, recv_splits, group, comp_to_recv=None):
+    """Backward of ``_combine``: ``grad_out [N, D] -> grad_y_recv [M, D]`` (or the compact rows')."""
     grad_rows = permute.gather_rows(grad_out.contiguous(), row_to_assign, top_k)
-    return _all_to_all(grad_rows, recv_splits, send_splits, group)
+    grad_recv = _all_to_all(grad_rows, recv_splits, send_splits, group)
+    return grad_recv if comp_to_recv is None else permute.gather_rows(grad_recv, comp_to_recv, 1)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -342,16 +368,17 @@ class _Dispatch(torch.autograd.Function):
             w_rows = w_flat[row_to_assign.long()]
             x_recv = _all_to_all(x_rows, recv_splits, send_splits, group)
             w_recv = _all_to_all(w_rows, recv_splits, send_splits, group)
-            keep = None
+            comp_to_recv = recv_to_comp = None
             dropped = torch.zeros((), dtype=torch.int32, device=x.device)
         else:
             C = options.capacity(W * N, E)
-            x_recv, w_recv, ids_recv, keep, assign_to_row, row_to_assign, gathered = _capacity_dispatch(
-                x, topk_weights, topk_ids, E, C, group)
+            x_recv, w_recv, ids_recv, comp_to_recv, recv_to_comp, assign_to_row, row_to_assign, gathered = (
+                _capacity_dispatch(x, topk_weights, topk_ids, E, C, group))
             send_splits = recv_splits = None
             dropped = (gathered[:, :E].sum(0) - C).clamp(min=0).sum().to(torch.int32)
         state.top_k, state.assign_to_row, state.row_to_assign = K, assign_to_row, row_to_assign
-        state.send_splits, state.recv_splits, state.keep = send_splits, recv_splits, keep
+        state.send_splits, state.recv_splits = send_splits, recv_splits
+        state.comp_to_recv, state.recv_to_comp = comp_to_recv, recv_to_comp
         state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
         state.num_tokens = gathered[:, E].sum()
         state.dropped = dropped
@@ -370,7 +397,7 @@ class _Dispatch(torch.autograd.Function):
             grad_x_recv = s.x_recv_meta.new_zeros(s.recv_rows, s.x_recv_meta.shape[1])
         if grad_w_recv is None:
             grad_w_recv = s.w_recv_meta.new_zeros(s.recv_rows)
-        grad_x, grad_w = _dispatch_grads(grad_x_recv, grad_w_recv, s.keep, s.assign_to_row, s.top_k,
+        grad_x, grad_w = _dispatch_grads(grad_x_recv, grad_w_recv, s.recv_to_comp, s.assign_to_row, s.top_k,
                                          s.send_splits, s.recv_splits, group)
         return grad_x, grad_w, None, None, None, None, None, None
 
@@ -382,13 +409,13 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_recv, group, state: _State, out_dtype):
         ctx.state, ctx.group = state, group
         return _combine(y_recv, state.assign_to_row, state.top_k, state.send_splits, state.recv_splits, group,
-                        out_dtype)
+                        out_dtype, state.recv_to_comp)
 
     @staticmethod
     def backward(ctx, grad_out):
         s = ctx.state
-        return _combine_grad(grad_out, s.row_to_assign, s.top_k, s.send_splits, s.recv_splits, ctx.group), \
-            None, None, None
+        return _combine_grad(grad_out, s.row_to_assign, s.top_k, s.send_splits, s.recv_splits, ctx.group,
+                             s.comp_to_recv), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,45 +477,46 @@ _ep_route.register_autograd(_ep_route_grad, setup_context=_ep_route_setup)
 @torch.library.custom_op("flashfusemoe::ep_dispatch_capacity", mutates_args=())
 def _ep_dispatch(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, group_name: str, world_size: int,
                  num_experts: int, capacity: int
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _capacity_dispatch(x, topk_weights, topk_ids, num_experts, capacity, _group(group_name))
 
 
 @_ep_dispatch.register_fake
 def _(x, topk_weights, topk_ids, group_name, world_size, num_experts, capacity):
     N, K = topk_ids.shape
-    M = num_experts * min(capacity, N)
+    S = min(capacity, N)
+    M, Mc = num_experts * S, num_experts // world_size * min(capacity, world_size * S)
     i32 = torch.int32
-    return (x.new_empty(M, x.shape[1]), topk_weights.new_empty(M), x.new_empty(M, dtype=i32),
-            x.new_empty(M, dtype=torch.bool), x.new_empty(N * K, dtype=i32), x.new_empty(M, dtype=i32),
-            x.new_empty(world_size, num_experts + 1, dtype=torch.int64))
+    return (x.new_empty(Mc, x.shape[1]), topk_weights.new_empty(Mc), x.new_empty(Mc, dtype=i32),
+            x.new_empty(Mc, dtype=i32), x.new_empty(M, dtype=i32), x.new_empty(N * K, dtype=i32),
+            x.new_empty(M, dtype=i32), x.new_empty(world_size, num_experts + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("flashfusemoe::ep_dispatch_capacity_backward", mutates_args=())
-def _ep_dispatch_backward(grad_x_recv: Tensor, grad_w_recv: Tensor, keep: Tensor, assign_to_row: Tensor,
-                          group_name: str, top_k: int) -> tuple[Tensor, Tensor]:
-    return _dispatch_grads(grad_x_recv, grad_w_recv, keep, assign_to_row, top_k, None, None,
+def _ep_dispatch_backward(grad_x_recv: Tensor, grad_w_recv: Tensor, recv_to_comp: Tensor,
+                          assign_to_row: Tensor, group_name: str, top_k: int) -> tuple[Tensor, Tensor]:
+    return _dispatch_grads(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, top_k, None, None,
                            _group(group_name))
 
 
 @_ep_dispatch_backward.register_fake
-def _(grad_x_recv, grad_w_recv, keep, assign_to_row, group_name, top_k):
+def _(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, group_name, top_k):
     N = assign_to_row.shape[0] // top_k
     return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
 
 
 def _ep_dispatch_setup(ctx, inputs, output):
     ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
-    ctx.save_for_backward(output[3], output[4], output[0], output[1])
+    ctx.save_for_backward(output[4], output[5], output[0], output[1])  # recv_to_comp, assign_to_row
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)
 
 
 def _ep_dispatch_grad(ctx, grad_x_recv, grad_w_recv, *_):
-    keep, assign_to_row, x_recv, w_recv = ctx.saved_tensors
+    recv_to_comp, assign_to_row, x_recv, w_recv = ctx.saved_tensors
     grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
     grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
-    grads = _ep_dispatch_backward(grad_x_recv, grad_w_recv, keep, assign_to_row, *ctx.args)
+    grads = _ep_dispatch_backward(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, *ctx.args)
     return (*grads, *([None] * 5))
 
 
@@ -496,34 +524,35 @@ _ep_dispatch.register_autograd(_ep_dispatch_grad, setup_context=_ep_dispatch_set
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_capacity", mutates_args=())
-def _ep_combine(y_recv: Tensor, assign_to_row: Tensor, row_to_assign: Tensor, group_name: str,
-                top_k: int) -> Tensor:
-    return _combine(y_recv, assign_to_row, top_k, None, None, _group(group_name), y_recv.dtype)
+def _ep_combine(y_comp: Tensor, assign_to_row: Tensor, row_to_assign: Tensor, comp_to_recv: Tensor,
+                recv_to_comp: Tensor, group_name: str, top_k: int) -> Tensor:
+    return _combine(y_comp, assign_to_row, top_k, None, None, _group(group_name), y_comp.dtype, recv_to_comp)
 
 
 @_ep_combine.register_fake
-def _(y_recv, assign_to_row, row_to_assign, group_name, top_k):
-    return y_recv.new_empty(assign_to_row.shape[0] // top_k, y_recv.shape[1])
+def _(y_comp, assign_to_row, row_to_assign, comp_to_recv, recv_to_comp, group_name, top_k):
+    return y_comp.new_empty(assign_to_row.shape[0] // top_k, y_comp.shape[1])
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_capacity_backward", mutates_args=())
-def _ep_combine_backward(grad_out: Tensor, row_to_assign: Tensor, group_name: str, top_k: int) -> Tensor:
-    return _combine_grad(grad_out, row_to_assign, top_k, None, None, _group(group_name))
+def _ep_combine_backward(grad_out: Tensor, row_to_assign: Tensor, comp_to_recv: Tensor, group_name: str,
+                         top_k: int) -> Tensor:
+    return _combine_grad(grad_out, row_to_assign, top_k, None, None, _group(group_name), comp_to_recv)
 
 
 @_ep_combine_backward.register_fake
-def _(grad_out, row_to_assign, group_name, top_k):
-    return grad_out.new_empty(row_to_assign.shape[0], grad_out.shape[1])
+def _(grad_out, row_to_assign, comp_to_recv, group_name, top_k):
+    return grad_out.new_empty(comp_to_recv.shape[0], grad_out.shape[1])
 
 
 def _ep_combine_setup(ctx, inputs, output):
-    ctx.args = (inputs[3], inputs[4])
-    ctx.save_for_backward(inputs[2])
+    ctx.args = (inputs[5], inputs[6])  # group_name, top_k
+    ctx.save_for_backward(inputs[2], inputs[3])  # row_to_assign, comp_to_recv
 
 
 def _ep_combine_grad(ctx, grad_out):
-    (row_to_assign,) = ctx.saved_tensors
-    return _ep_combine_backward(grad_out, row_to_assign, *ctx.args), None, None, None, None
+    row_to_assign, comp_to_recv = ctx.saved_tensors
+    return _ep_combine_backward(grad_out, row_to_assign, comp_to_recv, *ctx.args), *([None] * 6)
 
 
 _ep_combine.register_autograd(_ep_combine_grad, setup_context=_ep_combine_setup)
@@ -537,10 +566,10 @@ def _ep_traced(x2d, router_weight, w_up, w_down, expert_bias, options: MoEOption
         x2d, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
         options.n_group or 0, options.topk_group or 0, float(options.routed_scaling_factor))
     name = group.group_name
-    x_recv, w_recv, ids_recv, _, assign_to_row, row_to_assign, gathered = _ep_dispatch(
-        x2d, topk_weights, topk_ids, name, W, E, C)
-    y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options)
-    out = _ep_combine(y_recv, assign_to_row, row_to_assign, name, K)
+    x_comp, w_comp, ids_comp, comp_to_recv, recv_to_comp, assign_to_row, row_to_assign, gathered = (
+        _ep_dispatch(x2d, topk_weights, topk_ids, name, W, E, C))
+    y_comp = _local_experts(x_comp, ids_comp, w_comp, w_up, w_down, options)
+    out = _ep_combine(y_comp, assign_to_row, row_to_assign, comp_to_recv, recv_to_comp, name, K)
     state = _State()
     state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
     state.num_tokens = gathered[:, E].sum()
