@@ -19,8 +19,12 @@ per call (``.tolist()``: the one host sync; the receive buffer's size depends on
 sends each expert at most ``S = min(C, N)`` rows (``C = capacity(W*N, E)``, the capacity of the
 whole group's batch; its own best-weighted ones), and the owner keeps the ``C`` best of the
 ``W*S`` candidates (weight, then token order over the concatenated batch), the same selection as
-the single-process layer on the concatenated batch. Capacity mode needs every rank to pass the
-same number of tokens N (the buffer sizes derive from it).
+the single-process layer on the concatenated batch. The experts then run on the kept rows only
+(compacted to ``E/W * min(C, W*S)`` rows), but the exchanged buffers hold ``E*S`` rows per rank:
+about ``W * capacity_factor`` times the dropless volume when ``C <= N``, the price of this exact,
+static-shape selection (a per-rank capacity, as GShard's, would send ``capacity_factor * N*K``).
+Capacity mode needs every rank to pass the same number of tokens N (the buffer sizes derive
+from it).
 
 Gradients flow back the same way, by all-to-all in reverse: ``x`` gets its own tokens' gradient,
 ``w_up``/``w_down`` the complete gradient of the local experts (every rank's tokens that reached

@@ -19,7 +19,9 @@ one device can send another), so the experts see ``W * N * min(K, E/W)`` rows of
 ``capacity_factor``: each device sends each expert at most ``S = min(C, N)`` rows, its best
 weighted, ``C = capacity(W*N, E)`` the capacity of the whole axis' batch, and the owner keeps
 the C best of the ``W*S`` candidates (weight, then token order over the gathered batch): the
-single-device layer's selection on the gathered batch.
+single-device layer's selection on the gathered batch. The experts run on the kept rows only
+(``E/W * min(C, W*S)`` rows); the send buffers still hold ``E*S`` rows, the price of exactness
+with static shapes.
 
 Gradients come from JAX's own transposes (``all_to_all`` transposes to ``all_to_all``) and the
 experts' ``custom_vjp``: ``jax.grad`` of the ``shard_map``ped function gives the single-device
@@ -74,17 +76,21 @@ def ep_fused_moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_
     ids = routing.topk_ids.reshape(-1)
     w_flat = routing.topk_weights.reshape(-1)
     token = jnp.arange(N * K) // K
+    recv_to_comp = None
     if options.capacity_factor is None:
         slot, x_recv, w_recv, id_recv = _dispatch_dropless(x2, ids, w_flat, token, W, El, N, K, axis)
         kept = jnp.ones_like(ids, dtype=jnp.bool_)
         dropped_of = None
     else:
         C = options.capacity(W * N, E)
-        slot, kept, x_recv, w_recv, id_recv = _dispatch_capacity(x2, ids, w_flat, token, W, El, N, C, axis)
+        slot, kept, x_recv, w_recv, id_recv, recv_to_comp = _dispatch_capacity(
+            x2, ids, w_flat, token, W, El, N, C, axis)
         dropped_of = C
     y_recv = moe_experts(x_recv, id_recv[:, None], w_recv[:, None], w_up, w_down,
                          activation=options.activation, gemm=options.gemm, recompute=options.recompute,
                          check_ids=False, distinct_ids=True)
+    if recv_to_comp is not None:  # the compact rows back to their received places
+        y_recv = jnp.where((recv_to_comp >= 0)[:, None], y_recv[jnp.maximum(recv_to_comp, 0)], 0)
     y_back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
     acc = jnp.float64 if x2.dtype == jnp.float64 else jnp.float32
     rows = jnp.where(kept[:, None], y_back[jnp.where(kept, slot, 0)].astype(acc), 0)
@@ -113,8 +119,10 @@ def _dispatch_dropless(x2, ids, w_flat, token, W, El, N, K, axis):
 
 def _dispatch_capacity(x2, ids, w_flat, token, W, El, N, C, axis):
     """Send ``S = min(C, N)`` slots per expert (this device's best-weighted assignments, in token
-    order); the owner keeps the C best candidates. Returns each assignment's slot, whether it was
-    sent, and the received rows, weights (0 where not kept) and local expert ids."""
+    order); the owner keeps the C best candidates and compacts them to ``C' = min(C, W*S)`` rows
+    per local expert. Returns each assignment's slot, whether it was sent, the compact rows,
+    weights (0 in unused rows) and local expert ids, and the compact row of each received row
+    (-1: not kept)."""
     E, D = W * El, x2.shape[1]
     S = min(C, N)
     w_sel = jax.lax.stop_gradient(w_flat)
@@ -134,10 +142,15 @@ def _dispatch_capacity(x2, ids, w_flat, token, W, El, N, C, axis):
     cand = jax.lax.stop_gradient(w_recv).reshape(W, El, S).transpose(1, 0, 2).reshape(El, W * S)
     score = jnp.where(cand >= 0, -cand, jnp.inf)
     position = jnp.argsort(jnp.argsort(score, axis=1, stable=True), axis=1, stable=True)
-    keep = ((position < C) & (cand >= 0)).reshape(El, W, S).transpose(1, 0, 2).reshape(-1)
-    w_recv = jnp.where(keep, w_recv, 0)
-    id_recv = jnp.broadcast_to(jnp.arange(El, dtype=jnp.int32)[None, :, None], (W, El, S)).reshape(-1)
-    return slot, sent, x_recv, w_recv, id_recv
+    kept = (position < C) & (cand >= 0)  # [El, W*S]
+    Cc = min(C, W * S)
+    comp_row = jnp.arange(El)[:, None] * Cc + position
+    recv_to_comp = jnp.where(kept, comp_row, -1).reshape(El, W, S).transpose(1, 0, 2).reshape(-1)
+    comp_index = jnp.where(recv_to_comp >= 0, recv_to_comp, El * Cc)  # El*Cc: out of range, dropped
+    x_comp = jnp.zeros((El * Cc, D), x_recv.dtype).at[comp_index].set(x_recv, mode="drop")
+    w_comp = jnp.zeros((El * Cc,), w_recv.dtype).at[comp_index].set(w_recv, mode="drop")
+    id_comp = jnp.repeat(jnp.arange(El, dtype=jnp.int32), Cc)
+    return slot, sent, x_comp, w_comp, id_comp, recv_to_comp.astype(jnp.int32)
 
 
 def _aux(logits, ids, E: int, total: int, capacity, score_func: str, axis: str) -> dict:
