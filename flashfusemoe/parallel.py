@@ -49,11 +49,12 @@ layer rounds once, after the sum.
 The checks that need the other ranks (the same E, expert count, widths and top_k everywhere; the
 same N in capacity mode) run once per configuration, with one extra ``all_gather`` and host sync.
 
-``torch.compile``: with ``capacity_factor`` the whole call is traced (``fullgraph=True`` works):
-routing, dispatch and combine are custom ops with their collectives inside, the experts are
-``moe_experts``' custom op, and every shape is fixed. Dropless mode's receive sizes come from the
-exchanged counts, so its call is excluded from tracing (``torch.compiler.disable``): a compiled
-model runs it eagerly between graph segments. The cross-rank agreement check is eager-only.
+``torch.compile`` traces the whole call (``fullgraph=True`` works): routing, dispatch and combine
+are custom ops with their collectives inside, and the experts are ``moe_experts``' custom op. With
+``capacity_factor`` every shape is fixed; dropless, the received row count is a data-dependent
+size of the dispatch op (the split sizes leave it as a host tensor, so the ops downstream read
+them without another sync). Eagerly, ``autograd.Function``s run the same helpers without the
+custom-op dispatch. The cross-rank agreement check is eager-only.
 """
 
 import zlib
@@ -252,6 +253,32 @@ def _route_grads(x, router_weight, logits, ids, grad_logits, grad_weights, score
     return torch.mm(gl, router_weight), torch.mm(gl.t(), x)
 
 
+def _dropless_dispatch(x, topk_weights, topk_ids, block_counts, block_n: int, E: int, group):
+    """Dropless mode's exchange: the counts first (``all_gather``, read on the host: the one sync),
+    then the rows and weights with those split sizes. Returns ``x_recv [M, D]``, ``w_recv [M]``,
+    ``ids_recv [M]`` int32 (rows ordered by source rank, then local expert), the send layout's
+    ``assign_to_row`` and ``row_to_assign [N*K]`` int32, ``gathered [W, E+1]`` int64 (every rank's
+    per-expert counts and N) and the send and receive split sizes (lists of W ints)."""
+    W, rank = group_size_and_rank(group)
+    N = topk_ids.shape[0]
+    El, i64 = E // W, torch.int64
+    x_rows, assign_to_row, row_to_assign, _, tpe, _ = permute.layout_and_gather(x, topk_ids, E, block_counts,
+                                                                                 block_n)
+    counts = torch.cat([tpe.to(i64), torch.full((1,), N, dtype=i64, device=x.device)])
+    gathered = torch.empty(W, E + 1, dtype=i64, device=x.device)
+    dist.all_gather(list(gathered.unbind(0)), counts, group=group)
+    table = gathered.tolist()  # the one host sync of dropless mode: split sizes
+    send_splits = [sum(table[rank][r * El:(r + 1) * El]) for r in range(W)]
+    recv_splits = [sum(table[s][rank * El:(rank + 1) * El]) for s in range(W)]
+    block = gathered[:, rank * El:(rank + 1) * El].reshape(-1)
+    ids_recv = torch.repeat_interleave(torch.arange(El, dtype=torch.int32, device=x.device).repeat(W), block,
+                                       output_size=sum(recv_splits))
+    w_rows = topk_weights.reshape(-1)[row_to_assign.long()]
+    x_recv = _all_to_all(x_rows, recv_splits, send_splits, group)
+    w_recv = _all_to_all(w_rows, recv_splits, send_splits, group)
+    return x_recv, w_recv, ids_recv, assign_to_row, row_to_assign, gathered, send_splits, recv_splits
+
+
 def _capacity_dispatch(x, topk_weights, topk_ids, E: int, C: int, group):
     """Capacity mode's fixed-size exchange (see the module docstring).
 
@@ -349,29 +376,12 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, topk_ids, block_counts, block_n, options: MoEOptions, group,
                 state: _State):
-        W, rank = group_size_and_rank(group)
+        W, _ = group_size_and_rank(group)
         N, K = topk_ids.shape
         E = state.num_experts
-        El = E // W
-        w_flat = topk_weights.reshape(-1)
-        i64 = torch.int64
         if options.capacity_factor is None:
-            x_rows, assign_to_row, row_to_assign, _, tpe, _ = permute.layout_and_gather(
-                x, topk_ids, E, block_counts, block_n)
-            counts = torch.cat([tpe.to(i64), torch.tensor([N], dtype=i64, device=x.device)])
-            gathered = torch.empty(W, E + 1, dtype=i64, device=x.device)
-            dist.all_gather(list(gathered.unbind(0)), counts, group=group)
-            table = gathered.tolist()  # the one host sync of dropless mode: split sizes
-            mine = table[rank]
-            send_splits = [sum(mine[r * El:(r + 1) * El]) for r in range(W)]
-            recv_splits = [sum(table[s][rank * El:(rank + 1) * El]) for s in range(W)]
-            M = sum(recv_splits)
-            block = gathered[:, rank * El:(rank + 1) * El].reshape(-1)
-            ids_recv = torch.repeat_interleave(
-                torch.arange(El, dtype=torch.int32, device=x.device).repeat(W), block, output_size=M)
-            w_rows = w_flat[row_to_assign.long()]
-            x_recv = _all_to_all(x_rows, recv_splits, send_splits, group)
-            w_recv = _all_to_all(w_rows, recv_splits, send_splits, group)
+            x_recv, w_recv, ids_recv, assign_to_row, row_to_assign, gathered, send_splits, recv_splits = (
+                _dropless_dispatch(x, topk_weights, topk_ids, block_counts, block_n, E, group))
             comp_to_recv = recv_to_comp = None
             dropped = torch.zeros((), dtype=torch.int32, device=x.device)
         else:
@@ -562,19 +572,119 @@ def _ep_combine_grad(ctx, grad_out):
 _ep_combine.register_autograd(_ep_combine_grad, setup_context=_ep_combine_setup)
 
 
+@torch.library.custom_op("flashfusemoe::ep_dispatch_dropless", mutates_args=())
+def _ep_dispatch_dl(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, group_name: str, world_size: int,
+                    num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x_recv, w_recv, ids_recv, assign_to_row, row_to_assign, gathered, send, recv = _dropless_dispatch(
+        x, topk_weights, topk_ids, None, 0, num_experts, _group(group_name))
+    # On the host, so that the ops downstream read the split sizes without a device sync.
+    splits = torch.tensor([send, recv], dtype=torch.int64)
+    return x_recv, w_recv, ids_recv, assign_to_row, row_to_assign, gathered, splits
+
+
+@_ep_dispatch_dl.register_fake
+def _(x, topk_weights, topk_ids, group_name, world_size, num_experts):
+    N, K = topk_ids.shape
+    M = torch.library.get_ctx().new_dynamic_size()
+    i32 = torch.int32
+    return (x.new_empty(M, x.shape[1]), topk_weights.new_empty(M), x.new_empty(M, dtype=i32),
+            x.new_empty(N * K, dtype=i32), x.new_empty(N * K, dtype=i32),
+            x.new_empty(world_size, num_experts + 1, dtype=torch.int64),
+            torch.empty(2, world_size, dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("flashfusemoe::ep_dispatch_dropless_backward", mutates_args=())
+def _ep_dispatch_dl_backward(grad_x_recv: Tensor, grad_w_recv: Tensor, assign_to_row: Tensor, splits: Tensor,
+                             group_name: str, top_k: int) -> tuple[Tensor, Tensor]:
+    send, recv = splits.tolist()
+    return _dispatch_grads(grad_x_recv, grad_w_recv, None, assign_to_row, top_k, send, recv,
+                           _group(group_name))
+
+
+@_ep_dispatch_dl_backward.register_fake
+def _(grad_x_recv, grad_w_recv, assign_to_row, splits, group_name, top_k):
+    N = assign_to_row.shape[0] // top_k
+    return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
+
+
+def _ep_dispatch_dl_setup(ctx, inputs, output):
+    ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
+    ctx.save_for_backward(output[3], output[6], output[0], output[1])  # assign_to_row, splits, x/w_recv
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+
+
+def _ep_dispatch_dl_grad(ctx, grad_x_recv, grad_w_recv, *_):
+    assign_to_row, splits, x_recv, w_recv = ctx.saved_tensors
+    grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
+    grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
+    grads = _ep_dispatch_dl_backward(grad_x_recv, grad_w_recv, assign_to_row, splits, *ctx.args)
+    return (*grads, *([None] * 4))
+
+
+_ep_dispatch_dl.register_autograd(_ep_dispatch_dl_grad, setup_context=_ep_dispatch_dl_setup)
+
+
+@torch.library.custom_op("flashfusemoe::ep_combine_dropless", mutates_args=())
+def _ep_combine_dl(y_recv: Tensor, assign_to_row: Tensor, row_to_assign: Tensor, splits: Tensor,
+                   group_name: str, top_k: int) -> Tensor:
+    send, recv = splits.tolist()
+    return _combine(y_recv, assign_to_row, top_k, send, recv, _group(group_name), y_recv.dtype)
+
+
+@_ep_combine_dl.register_fake
+def _(y_recv, assign_to_row, row_to_assign, splits, group_name, top_k):
+    return y_recv.new_empty(assign_to_row.shape[0] // top_k, y_recv.shape[1])
+
+
+@torch.library.custom_op("flashfusemoe::ep_combine_dropless_backward", mutates_args=())
+def _ep_combine_dl_backward(grad_out: Tensor, row_to_assign: Tensor, splits: Tensor, y_recv_rows: Tensor,
+                            group_name: str, top_k: int) -> Tensor:
+    send, recv = splits.tolist()
+    return _combine_grad(grad_out, row_to_assign, top_k, send, recv, _group(group_name))
+
+
+@_ep_combine_dl_backward.register_fake
+def _(grad_out, row_to_assign, splits, y_recv_rows, group_name, top_k):
+    return grad_out.new_empty(y_recv_rows.shape[0], grad_out.shape[1])
+
+
+def _ep_combine_dl_setup(ctx, inputs, output):
+    ctx.args = (inputs[4], inputs[5])  # group_name, top_k
+    # A [M, 0] view carries the received row count M (unbacked under tracing) to the backward.
+    ctx.save_for_backward(inputs[2], inputs[3], inputs[0][:, :0])
+
+
+def _ep_combine_dl_grad(ctx, grad_out):
+    row_to_assign, splits, rows = ctx.saved_tensors
+    return _ep_combine_dl_backward(grad_out, row_to_assign, splits, rows, *ctx.args), *([None] * 5)
+
+
+_ep_combine_dl.register_autograd(_ep_combine_dl_grad, setup_context=_ep_combine_dl_setup)
+
+
 def _ep_traced(x2d, router_weight, w_up, w_down, expert_bias, options: MoEOptions, group, W: int, E: int):
-    """Capacity mode through the custom ops above (what ``torch.compile`` traces)."""
+    """The EP call through the custom ops above (what ``torch.compile`` traces)."""
     N, K = x2d.shape[0], options.top_k
-    C = options.capacity(W * N, E)
     logits, topk_weights, topk_ids = _ep_route(
         x2d, router_weight, expert_bias, K, options.score_func, options.norm_topk_prob,
         options.n_group or 0, options.topk_group or 0, float(options.routed_scaling_factor))
     name = group.group_name
+    state = _State()
+    if options.capacity_factor is None:
+        x_recv, w_recv, ids_recv, assign_to_row, row_to_assign, gathered, splits = _ep_dispatch_dl(
+            x2d, topk_weights, topk_ids, name, W, E)
+        y_recv = _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options)
+        out = _ep_combine_dl(y_recv, assign_to_row, row_to_assign, splits, name, K)
+        state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
+        state.num_tokens = gathered[:, E].sum()
+        state.dropped = torch.zeros((), dtype=torch.int32, device=x2d.device)
+        return out, logits, state
+    C = options.capacity(W * N, E)
     x_comp, w_comp, ids_comp, comp_to_recv, recv_to_comp, assign_to_row, row_to_assign, gathered = (
         _ep_dispatch(x2d, topk_weights, topk_ids, name, W, E, C))
     y_comp = _local_experts(x_comp, ids_comp, w_comp, w_up, w_down, options)
     out = _ep_combine(y_comp, assign_to_row, row_to_assign, comp_to_recv, recv_to_comp, name, K)
-    state = _State()
     state.tokens_per_expert = gathered[:, :E].sum(0).to(torch.int32)
     state.num_tokens = gathered[:, E].sum()
     state.dropped = (state.tokens_per_expert - C).clamp(min=0).sum().to(torch.int32)
@@ -604,11 +714,9 @@ def _local_experts(x_recv, ids_recv, w_recv, w_up, w_down, options: MoEOptions):
 
 
 def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group):
-    """Validates and runs the expert-parallel MoE. Returns ``(out [..., D], logits [N, E], state)``.
-
-    Under ``torch.compile``, capacity mode is traced (custom ops, no host sync); dropless mode,
-    whose buffer sizes depend on the exchanged counts, runs eagerly (a graph break)."""
-    if not (torch.compiler.is_compiling() and options.capacity_factor is not None):
+    """Validates and runs the expert-parallel MoE. Returns ``(out [..., D], logits [N, E], state)``:
+    the custom ops when traced by ``torch.compile``, else the ``autograd.Function``s."""
+    if not torch.compiler.is_compiling():
         return _ep_eager(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, group=group)
     x, router_weight, w_up, w_down, x2d, (D, E, F, W) = _prepare(x, router_weight, w_up, w_down, expert_bias,
                                                               options, group)
@@ -632,7 +740,6 @@ def _prepare(x, router_weight, w_up, w_down, expert_bias, options, group):
     return x, router_weight, w_up, w_down, x2d, (D, E, F, W)
 
 
-@torch.compiler.disable
 def _ep_eager(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, group):
     x, router_weight, w_up, w_down, x2d, (D, E, F, W) = _prepare(x, router_weight, w_up, w_down, expert_bias,
                                                               options, group)

@@ -228,6 +228,8 @@ def _cases(W: int, full: bool) -> list:
                  kw=dict(capacity_factor=0.5)),
             dict(name="capacity under torch.compile(fullgraph=True)", E=2 * W, K=2, ns=[n] * W, aux=True,
                  kw=dict(capacity_factor=0.75), compile=True),
+            dict(name="dropless under torch.compile(fullgraph=True), uneven N", E=2 * W, K=2,
+                 ns=[n + 2 * r for r in range(W)], aux=True, compile=True),
             dict(name="capacity, all to rank 0", E=2 * W, K=2, ns=[n] * W, aux=True,
                  bias=_bias_to_rank(2 * W, W, 0), kw=dict(capacity_factor=1.0)),
             dict(name="all ranks N=0 but one", E=2 * W, K=2, ns=[0] * (W - 1) + [3], aux=True),
@@ -328,9 +330,9 @@ def one_rank_group(device):
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_factor, dtype):
-    """W=1: the EP layer is the plain layer (out and every gradient), also under torch.compile: traced
-    whole with capacity_factor (fullgraph), a graph break around the dropless EP call. bfloat16 (GPU:
-    the interpreter's 16-bit dots are unreliable): each expert row is rounded before the K-sum."""
+    """W=1: the EP layer is the plain layer (out and every gradient), also under
+    torch.compile(fullgraph=True). bfloat16 (GPU: the interpreter's 16-bit dots are unreliable):
+    each expert row is rounded before the K-sum."""
     E, K = 4, 2
     kw = dict(capacity_factor=capacity_factor, num_shared_experts=1, device=device, dtype=dtype)
     plain = flashfusemoe.MoELayer(D, F, E, K, **kw)
@@ -344,7 +346,7 @@ def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_
         model = torch.nn.Sequential(torch.nn.LayerNorm(D, device=device, dtype=dtype), layer)
         model[0].weight.data.copy_(torch.linspace(0.5, 1.5, D))
         if compiled:
-            model = torch.compile(model, backend="aot_eager", fullgraph=capacity_factor is not None)
+            model = torch.compile(model, backend="aot_eager", fullgraph=True)
         for p in layer.parameters():
             p.grad = None
         xr = x.clone().requires_grad_(True)
