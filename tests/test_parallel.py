@@ -346,7 +346,8 @@ def test_ep_one_rank_equals_layer_and_compiles(one_rank_group, device, capacity_
         model = torch.nn.Sequential(torch.nn.LayerNorm(D, device=device, dtype=dtype), layer)
         model[0].weight.data.copy_(torch.linspace(0.5, 1.5, D))
         if compiled:
-            model = torch.compile(model, backend="aot_eager", fullgraph=True)
+            backend = "inductor" if device == "cuda" else "aot_eager"
+            model = torch.compile(model, backend=backend, fullgraph=True)
         for p in layer.parameters():
             p.grad = None
         xr = x.clone().requires_grad_(True)
