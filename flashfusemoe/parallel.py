@@ -398,7 +398,7 @@ class _Dispatch(torch.autograd.Function):
         state.dropped = dropped
         state.recv_rows = x_recv.shape[0]
         state.x_recv_meta, state.w_recv_meta = x_recv.new_empty(0, x.shape[1]), w_recv.new_empty(0)
-        ctx.state, ctx.group, ctx.num_tokens = state, group, N
+        ctx.state, ctx.group = state, group
         ctx.mark_non_differentiable(ids_recv)
         ctx.set_materialize_grads(False)
         return x_recv, w_recv, ids_recv
@@ -433,7 +433,7 @@ class _Combine(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# Capacity mode under torch.compile: the same steps as custom ops (fixed shapes, no host sync)
+# torch.compile: the same steps as custom ops (collectives inside, the eager path's helpers)
 # ---------------------------------------------------------------------------------------------
 
 
