@@ -229,10 +229,12 @@ class LayerConfig:
             return 0
         return self.shared_ffn_dim or self.ffn_dim * self.num_shared_experts
 
-    def param_specs(self) -> dict[str, tuple[tuple[int, ...], int]]:
-        """``{name: (shape, fan_in)}`` of the trainable parameters this config has."""
+    def param_specs(self, num_local_experts: int | None = None) -> dict[str, tuple[tuple[int, ...], int]]:
+        """``{name: (shape, fan_in)}`` of the trainable parameters this config has (with
+        ``num_local_experts``: w_up/w_down of that many experts, a device's share under ``ep_axis``)."""
         D, F, E, Fs = self.d_model, self.ffn_dim, self.num_experts, self.resolved_shared_ffn_dim
-        specs = {"router_weight": ((E, D), D), "w_up": ((E, 2 * F, D), D), "w_down": ((E, D, F), F)}
+        El = E if num_local_experts is None else num_local_experts
+        specs = {"router_weight": ((E, D), D), "w_up": ((El, 2 * F, D), D), "w_down": ((El, D, F), F)}
         if Fs:
             specs["shared_w_up"] = ((2 * Fs, D), D)
             specs["shared_w_down"] = ((D, Fs), Fs)

@@ -26,7 +26,8 @@ from flashfusemoe.kernels import permute, routing
 
 @signature_with_options
 def fused_moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              top_k: int, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False, **options: Any
+              top_k: int, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False,
+              ep_group: Any = None, **options: Any
               ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Top-k routed GLU mixture of experts, fused.
 
@@ -34,15 +35,17 @@ def fused_moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, 
     expert_bias [E] fp32 (selection only). ``top_k`` and ``options``: ``MoEOptions``' fields.
     Returns ``out`` shaped like x, or ``(out, aux)`` with
     ``aux = {load_balance_loss, z_loss, tokens_per_expert [E], dropped_tokens []}``.
-    Routing semantics: ``docs/design.md``.
+    Routing semantics: ``docs/design.md``. ``ep_group``: a ``torch.distributed`` process group for
+    expert parallelism; w_up/w_down then hold this rank's E/W experts (``flashfusemoe.parallel``).
     """
     options = make_options(top_k, options, "fused_moe")
-    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
+    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux,
+               ep_group=ep_group)
 
 
 def moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-        options: MoEOptions, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False
-        ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        options: MoEOptions, *, expert_bias: torch.Tensor | None = None, return_aux: bool = False,
+        ep_group: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``fused_moe`` with the options already in a ``MoEOptions``.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
@@ -52,9 +55,15 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down
     Raises TypeError/ValueError naming the argument for bad tensors or options (wrong shapes,
     dtypes, devices; ``options.top_k`` > E); ``CapacityOverflowError`` with ``gemm="bmm"`` under
     ``torch.compile`` when an expert gets more than ``max_tokens_per_expert`` tokens (eager mode
-    grows the layout instead).
+    grows the layout instead). ``ep_group``: a ``torch.distributed`` process group for expert
+    parallelism; w_up/w_down then hold this rank's E/W experts (``flashfusemoe.parallel``).
     """
     check_bool("return_aux", return_aux)
+    if ep_group is not None:
+        from flashfusemoe import parallel
+
+        return parallel.ep_moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias,
+                               group=ep_group, return_aux=return_aux)
     out, outputs = moe_outputs(x, router_weight, w_up, w_down, options, expert_bias=expert_bias)
     return (out, make_aux(outputs, options)) if return_aux else out
 

@@ -50,13 +50,19 @@ class MoELayer(nn.Module):
     gives the last call's ``tokens_per_expert [E]``, ``load_cv`` and ``dropped_tokens`` as device
     tensors; with ``accumulate_routing_stats = True`` the buffers ``accumulated_loads`` and
     ``accumulated_dropped`` keep running sums. Neither syncs with the host.
+
+    ``ep_group``: a ``torch.distributed`` process group of size W for expert parallelism. The
+    layer then holds only this rank's experts (``w_up [E/W, 2F, D]``, ``w_down [E/W, D, F]``, rank
+    r owning experts ``r*E/W .. (r+1)*E/W - 1``; its ``state_dict`` is that shard), takes this
+    rank's tokens, and its aux and routing stats describe the whole group's batch
+    (``flashfusemoe.parallel``).
     """
 
     def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
                  use_expert_bias: bool = False, num_shared_experts: int = 0,
                  shared_ffn_dim: int | None = None, shared_expert_gate: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **options: Any) -> None:
+                 ep_group: Any = None, **options: Any) -> None:
         super().__init__()
         self.config = LayerConfig.from_kwargs(
             d_model, ffn_dim, num_experts, top_k, "MoELayer", use_expert_bias=use_expert_bias,
@@ -66,10 +72,15 @@ class MoELayer(nn.Module):
             raise TypeError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
         self.options = self.config.options
         self.d_model, self.ffn_dim, self.num_experts = d_model, ffn_dim, num_experts
+        self.ep_group, num_local = ep_group, num_experts
+        if ep_group is not None:
+            from flashfusemoe.parallel import local_experts
+
+            _, num_local = local_experts(num_experts, ep_group)
         kw = {"device": device, "dtype": dtype}
         self.router_weight = nn.Parameter(torch.empty(num_experts, d_model, **kw))
-        self.w_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, d_model, **kw))
-        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, ffn_dim, **kw))
+        self.w_up = nn.Parameter(torch.empty(num_local, 2 * ffn_dim, d_model, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_local, d_model, ffn_dim, **kw))
         if use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:
@@ -103,10 +114,17 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         check_bool("return_aux", return_aux)
+        if self.ep_group is not None:
+            return self._forward_ep(x, return_aux)
         out, outputs = moe_outputs(x, self.router_weight, self.w_up, self.w_down, self.options,
                                    expert_bias=self.expert_bias)
         self._last_loads = outputs.tokens_per_expert.detach()
         self._last_dropped = outputs.dropped_tokens.detach()
+        out = self._finish(x, out)
+        return (out, make_aux(outputs, self.options)) if return_aux else out
+
+    def _finish(self, x, out):
+        """Accumulates the routing stats and adds the shared expert."""
         if self.accumulate_routing_stats:
             self.accumulated_loads += self._last_loads
             self.accumulated_dropped += self._last_dropped
@@ -115,7 +133,17 @@ class MoELayer(nn.Module):
             if self.shared_gate_weight is not None:
                 shared = shared * torch.sigmoid(F.linear(x, self.shared_gate_weight))
             out = out + shared
-        return (out, make_aux(outputs, self.options)) if return_aux else out
+        return out
+
+    def _forward_ep(self, x, return_aux: bool):
+        from flashfusemoe import parallel
+
+        out, logits, state = parallel.ep_moe_outputs(x, self.router_weight, self.w_up, self.w_down,
+                                                     self.options, expert_bias=self.expert_bias,
+                                                     group=self.ep_group)
+        self._last_loads, self._last_dropped = state.tokens_per_expert, state.dropped
+        out = self._finish(x, out)
+        return (out, parallel.ep_aux(logits, state, self.options.score_func)) if return_aux else out
 
     @property
     def last_routing_stats(self) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 ``fused_moe`` takes the arguments of ``flashfusemoe.fused_moe`` on JAX arrays, ``moe_experts``
 those of ``flashfusemoe.moe_experts``. Submodules:
 ``jax_bridge.reference`` (pure-JAX ground truth), ``jax_bridge.nnx`` and ``jax_bridge.linen``
-(Flax modules), ``jax_bridge.compare`` (cross-framework comparison).
+(Flax modules), ``jax_bridge.compare`` (cross-framework comparison), ``jax_bridge.parallel``
+(expert parallelism inside ``shard_map``: ``fused_moe(..., ep_axis=...)``).
 """
 
 INSTALL_HINT = 'pip install "flashfusemoe[jax]"'

@@ -117,8 +117,19 @@ def glu_mlp(x: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str) -
     return jnp.matmul(_activation(gate, activation) * up, w_down.T, precision=_HI)
 
 
-def _check_params(params: Mapping, config: LayerConfig) -> None:
-    expected = dict(config.param_specs())
+def local_experts(config: LayerConfig, ep_axis) -> int | None:
+    """The experts each device of ``ep_axis`` holds (None without ``ep_axis``); call inside ``shard_map``."""
+    if ep_axis is None:
+        return None
+    W = jax.lax.axis_size(ep_axis)
+    if config.num_experts % W:
+        raise ValueError(f"num_experts={config.num_experts} must be divisible by the size W={W} of "
+                         f"ep_axis={ep_axis!r}")
+    return config.num_experts // W
+
+
+def _check_params(params: Mapping, config: LayerConfig, num_local_experts: int | None = None) -> None:
+    expected = dict(config.param_specs(num_local_experts))
     if config.use_expert_bias:
         expected["expert_bias"] = ((config.num_experts,), None)
     missing = sorted(set(expected) - set(params))
@@ -131,13 +142,15 @@ def _check_params(params: Mapping, config: LayerConfig) -> None:
 
 
 def apply_layer(params: Mapping, x: jax.Array, config: LayerConfig, *, dtype: DTypeLike | None = None,
-                return_aux: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                return_aux: bool = False, ep_axis: str | None = None
+                ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """The ``MoELayer`` forward on JAX arrays: ``x [..., D] -> out [..., D]`` (or ``(out, aux)``).
 
     ``params`` maps the torch names to arrays. Everything but ``expert_bias`` (fp32) is cast to
-    the compute ``dtype``: given, or the promoted dtype of ``x`` and the parameters.
+    the compute ``dtype``: given, or the promoted dtype of ``x`` and the parameters. ``ep_axis``:
+    expert parallelism inside ``shard_map`` (w_up/w_down hold this device's E/W experts).
     """
-    _check_params(params, config)
+    _check_params(params, config, local_experts(config, ep_axis))
     weights = {k: jnp.asarray(v) for k, v in params.items() if k != "expert_bias"}
     if dtype is None:
         dtype = jnp.result_type(jnp.asarray(x).dtype, *(w.dtype for w in weights.values()))
@@ -147,7 +160,7 @@ def apply_layer(params: Mapping, x: jax.Array, config: LayerConfig, *, dtype: DT
     if expert_bias is not None:
         expert_bias = jax.lax.stop_gradient(jnp.asarray(expert_bias, jnp.float32))
     result = moe(x, w["router_weight"], w["w_up"], w["w_down"], config.options, expert_bias=expert_bias,
-                 return_aux=return_aux)
+                 return_aux=return_aux, ep_axis=ep_axis)
     out, aux = result if return_aux else (result, None)
     if config.num_shared_experts:
         shared = glu_mlp(x, w["shared_w_up"], w["shared_w_down"], config.options.activation)

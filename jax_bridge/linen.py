@@ -17,7 +17,7 @@ except ModuleNotFoundError as e:
         raise
     raise missing_extra(e) from e
 
-from jax_bridge.convert import LINEN_BUFFERS, apply_layer, check_float_dtype, uniform_init
+from jax_bridge.convert import LINEN_BUFFERS, apply_layer, check_float_dtype, local_experts, uniform_init
 
 __all__ = ["FusedMoE"]
 
@@ -34,7 +34,9 @@ class FusedMoE(nn.Module):
     ``expert_bias [E]`` in the non-trainable ``"buffers"`` collection.
 
     ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
-    ``flashfusemoe.fused_moe``'s.
+    ``flashfusemoe.fused_moe``'s. ``ep_axis``: expert parallelism inside ``shard_map`` over that
+    mesh axis (size W); ``w_up``/``w_down`` are then this device's ``[E/W, ...]`` shards
+    (``jax_bridge.parallel``).
     """
 
     d_model: int
@@ -49,6 +51,7 @@ class FusedMoE(nn.Module):
     del _name, _annotation, _default
     param_dtype: Any = jnp.float32
     dtype: Any = None
+    ep_axis: str | None = None
 
     @property
     def config(self) -> LayerConfig:
@@ -64,9 +67,9 @@ class FusedMoE(nn.Module):
         check_float_dtype("dtype", self.dtype, allow_none=True)
         params = {
             name: self.param(name, uniform_init(fan_in), shape, self.param_dtype)
-            for name, (shape, fan_in) in config.param_specs().items()
+            for name, (shape, fan_in) in config.param_specs(local_experts(config, self.ep_axis)).items()
         }
         if config.use_expert_bias:
             bias = self.variable(LINEN_BUFFERS, "expert_bias", jnp.zeros, (self.num_experts,), jnp.float32)
             params["expert_bias"] = bias.value
-        return apply_layer(params, x, config, dtype=self.dtype, return_aux=return_aux)
+        return apply_layer(params, x, config, dtype=self.dtype, return_aux=return_aux, ep_axis=self.ep_axis)

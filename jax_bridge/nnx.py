@@ -47,21 +47,24 @@ class FusedMoE(nnx.Module):
     ``expert_bias``, an fp32 ``ExpertBias [E]`` of zeros (not trained; update it yourself).
 
     ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
-    ``flashfusemoe.fused_moe``'s.
+    ``flashfusemoe.fused_moe``'s. ``ep_axis``: expert parallelism inside ``shard_map`` over that
+    mesh axis (size W). The module is built with all E experts; shard its state into the
+    ``shard_map`` with ``w_up``/``w_down`` split over ``ep_axis`` (``P(ep_axis)``) and the rest
+    replicated, so the call sees this device's ``[E/W, ...]`` shards (``jax_bridge.parallel``).
     """
 
     def __init__(self, d_model: int, ffn_dim: int, num_experts: int, top_k: int, *,
                  use_expert_bias: bool = False, num_shared_experts: int = 0,
                  shared_ffn_dim: int | None = None, shared_expert_gate: bool = False,
-                 param_dtype: DTypeLike = jnp.float32, dtype: DTypeLike | None = None, rngs: nnx.Rngs,
-                 **options: Any):
+                 param_dtype: DTypeLike = jnp.float32, dtype: DTypeLike | None = None,
+                 ep_axis: str | None = None, rngs: nnx.Rngs, **options: Any):
         self.config = LayerConfig.from_kwargs(
             d_model, ffn_dim, num_experts, top_k, "FusedMoE", use_expert_bias=use_expert_bias,
             num_shared_experts=num_shared_experts, shared_ffn_dim=shared_ffn_dim,
             shared_expert_gate=shared_expert_gate, **options)
         check_float_dtype("param_dtype", param_dtype)
         check_float_dtype("dtype", dtype, allow_none=True)
-        self.param_dtype, self.dtype = param_dtype, dtype
+        self.param_dtype, self.dtype, self.ep_axis = param_dtype, dtype, ep_axis
         params = init_params(rngs.params(), self.config, param_dtype)
         for name in ("router_weight", "w_up", "w_down", "shared_w_up", "shared_w_down", "shared_gate_weight"):
             setattr(self, name, nnx.Param(params[name]) if name in params else None)
@@ -104,4 +107,5 @@ class FusedMoE(nnx.Module):
 
     def __call__(self, x: jax.Array, return_aux: bool = False
                  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux)
+        return apply_layer(self.params_dict(), x, self.config, dtype=self.dtype, return_aux=return_aux,
+                           ep_axis=self.ep_axis)

@@ -45,23 +45,31 @@ _PREALLOCATION_CHECKED = False
 
 @signature_with_options
 def fused_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_down: jax.Array, top_k: int, *,
-              expert_bias: jax.Array | None = None, return_aux: bool = False, **options: Any
-              ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+              expert_bias: jax.Array | None = None, return_aux: bool = False, ep_axis: str | None = None,
+              **options: Any) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Top-k routed GLU mixture of experts on JAX arrays, same layouts as ``flashfusemoe.fused_moe``.
 
     x [..., D]; router_weight [E, D]; w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F];
     expert_bias [E] float32/float64 (selection only, zero gradient); ``top_k`` and ``options``:
     ``MoEOptions``' fields. Returns ``out`` shaped like x, or ``(out, aux)`` with
     ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32, dropped_tokens [] int32}``;
-    the losses are differentiable.
+    the losses are differentiable. ``ep_axis``: inside ``shard_map``, the mesh axis of expert
+    parallelism; w_up/w_down then hold this device's E/W experts (``jax_bridge.parallel``).
     """
     options = make_options(top_k, options, "fused_moe")
-    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux)
+    return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux,
+               ep_axis=ep_axis)
 
 
-def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False):
+def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None, return_aux=False,
+        ep_axis=None):
     """``fused_moe`` with the options already in a ``MoEOptions``."""
     check_bool("return_aux", return_aux)
+    if ep_axis is not None:
+        from jax_bridge.parallel import ep_fused_moe
+
+        return ep_fused_moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, axis=ep_axis,
+                            return_aux=return_aux)
     x, router_weight, w_up, w_down, expert_bias, plan = _validate_and_plan(
         x, router_weight, w_up, w_down, expert_bias, options
     )

@@ -16,14 +16,16 @@
 #   train-jax   python -m benchmarks.train --framework jax                (Flax model, both MoE layers)
 #   train-jax-compare  ... --framework jax --moe bridge --compare-torch   (loss curves vs torch fused)
 #   hf          python -m benchmarks.hf      transformers training step per experts implementation
+#   ep          torchrun --nproc-per-node ${EP_GPUS:-1} -m benchmarks.ep   expert parallelism (NCCL)
 #   plots       python -m benchmarks.plot OUT_DIR --out OUT_DIR/plots
 # Each stage logs to OUT_DIR/<stage>.log; benchmark JSON/markdown land in OUT_DIR/<stage>/.
 # A failing stage does not stop the others; the exit status is non-zero if any stage failed.
-# Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, TRAIN_JAX_ARGS, HF_ARGS, PYTEST_ARGS (e.g. PYTEST_ARGS="-x").
+# Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, TRAIN_JAX_ARGS, HF_ARGS, EP_ARGS, PYTEST_ARGS (e.g.
+# PYTEST_ARGS="-x"); EP_GPUS: GPUs for the ep stage (default 1: the G=1 smoke run).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
-STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare hf plots"}
+STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare hf ep plots"}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -90,9 +92,11 @@ for stage in $STAGES; do
       run_stage "$stage" "$PYTHON" -m benchmarks.train --framework jax \
         --moe bridge --compare-torch --out "$OUT_DIR/$stage" ${TRAIN_JAX_ARGS:-} ;;
     hf) run_stage "$stage" "$PYTHON" -m benchmarks.hf --out "$OUT_DIR/$stage" ${HF_ARGS:-} ;;
+    ep) run_stage "$stage" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${EP_GPUS:-1}" \
+      -m benchmarks.ep --out "$OUT_DIR/$stage" ${EP_ARGS:-} ;;
     plots) run_stage "$stage" "$PYTHON" -m benchmarks.plot "$OUT_DIR" --out "$OUT_DIR/plots" ;;
     *)
-      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare hf jax-demo plots)"
+      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare hf ep jax-demo plots)"
       failed+=("$stage")
       ;;
   esac
