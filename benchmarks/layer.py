@@ -55,6 +55,7 @@ TORCH_IMPLS = (
     "ffmoe-bmm-2x",
     "ffmoe-bmm-cal",
     "ffmoe-grouped",
+    "ffmoe-gathered",
     "ffmoe-auto",
 )
 JAX_IMPLS = ("jax-bridge", "jax-ragged_dot")
@@ -373,6 +374,8 @@ def build_torch_impl(impl: str, p: Problem, cfg):
         ), note
     if impl == "ffmoe-grouped":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm="grouped")), ""
+    if impl == "ffmoe-gathered":
+        return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm="gathered")), ""
     if impl == "ffmoe-auto":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K)), "gemm='auto'"
     raise ValueError(f"unknown torch implementation {impl!r}")

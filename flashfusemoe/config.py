@@ -272,6 +272,14 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype torch autocast casts to on ``x``'s device, or None where it is off."""
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+        return None
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {dtype_name(t.dtype)}, device {t.device}"
 

@@ -12,7 +12,15 @@ import torch
 from torch import Tensor
 
 from flashfusemoe import core
-from flashfusemoe.config import ACTIVATIONS, FLOAT_DTYPES, MoEOptions, check_bool, check_has_data
+from flashfusemoe.config import (
+    ACTIVATIONS,
+    FLOAT_DTYPES,
+    MoEOptions,
+    _describe,
+    autocast_dtype,
+    check_bool,
+    check_has_data,
+)
 from flashfusemoe.ops import _no_autocast
 
 EXPERT_GEMMS = ("auto", "grouped", "bmm")
@@ -49,7 +57,7 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
     options, plan = experts_plan(x, topk_ids, topk_weights, w_up, w_down, activation=activation, gemm=gemm,
                                  recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
     check_has_data("x", x)
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is not None:
         x, w_up, w_down = (t.to(dtype) for t in (x, w_up, w_down))
     x, w_up, w_down = x.contiguous(), w_up.contiguous(), w_down.contiguous()
@@ -62,17 +70,6 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
         results = _EagerExperts.apply(x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow,
                                       check_ids, distinct_ids)
     return results[0]
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    device_type = x.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def _describe(t) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 def validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, *, autocast: bool = False):
@@ -130,7 +127,7 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
     check_bool("recompute", recompute)
     check_bool("check_ids", check_ids)
     check_bool("distinct_ids", distinct_ids)
-    autocast = isinstance(x, torch.Tensor) and _autocast_dtype(x) is not None
+    autocast = isinstance(x, torch.Tensor) and autocast_dtype(x) is not None
     N, _, E, _, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
     options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute)
     return options, make_experts_plan(gemm, N, K, E)

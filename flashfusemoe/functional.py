@@ -11,6 +11,7 @@ import torch
 from flashfusemoe import core, ops
 from flashfusemoe.config import (
     MoEOptions,
+    autocast_dtype,
     check_bool,
     check_finite,
     check_has_data,
@@ -70,7 +71,7 @@ def moe(x: torch.Tensor, router_weight: torch.Tensor, w_up: torch.Tensor, w_down
 
 def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None):
     """Validates, runs the fused op, returns ``(out [..., D], core.Outputs)``."""
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     D, E, _ = validate_inputs(x, router_weight, w_up, w_down, expert_bias, options,
                               autocast=dtype is not None)
     check_has_data("x", x)
@@ -88,14 +89,6 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     )
     out = outputs.out if x.dim() == 2 else outputs.out.reshape(*lead_shape, D)
     return out, outputs
-
-
-def _autocast_dtype(x) -> torch.dtype | None:
-    """The dtype torch autocast casts to on ``x``'s device, or None where it is off."""
-    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
-        return None
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def make_aux(outputs: core.Outputs, options: MoEOptions) -> dict:
@@ -169,7 +162,7 @@ def calibrate_max_tokens(batches: Iterable[torch.Tensor], router_weight: torch.T
     peak = 0
     with torch.no_grad():
         for i, batch in enumerate(batches):
-            dtype = _autocast_dtype(batch)  # routed as the forward would
+            dtype = autocast_dtype(batch)  # routed as the forward would
             D, E = validate_router_inputs(batch, router_weight, expert_bias, options, x_name=f"batches[{i}]",
                                           autocast=dtype is not None)
             check_has_data(f"batches[{i}]", batch)

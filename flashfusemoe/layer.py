@@ -161,3 +161,9 @@ class MoELayer(nn.Module):
         return (f"d_model={self.d_model}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
                 f"top_k={o.top_k}, activation={o.activation}, score_func={o.score_func}, "
                 f"shared_ffn_dim={self.shared_ffn_dim}")
+
+
+def expert_keys(model: torch.nn.Module) -> list[str]:
+    """The state-dict keys of the expert weights of every ``MoELayer`` in ``model``."""
+    return [f"{name}.{k}" if name else k for name, m in model.named_modules() if isinstance(m, MoELayer)
+            for k in ("w_up", "w_down")]

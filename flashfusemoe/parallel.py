@@ -72,6 +72,7 @@ from flashfusemoe.config import (
     _check_x_rank,
     _describe,
     _router_dims,
+    autocast_dtype,
     check_has_data,
 )
 from flashfusemoe.kernels import compute_dtype, permute, routing
@@ -727,9 +728,7 @@ def ep_moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, exper
 
 def _prepare(x, router_weight, w_up, w_down, expert_bias, options, group):
     """Validation and autocast; returns the (cast) tensors, ``x2d [N, D]`` and ``(D, E, F, W)``."""
-    from flashfusemoe.functional import _autocast_dtype
-
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     D, E, F, W, _ = validate_ep_inputs(x, router_weight, w_up, w_down, expert_bias, options, group,
                                        autocast=dtype is not None)
     check_has_data("x", x)
@@ -787,17 +786,9 @@ def ep_moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=N
 EXPERT_KEYS = ("w_up", "w_down")
 
 
-def expert_keys(model: torch.nn.Module) -> list[str]:
-    """The state-dict keys of the expert weights of every ``MoELayer`` in ``model``."""
-    from flashfusemoe.layer import MoELayer
-
-    return [f"{name}.{k}" if name else k for name, m in model.named_modules() if isinstance(m, MoELayer)
-            for k in EXPERT_KEYS]
-
-
 def shard_state_dict(state_dict: dict, rank: int, world_size: int, *, keys=EXPERT_KEYS) -> dict:
     """Rank ``rank``'s shard of a full state dict: the expert weights under ``keys`` (default: a
-    bare ``MoELayer``'s; ``expert_keys(model)`` for a model) sliced to the rank's ``E/W`` experts,
+    bare ``MoELayer``'s; ``layer.expert_keys(model)`` for a model) sliced to the rank's ``E/W`` experts,
     everything else as is (not copied)."""
     missing = [k for k in keys if k not in state_dict]
     if missing:

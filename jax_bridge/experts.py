@@ -26,7 +26,7 @@ from jax.experimental.buffer_callback import buffer_callback
 from flashfusemoe import core
 from flashfusemoe.config import FLOAT_DTYPES
 from flashfusemoe.experts import experts_plan
-from jax_bridge.ops import _align_varying, _as_torch, _TorchScope, _vary, _vma
+from jax_bridge.callback import _align_varying, _as_torch, _TorchScope, _vary, _vma
 
 __all__ = ["moe_experts"]
 

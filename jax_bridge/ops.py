@@ -10,37 +10,29 @@ nothing torch-side outlives a callback. ``docs/design.md`` (JAX bridge) covers t
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from jax.custom_batching import custom_vmap
 from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
 from flashfusemoe.config import (
-    FLOAT_DTYPES,
     MoEOptions,
     check_aux_shapes,
     check_bool,
-    dtype_name,
     make_options,
     signature_with_options,
     validate_inputs,
 )
 from flashfusemoe.functional import make_plan
-from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
+from jax_bridge.callback import _align_varying, _as_torch, _standin, _TorchScope, _vary, _vma
 
 __all__ = ["aux_losses", "fused_moe", "moe"]
 
-_DL_CUDA, _DL_ROCM = 2, 10
-_PREALLOCATION_CHECKED = False
 
 
 @signature_with_options
@@ -120,17 +112,6 @@ def _aux_losses(logits, tokens_per_expert, score_func: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _standin(name: str, a) -> torch.Tensor:
-    """A storage-less ``meta`` tensor with ``a``'s shape and dtype."""
-    if not isinstance(a, (jax.Array, np.ndarray)):
-        raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
-    dtype = getattr(torch, jnp.dtype(a.dtype).name, None)
-    if not isinstance(dtype, torch.dtype):
-        allowed = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
-        raise TypeError(f"{name} must have a floating dtype in ({allowed}), got {jnp.dtype(a.dtype).name}")
-    return torch.empty(a.shape, dtype=dtype, device="meta")
-
-
 def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions):
     """Same checks and messages as ``flashfusemoe.fused_moe``; returns jnp arrays and the plan."""
     named = {"x": x, "router_weight": router_weight, "w_up": w_up, "w_down": w_down}
@@ -149,123 +130,6 @@ def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoE
                      standins["w_down"].shape[2])
     arrays = [None if a is None else jnp.asarray(a) for a in (x, router_weight, w_up, w_down, expert_bias)]
     return (*arrays, plan)
-
-
-# ---------------------------------------------------------------------------------------------
-# shard_map: varying-manual-axes types
-# ---------------------------------------------------------------------------------------------
-
-
-def _vma(a) -> frozenset:
-    """The manual mesh axes ``a`` varies over (empty outside ``shard_map``)."""
-    aval = jax.typeof(a)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def _vary(a, axes: frozenset):
-    """``a`` typed as varying over ``axes`` (a type cast, no data movement)."""
-    missing = tuple(sorted(axes - _vma(a), key=str))
-    if not missing:
-        return a
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(a, missing, to="varying")
-    return jax.lax.pvary(a, missing)
-
-
-def _align_varying(*arrays):
-    """Casts all inputs to their union of varying axes, outside the custom_vjp.
-
-    A replicated weight used with a sharded ``x`` is cast to varying here; JAX transposes that
-    cast into the ``psum`` that sums the weight gradient over devices.
-    """
-    axes = frozenset().union(*(_vma(a) for a in arrays if a is not None))
-    return [None if a is None else _vary(a, axes) for a in arrays]
-
-
-# ---------------------------------------------------------------------------------------------
-# Callbacks
-# ---------------------------------------------------------------------------------------------
-
-
-def _warn_if_xla_preallocates() -> None:
-    """Warns once when JAX's GPU allocator would take most of the memory torch needs."""
-    global _PREALLOCATION_CHECKED
-    if _PREALLOCATION_CHECKED:
-        return
-    _PREALLOCATION_CHECKED = True
-    env = os.environ
-    if (
-        env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() in ("false", "0")
-        or env.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform"
-        or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env
-    ):
-        return
-    warnings.warn(
-        "JAX preallocates 75% of GPU memory, and the torch kernels behind jax_bridge.fused_moe "
-        "allocate their workspace outside it, so they may run out of memory. Set "
-        "XLA_PYTHON_CLIENT_PREALLOCATE=false (or a small XLA_PYTHON_CLIENT_MEM_FRACTION) before "
-        "JAX starts.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _external_stream(stream: int, index: int) -> torch.cuda.ExternalStream:
-    return torch.cuda.ExternalStream(stream, device=torch.device("cuda", index))
-
-
-class _TorchScope:
-    """Torch state for one callback: XLA's stream on GPU, no autograd, no autocast.
-
-    The callback runs on the caller's thread, so the caller's torch modes would leak in. This
-    runs twice per training step, so it sticks to the low-level setters: the device is switched
-    only when it differs, and streams are swapped with ``torch.cuda.set_stream`` on explicit
-    indices (``torch.cuda.stream()`` resolves the current device through Python on every use).
-    """
-
-    __slots__ = ("ctx", "buffer", "device_type", "grad_enabled", "autocast_enabled", "restore")
-
-    def __init__(self, ctx, buffer):
-        self.ctx, self.buffer = ctx, buffer
-
-    def __enter__(self):
-        kind, index = self.buffer.__dlpack_device__()
-        on_gpu = kind in (_DL_CUDA, _DL_ROCM)
-        self.device_type = "cuda" if on_gpu else "cpu"
-        self.grad_enabled = torch.is_grad_enabled()
-        self.autocast_enabled = torch.is_autocast_enabled(self.device_type)
-        with contextlib.ExitStack() as restore:  # unwinds only if entering fails part-way
-            if on_gpu:
-                _warn_if_xla_preallocates()
-                if torch.cuda.current_device() != index:
-                    restore.enter_context(torch.cuda.device(index))
-                restore.callback(torch.cuda.set_stream, torch.cuda.current_stream(index))
-                torch.cuda.set_stream(_external_stream(self.ctx.stream, index))
-            elif INTERPRET:  # shard_map on CPU runs one callback per device, in parallel threads
-                restore.enter_context(INTERPRETER_LOCK)
-            if torch.is_inference_mode_enabled():
-                restore.enter_context(torch.inference_mode(False))
-            self.restore = restore.pop_all()
-        torch.set_grad_enabled(False)
-        torch.set_autocast_enabled(self.device_type, False)
-
-    def __exit__(self, *exc):
-        torch.set_autocast_enabled(self.device_type, self.autocast_enabled)
-        torch.set_grad_enabled(self.grad_enabled)
-        self.restore.close()
-
-
-def _as_torch(buffer) -> torch.Tensor:
-    """A zero-copy torch view of an XLA buffer (compact row-major; valid during the callback only).
-
-    The plain (unversioned) capsule skips the DLPack 1.0 read-only flag, whose handling differs
-    across torch versions, and the stream handshake, which the buffer ignores anyway.
-    """
-    return torch.from_dlpack(buffer.__dlpack__())
 
 
 def _forward_callback(options, plan, ctx, outs, x, router_weight, w_up, w_down, expert_bias):

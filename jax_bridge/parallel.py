@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from flashfusemoe.config import MoEOptions
 from flashfusemoe.parallel import validate_ep_shapes
+from jax_bridge.callback import _standin
 from jax_bridge.experts import moe_experts
-from jax_bridge.ops import _standin
 from jax_bridge.reference import route_reference
 
 __all__ = ["ep_fused_moe"]

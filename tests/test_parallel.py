@@ -301,7 +301,7 @@ def test_shard_state_dict():
         parallel.shard_state_dict(layer.state_dict(), 0, 3)
     model = torch.nn.ModuleDict({"a": flashfusemoe.MoELayer(D, F, 4, 1), "b": torch.nn.Linear(D, D),
                                  "c": flashfusemoe.MoELayer(D, F, 6, 1)})
-    keys = parallel.expert_keys(model)
+    keys = flashfusemoe.layer.expert_keys(model)
     assert keys == ["a.w_up", "a.w_down", "c.w_up", "c.w_down"]
     full = model.state_dict()
     shard = parallel.shard_state_dict(full, 1, 2, keys=keys)

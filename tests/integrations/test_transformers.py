@@ -53,11 +53,17 @@ def tiny_model(family, dtype, experts_implementation="eager"):
     return model
 
 
+def router_logits(out) -> tuple:
+    """The router logits the model returns (some families' outputs have none in some transformers
+    versions, e.g. DeepSeek-V3 in 5.17)."""
+    return tuple(getattr(out, "router_logits", None) or ())
+
+
 def run(model, input_ids):
     """Logits, loss (LM + router aux loss + a term through every router's logits) and the loss's gradient
     for every parameter."""
     out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
-    loss = out.loss + sum((logits.float() ** 2).mean() for logits in out.router_logits)
+    loss = out.loss + sum((logits.float() ** 2).mean() for logits in router_logits(out))
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
@@ -78,7 +84,8 @@ def compare(family, dtype, switch, tol, device="cpu", batch=BATCH):
     ours = run(model, input_ids)
     (out_e, loss_e, grads_e), (out_o, loss_o, grads_o) = eager, ours
     errors = {"logits": rel(out_o.logits, out_e.logits), "loss": rel(loss_o, loss_e)}
-    for i, (le, lo) in enumerate(zip(out_e.router_logits, out_o.router_logits)):
+    assert len(router_logits(out_e)) == len(router_logits(out_o))
+    for i, (le, lo) in enumerate(zip(router_logits(out_e), router_logits(out_o))):
         assert le.dtype == lo.dtype and le.shape == lo.shape
         errors[f"router_logits[{i}]"] = rel(lo, le)
     assert grads_e.keys() == grads_o.keys()

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -575,23 +574,6 @@ def test_bmm_overflow_raises_capacity_overflow_from_callback():
     # would otherwise report again at interpreter exit.
     out = jax.block_until_ready(jax_bridge.fused_moe(*args, K))
     assert bool(jnp.isfinite(out).all())
-
-
-def test_xla_preallocation_warning(monkeypatch):
-    for name in (
-        "XLA_PYTHON_CLIENT_PREALLOCATE",
-        "XLA_PYTHON_CLIENT_ALLOCATOR",
-        "XLA_PYTHON_CLIENT_MEM_FRACTION",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(bridge_ops, "_PREALLOCATION_CHECKED", False)
-    with pytest.warns(RuntimeWarning, match="XLA_PYTHON_CLIENT_PREALLOCATE=false"):
-        bridge_ops._warn_if_xla_preallocates()
-    monkeypatch.setattr(bridge_ops, "_PREALLOCATION_CHECKED", False)
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bridge_ops._warn_if_xla_preallocates()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""jax_bridge.callback: the torch side of the XLA buffer callbacks."""
+
+import warnings
+
+import pytest
+
+pytest.importorskip("jax")
+from jax_bridge import callback  # noqa: E402
+
+
+def test_xla_preallocation_warning(monkeypatch):
+    for name in (
+        "XLA_PYTHON_CLIENT_PREALLOCATE",
+        "XLA_PYTHON_CLIENT_ALLOCATOR",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(callback, "_PREALLOCATION_CHECKED", False)
+    with pytest.warns(RuntimeWarning, match="XLA_PYTHON_CLIENT_PREALLOCATE=false"):
+        callback._warn_if_xla_preallocates()
+    monkeypatch.setattr(callback, "_PREALLOCATION_CHECKED", False)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback._warn_if_xla_preallocates()
