@@ -44,6 +44,10 @@ SWEEP = {
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=2),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=4),
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
+        # two CTAs per SM (<= ~110 KB shared memory each): one's epilogue overlaps the other's loop
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=2),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=1),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, EPI_SPLIT=4),
     ],
     "mm": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
