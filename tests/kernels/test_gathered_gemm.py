@@ -566,14 +566,18 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
     t = triton_dtype(dtype)
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT")
     specs = []
-    for use_tma in (False, True) if dtype in (torch.float16, torch.bfloat16) else (False,):
+    # Pointer weights in bf16 and fp32; TMA weights in both 16-bit types.
+    tma_options = {torch.bfloat16: (False, True), torch.float16: (True,)}.get(dtype, (False,))
+    for use_tma in tma_options:
         up_cfgs = {tuple(gth._config("up", dtype, f, interpret=False).items()) for f in (256, 2048)}
         for n_cfg, cfg in enumerate(sorted(up_cfgs)):
             cfg = dict(cfg)
             desc = f"tensordesc<{t}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>" if use_tma else f"*{t}"
             for act in ACTS if n_cfg == 0 else ("swiglu",):
                 for save_h, save_a in (
-                    ((False, True), (True, False), (True, True)) if act == "swiglu" else ((True, True),)
+                    ((False, True), (True, False), (True, True))
+                    if act == "swiglu" and n_cfg == 0
+                    else ((True, True),)
                 ):
                     sig = {
                         "x_ptr": f"*{t}",
