@@ -846,7 +846,8 @@ def gathered_weight_grad(
     ``b`` ``[R, Nout]`` expert-sorted (``grad_w_down = gathered_weight_grad(grad_out, a_weighted,
     ..., "a")`` ``[E, D, F]``). ``gather="b"``: ``a`` ``[R, M]`` sorted, ``b`` ``[N, Nout]`` token
     rows (``grad_w_up = gathered_weight_grad(dh, x, ..., "b")`` ``[E, 2F, D]``). Gathered rows of
-    ``row_to_assign == -1`` are zeros; sorted rows past ``expert_ends[-1]`` are never read.
+    ``row_to_assign == -1`` are zeros (so the sorted operand's rows there must be finite, as
+    ``gathered_dgrad_glu``'s zeros are); sorted rows past ``expert_ends[-1]`` are never read.
 
     Returns ``out`` ``[E, M, Nout]`` of the operands' dtype (exact zeros for an expert with no rows),
     written into ``out`` when given (contiguous).
