@@ -36,17 +36,14 @@ SWEEP = {
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
     "dgrad": [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=1),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2, N_ACC=2),
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=1),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=2),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
         # two CTAs per SM (<= ~110 KB shared memory each): one's epilogue overlaps the other's loop
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=2),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=1),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, EPI_SPLIT=4),
     ],
     "mm": [
@@ -235,7 +232,8 @@ def main():
             SHAPES[k] = (N // 512, D // 16, F // 16, min(E, 16), K)
         for kind in SWEEP:
             SWEEP[kind] = [
-                {k: v for k, v in c.items() if k in ("tma", "EPI_SPLIT", "IDX64")} for c in SWEEP[kind][-2:]
+                {k: v for k, v in c.items() if k in ("tma", "EPI_SPLIT", "IDX64", "N_ACC")}
+                for c in SWEEP[kind][-2:]
             ]
     t_start = time.time()
     print(

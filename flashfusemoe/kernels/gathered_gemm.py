@@ -164,15 +164,12 @@ def _up_glu_kernel(
     # backward (which reads the stored or recomputed h) sees them.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
-    out_mask = in_rows[:, None] & (cols < F)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
     if SAVE_H:
-        h_ptrs = h_ptr + r64 * (2 * F) + cols[None, :]
-        tl.store(h_ptrs, g, mask=out_mask)
-        tl.store(h_ptrs + F, u, mask=out_mask)
+        _store_rows(h_ptr, g, rows, in_rows, cols, F, 2 * F)
+        _store_rows(h_ptr + F, u, rows, in_rows, cols, F, 2 * F)
     if SAVE_A:
         a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
-        tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=out_mask)
+        _store_rows(a_ptr, a, rows, in_rows, cols, F, F)
 
 
 @fast_launch
@@ -200,6 +197,7 @@ def _dgrad_glu_kernel(
     GLU: tl.constexpr,
     USE_TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
+    N_ACC: tl.constexpr,
     EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -208,11 +206,13 @@ def _dgrad_glu_kernel(
 ):
     """``da = dy_g @ w[e]`` (``w`` ``[E, D, F]``, unit stride along F; ``w_desc`` its ``[E*D, F]``
     descriptor, block ``[BLOCK_K, BLOCK_N]``, only when ``D % BLOCK_K == 0``), then the GLU
-    backward on the tile. ``gw`` ``[R, cdiv(F, BLOCK_N)]`` fp32 gets each N-tile's partial
-    ``sum_f da * a``; grid as ``_up_glu_kernel``.
+    backward on the tile. A program covers ``N_ACC * BLOCK_N`` columns with N_ACC (1 or 2)
+    accumulators that share each gathered ``dy`` tile, and runs the epilogue per accumulator
+    in EPI_SPLIT column chunks (fewer live registers). ``gw`` ``[R, cdiv(F, N_ACC * BLOCK_N)]``
+    fp32 gets each program's partial ``sum_f da * a``; grid as ``_up_glu_kernel``.
     """
     pid = tl.program_id(0)
-    tiles_n = tl.cdiv(F, BLOCK_N)
+    tiles_n = tl.cdiv(F, N_ACC * BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
     expert, row0, row_end = _row_tile(ends_ptr, pid_m, R, E, BLOCK_M, BLOCK_E)
@@ -220,14 +220,16 @@ def _dgrad_glu_kernel(
         return
     rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
-    n0 = pid_n * BLOCK_N
+    n0 = pid_n * N_ACC * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
-    cmask = cols < F
-    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + ks[None, :]
+    dy_off = tok * stride_dy
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if N_ACC == 2:
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(expert < E, D, 0)
     for k0 in range(0, k_end, BLOCK_K):
+        dy_ptrs = dy_ptr + dy_off[:, None] + (k0 + ks)[None, :]
         if EVEN_K:
             kmask = ks >= 0
             dya = tl.load(dy_ptrs, mask=valid[:, None], other=0.0)
@@ -237,61 +239,162 @@ def _dgrad_glu_kernel(
         if USE_TMA:
             wb = w_desc.load([expert * D + k0, n0])
         else:
-            wb = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot_acc(dya, wb, acc)
-        dy_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wd
+            wb = tl.load(w_ptrs, mask=kmask[:, None] & (cols < F)[None, :], other=0.0)
+        acc0 = _dot_acc(dya, wb, acc0)
+        if N_ACC == 2:
+            if USE_TMA:
+                wb1 = w_desc.load([expert * D + k0, n0 + BLOCK_N])
+            else:
+                wb1 = tl.load(
+                    w_ptrs + BLOCK_N, mask=kmask[:, None] & (cols + BLOCK_N < F)[None, :], other=0.0
+                )
+            acc1 = _dot_acc(dya, wb1, acc1)
+        if not USE_TMA:
+            w_ptrs += BLOCK_K * stride_wd
 
     if not GLU:  # plain gathered GEMM: dh_ptr is the [R, F] output
-        tl.store(
-            dh_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :],
-            acc.to(dh_ptr.dtype.element_ty),
-            mask=in_rows[:, None] & cmask[None, :],
-        )
+        _store_rows(dh_ptr, acc0, rows, in_rows, cols, F, F)
+        if N_ACC == 2:
+            _store_rows(dh_ptr, acc1, rows, in_rows, cols + BLOCK_N, F, F)
         return
-    # The epilogue runs on column chunks of the tile (EPI_SPLIT of them) so that fewer
-    # [BLOCK_M, chunk] fp32 tensors are live at once. Rows without an assignment have da = 0
-    # (zero dy rows), w = 0 and g = u = 0 (h never read there), so every output is 0 there.
+    # Rows without an assignment have da = 0 (zero dy rows), w = 0 and g = u = 0 (h never read
+    # there), so every output is 0 there.
     w = tl.load(tw_ptr + asg.to(tl.int64), mask=valid, other=0.0).to(tl.float32)[:, None]
-    if EPI_SPLIT == 1:
-        gw = _dgrad_epilogue(acc, rows, in_rows, valid, w, cols, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-    elif EPI_SPLIT == 2:
-        half: tl.constexpr = BLOCK_N // 2
-        d0, d1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, half]), [0, 2, 1]))
-        c = n0 + tl.arange(0, half)
-        gw = _dgrad_epilogue(d0, rows, in_rows, valid, w, c, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-        gw += _dgrad_epilogue(d1, rows, in_rows, valid, w, c + half, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-    else:
-        q: tl.constexpr = BLOCK_N // 4
-        h0, h1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, 2 * q]), [0, 2, 1]))
-        d0, d1 = tl.split(tl.permute(tl.reshape(h0, [BLOCK_M, 2, q]), [0, 2, 1]))
-        d2, d3 = tl.split(tl.permute(tl.reshape(h1, [BLOCK_M, 2, q]), [0, 2, 1]))
-        c = n0 + tl.arange(0, q)
-        gw = _dgrad_epilogue(d0, rows, in_rows, valid, w, c, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-        gw += _dgrad_epilogue(d1, rows, in_rows, valid, w, c + q, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-        gw += _dgrad_epilogue(d2, rows, in_rows, valid, w, c + 2 * q, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
-        gw += _dgrad_epilogue(d3, rows, in_rows, valid, w, c + 3 * q, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT)
+    gw = _dgrad_tile_epilogue(
+        acc0,
+        rows,
+        in_rows,
+        valid,
+        w,
+        n0,
+        h_ptr,
+        dh_ptr,
+        aw_ptr,
+        F,
+        stride_h,
+        ACT,
+        EPI_SPLIT,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    if N_ACC == 2:
+        gw += _dgrad_tile_epilogue(
+            acc1,
+            rows,
+            in_rows,
+            valid,
+            w,
+            n0 + BLOCK_N,
+            h_ptr,
+            dh_ptr,
+            aw_ptr,
+            F,
+            stride_h,
+            ACT,
+            EPI_SPLIT,
+            BLOCK_M,
+            BLOCK_N,
+        )
     tl.store(gw_ptr + rows.to(tl.int64) * tiles_n + pid_n, gw, mask=in_rows)
 
 
 @triton.jit
-def _dgrad_epilogue(da, rows, in_rows, valid, w, cols, h_ptr, dh_ptr, aw_ptr, F, stride_h, ACT: tl.constexpr):
-    """GLU backward of one column chunk: stores ``dh`` (both halves) and ``a * w``, returns the
-    chunk's ``sum_f da * a`` per row."""
-    cmask = cols < F
-    r64 = rows.to(tl.int64)[:, None]
-    h_ptrs = h_ptr + r64 * stride_h + cols[None, :]
-    vmask = valid[:, None] & cmask[None, :]
-    g = tl.load(h_ptrs, mask=vmask, other=0.0).to(tl.float32)
-    u = tl.load(h_ptrs + F, mask=vmask, other=0.0).to(tl.float32)
+def _store_rows(out_ptr, t, rows, in_rows, cols, width, stride):
+    """``out[rows, cols] = t`` for rows in range and ``cols < width``."""
+    row0 = tl.min(rows, axis=0)
+    base = out_ptr + row0.to(tl.int64) * stride
+    offs = (rows - row0)[:, None] * stride + cols[None, :]
+    tl.store(base + offs, t.to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & (cols < width)[None, :])
+
+
+@triton.jit
+def _dgrad_tile_epilogue(
+    acc,
+    rows,
+    in_rows,
+    valid,
+    w,
+    n0,
+    h_ptr,
+    dh_ptr,
+    aw_ptr,
+    F,
+    stride_h,
+    ACT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The GLU backward of columns ``[n0, n0 + BLOCK_N)`` in EPI_SPLIT (1, 2, 4) chunks; returns
+    the per-row ``sum_f da * a``."""
+    if EPI_SPLIT == 1:
+        c = n0 + tl.arange(0, BLOCK_N)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(acc, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+    elif EPI_SPLIT == 2:
+        half: tl.constexpr = BLOCK_N // 2
+        d0, d1 = _halves(acc, BLOCK_M, BLOCK_N)
+        c = n0 + tl.arange(0, half)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(d0, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + half, F, stride_h)
+        gw += _dgrad_epilogue(d1, g, u, rows, in_rows, w, c + half, dh_ptr, aw_ptr, F, ACT)
+    else:
+        q: tl.constexpr = BLOCK_N // 4
+        e0, e1 = _halves(acc, BLOCK_M, BLOCK_N)
+        d0, d1 = _halves(e0, BLOCK_M, 2 * q)
+        d2, d3 = _halves(e1, BLOCK_M, 2 * q)
+        c = n0 + tl.arange(0, q)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(d0, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + q, F, stride_h)
+        gw += _dgrad_epilogue(d1, g, u, rows, in_rows, w, c + q, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + 2 * q, F, stride_h)
+        gw += _dgrad_epilogue(d2, g, u, rows, in_rows, w, c + 2 * q, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + 3 * q, F, stride_h)
+        gw += _dgrad_epilogue(d3, g, u, rows, in_rows, w, c + 3 * q, dh_ptr, aw_ptr, F, ACT)
+    return gw
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns ``[0, WIDTH/2)`` and ``[WIDTH/2, WIDTH)`` of ``t`` ``[BLOCK_M, WIDTH]``."""
+    half: tl.constexpr = WIDTH // 2
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, half]), [0, 2, 1]))
+
+
+@triton.jit
+def _load_gu(h_ptr, rows, valid, cols, F, stride_h):
+    """``h[rows, cols]`` and ``h[rows, F + cols]`` (raw dtype), zeros on invalid rows and cols >= F."""
+    row0 = tl.min(rows, axis=0)
+    base = h_ptr + row0.to(tl.int64) * stride_h
+    offs = (rows - row0)[:, None] * stride_h + cols[None, :]
+    mask = valid[:, None] & (cols < F)[None, :]
+    return tl.load(base + offs, mask=mask, other=0.0), tl.load(base + F + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dgrad_epilogue(da, g, u, rows, in_rows, w, cols, dh_ptr, aw_ptr, F, ACT: tl.constexpr):
+    """GLU backward of one column chunk (``g``, ``u``: the chunk of h): stores ``dh`` (both
+    halves) and ``a * w``, returns the chunk's ``sum_f da * a`` per row. Addresses are 32-bit
+    offsets from the tile's first row (fewer registers than 64-bit pointer tensors)."""
+    g = g.to(tl.float32)
+    u = u.to(tl.float32)
     act, dact = _act_and_grad(g, ACT)
     wda = w * da
-    out_mask = in_rows[:, None] & cmask[None, :]
-    dh_ptrs = dh_ptr + r64 * (2 * F) + cols[None, :]
-    tl.store(dh_ptrs + F, (wda * act).to(dh_ptr.dtype.element_ty), mask=out_mask)
+    row0 = tl.min(rows, axis=0)
+    rl = (rows - row0)[:, None]
+    out_mask = in_rows[:, None] & (cols < F)[None, :]
+    dh_base = dh_ptr + row0.to(tl.int64) * (2 * F)
+    tl.store(
+        dh_base + F + (rl * (2 * F) + cols[None, :]), (wda * act).to(dh_ptr.dtype.element_ty), mask=out_mask
+    )
     a = act * u
-    tl.store(aw_ptr + r64 * F + cols[None, :], (w * a).to(aw_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dh_ptrs, (wda * u * dact).to(dh_ptr.dtype.element_ty), mask=out_mask)
+    aw_base = aw_ptr + row0.to(tl.int64) * F
+    tl.store(aw_base + (rl * F + cols[None, :]), (w * a).to(aw_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(
+        dh_base + (rl * (2 * F) + cols[None, :]), (wda * u * dact).to(dh_ptr.dtype.element_ty), mask=out_mask
+    )
     return tl.sum(da * a, axis=1)
 
 
@@ -421,8 +524,10 @@ def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPR
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5)
-    if kind == "dgrad":
-        cfg["EPI_SPLIT"] = 2
+    if kind == "dgrad":  # 4 chunks: 40 bytes of spills at 128x128 (ptxas, sm_90a), against 2.9 KB in one
+        cfg["EPI_SPLIT"] = 4
+    if kind in ("dgrad", "mm"):
+        cfg["N_ACC"] = 1
     if kind == "wgrad":
         cfg["IDX64"] = False  # 64-bit token offsets even where 32 bits suffice (tests)
     return cfg
@@ -715,7 +820,7 @@ def gathered_dgrad_glu(
         h = h.contiguous()
     weights = topk_weights.reshape(-1).to(cdt).contiguous()
     cfg, tma = _resolve_config("dgrad", dtype, config, F)
-    tiles_n = cdiv(F, cfg["BLOCK_N"])
+    tiles_n = cdiv(F, cfg["N_ACC"] * cfg["BLOCK_N"])
     partial = gw if tiles_n == 1 else torch.empty(R, tiles_n, device=dev, dtype=torch.float32)
     _launch_gathered_nn(
         grad_out, w_down, row_to_assign, expert_ends, top_k, dh, cfg, tma, glu=(h, weights, aw, partial, code)
@@ -737,7 +842,7 @@ def _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma
     h, weights, aw, partial, code = glu if glu is not None else (out, out, out, out, 0)
     if glu is None:
         cfg = dict(cfg, EPI_SPLIT=1)
-    grid = (_m_tiles(R, E, bm) * cdiv(F, bn),)
+    grid = (_m_tiles(R, E, bm) * cdiv(F, cfg["N_ACC"] * bn),)
     _dgrad_glu_kernel[grid](
         src,
         w,

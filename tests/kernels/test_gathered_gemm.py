@@ -328,15 +328,26 @@ def test_dgrad_glu_tail_outputs_and_partial_sums(device):
     assert torch.equal(res[0], res2[0]) and torch.equal(res[1], res2[1])
 
 
-@pytest.mark.parametrize("split", [1, 4])
-def test_dgrad_glu_epilogue_chunks(split, device):
-    """The epilogue on 1 or 4 column chunks of the tile gives the default's (2 chunks) dh and
-    a_weighted bit for bit (elementwise math); grad_w_row only reorders an fp32 sum."""
+@pytest.mark.parametrize("split, n_acc", [(1, 1), (4, 1), (1, 2), (2, 2), (4, 2)])
+def test_dgrad_glu_epilogue_chunks(split, n_acc, device):
+    """The epilogue on 1, 2 or 4 column chunks of each of 1 or 2 accumulators gives the
+    default's dh and a_weighted bit for bit (elementwise math); grad_w_row only reorders an
+    fp32 sum. (F = 24 with 2 x 16-wide accumulators: the second one partly past F.)"""
     N, K = 14, 4
     dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(N, K, 7, torch.float16, device, drop=0.2, tail=3)
     ref = _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "geglu", torch.float16)
     got = _check_dgrad(
-        dy, w_down, h, r2a, ends, counts, tw, K, "geglu", torch.float16, config={"EPI_SPLIT": split}
+        dy,
+        w_down,
+        h,
+        r2a,
+        ends,
+        counts,
+        tw,
+        K,
+        "geglu",
+        torch.float16,
+        config={"EPI_SPLIT": split, "N_ACC": n_acc, "BLOCK_N": 16 if n_acc == 2 else 32},
     )
     assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
     torch.testing.assert_close(ref[2], got[2], rtol=1e-6, atol=1e-6)
@@ -564,7 +575,7 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
     from flashfusemoe.kernels import triton_dtype
 
     t = triton_dtype(dtype)
-    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT")
+    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT", "N_ACC")
     specs = []
     # Pointer weights in bf16 and fp32; TMA weights in both 16-bit types.
     tma_options = {torch.bfloat16: (False, True), torch.float16: (True,)}.get(dtype, (False,))
@@ -623,6 +634,12 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 consts.setdefault("EPI_SPLIT", 1)
                 sig.update({k: "constexpr" for k in consts})
                 specs.append((gth._dgrad_glu_kernel, sig, consts))
+                if act == "swiglu":  # the other chunkings and accumulator counts
+                    for n_acc, split in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)):
+                        if (n_acc, split) != (cfg["N_ACC"], cfg.get("EPI_SPLIT", 1)):
+                            specs.append(
+                                (gth._dgrad_glu_kernel, sig, dict(consts, N_ACC=n_acc, EPI_SPLIT=split))
+                            )
         cfg = gth._config("wgrad", dtype, interpret=False)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         for gather_a, idx64 in ((True, False), (False, False), (True, True), (False, True)):
@@ -673,6 +690,8 @@ def test_aot_specs_cover_every_kernel():
     assert {act for act, *_ in up} == set(range(len(ACTS)))
     dgrad = {(c["ACT"], c["GLU"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
     assert dgrad == {(a, True) for a in range(len(ACTS))} | {(0, False)}
+    chunks = {(c["N_ACC"], c["EPI_SPLIT"]) for k, _, c in specs if k is gth._dgrad_glu_kernel and c["GLU"]}
+    assert {(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)} <= chunks
     wgrad = {(c["GATHER_A"], c["SORTED_TMA"]) for k, _, c in specs if k is gth._gathered_wgrad_kernel}
     assert wgrad == {(True, True), (True, False), (False, True), (False, False)}
     for kernel, sig, consts in specs:
