@@ -10,7 +10,12 @@ row without one (capacity drops, the tail past ``expert_ends[-1]``). No ``[R, D]
   accumulators in one program, ``h`` optionally stored.
 - ``gathered_dgrad_glu``: ``da = dy_g @ w_down[e]`` and, in its epilogue, the backward of the
   routing-weighted GLU (``dh``, ``a * w``, the routing-weight gradient term).
+- ``gathered_mm``: ``dy_g @ w_down[e]`` alone (for ``activation.glu_backward`` after it).
 - ``gathered_weight_grad``: ``out[e] = A_e.T @ B_e`` where ``A`` or ``B`` is gathered by token.
+
+Each is usable on its own, so a caller can mix them with the unfused passes shape by shape.
+The layout must be the dropless one (expert ``e`` starts where ``e - 1`` ends), not the padded
+``gemm="bmm"`` layout.
 
 Tiles never span two experts: program ``m`` of the grid (an upper bound ``cdiv(R, BLOCK_M) + E + 1``
 on the tile count) finds its expert from ``expert_ends`` on the device, so nothing syncs with the
