@@ -5,9 +5,11 @@
 bf16 on one CUDA device, random top-k routing. Per shape and kernel: the current sequence
 (permute gather + grouped_gemm (torch._grouped_mm / TMA) + activation), the new kernel, both
 with ``triton.testing.do_bench`` (median ms), the new kernel's useful TFLOP/s, and the relative
-error of the new result against the current path's (||new - cur|| / ||cur||). ``--sweep`` then
-times a few tile configurations of each new kernel at the fine and seed shapes (stops after
-``--budget`` seconds in all).
+error of the new result against the current path's (||new - cur|| / ||cur||). ``dgrad_mm`` is
+``gathered_mm`` + ``activation.glu_backward`` (the gathered GEMM without the fused epilogue). The
+backward summary names the fastest mix of current and new passes (the current ones need the
+x/dy scatter). ``--sweep`` then times tile configurations of each new kernel at the fine, seed
+and mid shapes (stops after ``--budget`` seconds in all).
 """
 
 import argparse
@@ -28,28 +30,36 @@ SHAPES = {  # N, D, F, E, K
 SWEEP = {
     "up": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, tma=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=6),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     ],
     "dgrad": [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2, N_ACC=2),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=1),
+        # two CTAs per SM (<= ~110 KB shared memory each): one's epilogue overlaps the other's loop
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, EPI_SPLIT=4),
+    ],
+    "mm": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=5),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, tma=False),
     ],
     "wgrad": [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=5),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, tma=False),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=6),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=6),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5, IDX64=True),
     ],
 }
 
@@ -97,20 +107,23 @@ def current(s):
         h = grouped_gemm.grouped_mm(xs, s["w_up"], s["ends"], True)
         return activation.glu_forward(h, act), h
 
-    def gather_xdy():
+    def scatter2():
         return permute.scatter_rows(s["x"], s["a2r"], K, second=s["dy"])
 
-    xs, dys = gather_xdy()
+    def scatter1():
+        return permute.scatter_rows(s["dy"], s["a2r"], K)
+
+    xs, dys = scatter2()
     a, h = fwd()
 
     def dgrad():
-        da = grouped_mm_nn(dys)
+        da = grouped_gemm.grouped_mm(dys, s["w_down"], s["ends"], False)
         return activation.glu_backward(h, da, act, s["r2a"], s["tw"])
 
-    def grouped_mm_nn(dy_sorted):
-        return grouped_gemm.grouped_mm(dy_sorted, s["w_down"], s["ends"], False)
-
     dh, aw, gw = dgrad()
+
+    def mm():
+        return grouped_gemm.grouped_mm(dys, s["w_down"], s["ends"], False)
 
     def wgrad_down():
         return grouped_gemm.grouped_mm_weight_grad(dys, aw, s["ends"])
@@ -120,7 +133,9 @@ def current(s):
 
     return dict(
         fwd=fwd,
-        gather_xdy=gather_xdy,
+        mm=mm,
+        scatter2=scatter2,
+        scatter1=scatter1,
         dgrad=dgrad,
         wgrad_down=wgrad_down,
         wgrad_up=wgrad_up,
@@ -142,7 +157,15 @@ def new(s, cfg=None):
             s["dy"], s["w_down"], h, s["r2a"], s["ends"], s["tw"], K, act, config=cfg.get("dgrad")
         )
 
+    def dgrad_mm():
+        da = gathered_gemm.gathered_mm(s["dy"], s["w_down"], s["r2a"], s["ends"], K, config=cfg.get("mm"))
+        return activation.glu_backward(h, da, act, s["r2a"], s["tw"])
+
     dh, aw, gw = dgrad()
+    dh2, aw2, gw2 = dgrad_mm()
+
+    def mm():
+        return gathered_gemm.gathered_mm(s["dy"], s["w_down"], s["r2a"], s["ends"], K, config=cfg.get("mm"))
 
     def wgrad_down():
         return gathered_gemm.gathered_weight_grad(
@@ -157,17 +180,40 @@ def new(s, cfg=None):
     return dict(
         fwd=fwd,
         dgrad=dgrad,
+        dgrad_mm=dgrad_mm,
+        mm=mm,
         wgrad_down=wgrad_down,
         wgrad_up=wgrad_up,
-        res=dict(a=a, h=h, dh=dh, aw=aw, gw=gw, gwd=wgrad_down(), gwu=wgrad_up()),
+        res=dict(a=a, h=h, dh=dh, aw=aw, gw=gw, dh2=dh2, aw2=aw2, gw2=gw2, gwd=wgrad_down(), gwu=wgrad_up()),
     )
+
+
+def best_backward(t):
+    """The fastest mix of current and new backward passes (ms, description): the current passes
+    need the scatter of dy (dgrad, wgrad_down) and of x (wgrad_up)."""
+    best = None
+    for dg in ("cur", "new", "mm"):
+        for wd in ("cur", "new"):
+            for wu in ("cur", "new"):
+                need = (dg == "cur" or wd == "cur") + (wu == "cur")
+                scatter = (0.0, t["scatter1"], t["scatter2"])[need]
+                dg_t = {"cur": t["dgrad_cur"], "new": t["dgrad_new"], "mm": t["dgrad_mm"]}[dg]
+                total = scatter + dg_t + t[f"wgrad_down_{wd}"] + t[f"wgrad_up_{wu}"]
+                desc = f"dgrad {dg}, wgrad_down {wd}, wgrad_up {wu}, scatter of {need} source(s)"
+                if best is None or total < best[0]:
+                    best = (total, desc)
+    return best
 
 
 def flops(shape):
     N, D, F, E, K = shape
     R = N * K
     return dict(
-        fwd=2 * R * D * 2 * F, dgrad=2 * R * D * F, wgrad_down=2 * R * D * F, wgrad_up=2 * R * 2 * F * D
+        fwd=2 * R * D * 2 * F,
+        dgrad=2 * R * D * F,
+        mm=2 * R * D * F,
+        wgrad_down=2 * R * D * F,
+        wgrad_up=2 * R * 2 * F * D,
     )
 
 
@@ -185,7 +231,10 @@ def main():
         for k, (N, D, F, E, K) in list(SHAPES.items()):
             SHAPES[k] = (N // 512, D // 16, F // 16, min(E, 16), K)
         for kind in SWEEP:
-            SWEEP[kind] = [{k: v for k, v in c.items() if k == "tma"} for c in SWEEP[kind][-2:]]
+            SWEEP[kind] = [
+                {k: v for k, v in c.items() if k in ("tma", "EPI_SPLIT", "IDX64", "N_ACC")}
+                for c in SWEEP[kind][-2:]
+            ]
     t_start = time.time()
     print(
         f"device {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, "
@@ -202,60 +251,57 @@ def main():
         cur, nw = current(s), new(s)
         fl = flops(shape)
         cr, nr = cur["res"], nw["res"]
-        t_gather = bench(cur["gather_xdy"])
+        t = {k: bench(cur[k]) for k in ("scatter1", "scatter2")}
         rows = [
-            (
-                "fwd",
-                bench(cur["fwd"]),
-                bench(nw["fwd"]),
-                f"a {rel_err(nr['a'], cr['a']):.1e} h {rel_err(nr['h'], cr['h']):.1e}",
-            ),
+            ("fwd", "fwd", f"a {rel_err(nr['a'], cr['a']):.1e} h {rel_err(nr['h'], cr['h']):.1e}"),
             (
                 "dgrad",
-                bench(cur["dgrad"]),
-                bench(nw["dgrad"]),
+                "dgrad",
                 f"dh {rel_err(nr['dh'], cr['dh']):.1e} aw {rel_err(nr['aw'], cr['aw']):.1e} "
                 f"gw {rel_err(nr['gw'], cr['gw']):.1e}",
             ),
             (
-                "wgrad_down",
-                bench(cur["wgrad_down"]),
-                bench(nw["wgrad_down"]),
-                f"{rel_err(nr['gwd'], cr['gwd']):.1e}",
+                "dgrad_mm",
+                "dgrad",
+                f"dh {rel_err(nr['dh2'], cr['dh']):.1e} aw {rel_err(nr['aw2'], cr['aw']):.1e} "
+                f"gw {rel_err(nr['gw2'], cr['gw']):.1e}",
             ),
-            (
-                "wgrad_up",
-                bench(cur["wgrad_up"]),
-                bench(nw["wgrad_up"]),
-                f"{rel_err(nr['gwu'], cr['gwu']):.1e}",
-            ),
+            ("mm", "mm", "(da alone: gathered_mm vs grouped_mm on scattered dy)"),
+            ("wgrad_down", "wgrad_down", f"{rel_err(nr['gwd'], cr['gwd']):.1e}"),
+            ("wgrad_up", "wgrad_up", f"{rel_err(nr['gwu'], cr['gwu']):.1e}"),
         ]
-        tot_c = tot_n = 0.0
-        for p, tc, tn, err in rows:
-            tot_c += tc
-            tot_n += tn
-            print(f"{name:6} {p:11} {tc:10.3f} {tn:8.3f} {tc / tn:7.2f} {fl[p] / tn / 1e9:8.1f}  {err}")
+        for p, cur_p, err in rows:
+            tc = t.get(f"{cur_p}_cur") or bench(cur[cur_p])
+            tn = bench(nw[p])
+            t[f"{cur_p}_cur"], t[f"{p}_new" if p != "dgrad_mm" else "dgrad_mm"] = tc, tn
+            print(f"{name:6} {p:11} {tc:10.3f} {tn:8.3f} {tc / tn:7.2f} {fl[cur_p] / tn / 1e9:8.1f}  {err}")
+        print(f"{name:6} {'scatter x,dy':11} {t['scatter2']:10.3f}   (one source: {t['scatter1']:.3f})")
+        bwd_cur = t["scatter2"] + t["dgrad_cur"] + t["wgrad_down_cur"] + t["wgrad_up_cur"]
+        bwd_new = t["dgrad_new"] + t["wgrad_down_new"] + t["wgrad_up_new"]
+        best, desc = best_backward(t)
+        print(f"{name:6} fwd part    current {t['fwd_cur']:.3f}  new {t['fwd_new']:.3f}")
         print(
-            f"{name:6} {'x,dy gather':11} {t_gather:10.3f} {'-':>8}  "
-            "(bwd scatter_rows, removed by the new path)"
+            f"{name:6} bwd part    current {bwd_cur:.3f}  all new {bwd_new:.3f}  best mix {best:.3f} ({desc})"
         )
-        tot_c += t_gather
-        print(f"{name:6} {'TOTAL':11} {tot_c:10.3f} {tot_n:8.3f} {tot_c / tot_n:7.2f}")
         sys.stdout.flush()
         del s, cur, nw
         _empty_cache()
 
     if args.sweep:
-        print("\nsweep (new kernels, ms; the first config of each kind is the default)")
+        print("\nsweep (new kernels, ms)")
         for name in ("fine", "seed", "mid"):
             shape = SHAPES[name]
             s = setup(shape, args.act)
             fl = flops(shape)
+            fl["dgrad_mm"] = fl["dgrad"]
             for kind, passes in (
                 ("up", ("fwd",)),
                 ("dgrad", ("dgrad",)),
+                ("mm", ("dgrad_mm",)),
                 ("wgrad", ("wgrad_down", "wgrad_up")),
             ):
+                default = gathered_gemm._config(kind, torch.bfloat16, shape[2])
+                print(f"{name:6} {kind:6} default {default}")
                 for cfg in SWEEP[kind]:
                     if time.time() - t_start > args.budget:
                         print("(budget reached, sweep stopped)")

@@ -10,7 +10,12 @@ row without one (capacity drops, the tail past ``expert_ends[-1]``). No ``[R, D]
   accumulators in one program, ``h`` optionally stored.
 - ``gathered_dgrad_glu``: ``da = dy_g @ w_down[e]`` and, in its epilogue, the backward of the
   routing-weighted GLU (``dh``, ``a * w``, the routing-weight gradient term).
+- ``gathered_mm``: ``dy_g @ w_down[e]`` alone (for ``activation.glu_backward`` after it).
 - ``gathered_weight_grad``: ``out[e] = A_e.T @ B_e`` where ``A`` or ``B`` is gathered by token.
+
+Each is usable on its own, so a caller can mix them with the unfused passes shape by shape.
+The layout must be the dropless one (expert ``e`` starts where ``e - 1`` ends), not the padded
+``gemm="bmm"`` layout.
 
 Tiles never span two experts: program ``m`` of the grid (an upper bound ``cdiv(R, BLOCK_M) + E + 1``
 on the tile count) finds its expert from ``expert_ends`` on the device, so nothing syncs with the
@@ -111,6 +116,7 @@ def _up_glu_kernel(
     SAVE_H: tl.constexpr,
     SAVE_A: tl.constexpr,
     USE_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -140,8 +146,12 @@ def _up_glu_kernel(
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(expert < E, D, 0)  # the tail does no GEMM
     for k0 in range(0, k_end, BLOCK_K):
-        kmask = (k0 + ks) < D
-        xa = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if EVEN_K:
+            kmask = ks >= 0
+            xa = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            kmask = (k0 + ks) < D
+            xa = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
         if USE_TMA:
             wg = w_desc.load([expert * 2 * F + n0, k0])
             wu = w_desc.load([expert * 2 * F + F + n0, k0])
@@ -159,15 +169,12 @@ def _up_glu_kernel(
     # backward (which reads the stored or recomputed h) sees them.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
-    out_mask = in_rows[:, None] & (cols < F)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
     if SAVE_H:
-        h_ptrs = h_ptr + r64 * (2 * F) + cols[None, :]
-        tl.store(h_ptrs, g, mask=out_mask)
-        tl.store(h_ptrs + F, u, mask=out_mask)
+        _store_rows(h_ptr, g, rows, in_rows, cols, F, 2 * F)
+        _store_rows(h_ptr + F, u, rows, in_rows, cols, F, 2 * F)
     if SAVE_A:
         a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
-        tl.store(a_ptr + r64 * F + cols[None, :], a.to(a_ptr.dtype.element_ty), mask=out_mask)
+        _store_rows(a_ptr, a, rows, in_rows, cols, F, F)
 
 
 @fast_launch
@@ -192,7 +199,11 @@ def _dgrad_glu_kernel(
     stride_h,
     TOP_K,
     ACT: tl.constexpr,
+    GLU: tl.constexpr,
     USE_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    N_ACC: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -200,11 +211,13 @@ def _dgrad_glu_kernel(
 ):
     """``da = dy_g @ w[e]`` (``w`` ``[E, D, F]``, unit stride along F; ``w_desc`` its ``[E*D, F]``
     descriptor, block ``[BLOCK_K, BLOCK_N]``, only when ``D % BLOCK_K == 0``), then the GLU
-    backward on the tile. ``gw`` ``[R, cdiv(F, BLOCK_N)]`` fp32 gets each N-tile's partial
-    ``sum_f da * a``; grid as ``_up_glu_kernel``.
+    backward on the tile. A program covers ``N_ACC * BLOCK_N`` columns with N_ACC (1 or 2)
+    accumulators that share each gathered ``dy`` tile, and runs the epilogue per accumulator
+    in EPI_SPLIT column chunks (fewer live registers). ``gw`` ``[R, cdiv(F, N_ACC * BLOCK_N)]``
+    fp32 gets each program's partial ``sum_f da * a``; grid as ``_up_glu_kernel``.
     """
     pid = tl.program_id(0)
-    tiles_n = tl.cdiv(F, BLOCK_N)
+    tiles_n = tl.cdiv(F, N_ACC * BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
     expert, row0, row_end = _row_tile(ends_ptr, pid_m, R, E, BLOCK_M, BLOCK_E)
@@ -212,43 +225,182 @@ def _dgrad_glu_kernel(
         return
     rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
-    n0 = pid_n * BLOCK_N
+    n0 = pid_n * N_ACC * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
-    cmask = cols < F
-    dy_ptrs = dy_ptr + tok[:, None] * stride_dy + ks[None, :]
+    dy_off = tok * stride_dy
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if N_ACC == 2:
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_end = tl.where(expert < E, D, 0)
     for k0 in range(0, k_end, BLOCK_K):
-        kmask = (k0 + ks) < D
-        dya = tl.load(dy_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        dy_ptrs = dy_ptr + dy_off[:, None] + (k0 + ks)[None, :]
+        if EVEN_K:
+            kmask = ks >= 0
+            dya = tl.load(dy_ptrs, mask=valid[:, None], other=0.0)
+        else:
+            kmask = (k0 + ks) < D
+            dya = tl.load(dy_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
         if USE_TMA:
             wb = w_desc.load([expert * D + k0, n0])
         else:
-            wb = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot_acc(dya, wb, acc)
-        dy_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wd
+            wb = tl.load(w_ptrs, mask=kmask[:, None] & (cols < F)[None, :], other=0.0)
+        acc0 = _dot_acc(dya, wb, acc0)
+        if N_ACC == 2:
+            if USE_TMA:
+                wb1 = w_desc.load([expert * D + k0, n0 + BLOCK_N])
+            else:
+                wb1 = tl.load(
+                    w_ptrs + BLOCK_N, mask=kmask[:, None] & (cols + BLOCK_N < F)[None, :], other=0.0
+                )
+            acc1 = _dot_acc(dya, wb1, acc1)
+        if not USE_TMA:
+            w_ptrs += BLOCK_K * stride_wd
 
-    vmask = valid[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    h_ptrs = h_ptr + r64 * stride_h + cols[None, :]
-    g = tl.load(h_ptrs, mask=vmask, other=0.0).to(tl.float32)
-    u = tl.load(h_ptrs + F, mask=vmask, other=0.0).to(tl.float32)
+    if not GLU:  # plain gathered GEMM: dh_ptr is the [R, F] output
+        _store_rows(dh_ptr, acc0, rows, in_rows, cols, F, F)
+        if N_ACC == 2:
+            _store_rows(dh_ptr, acc1, rows, in_rows, cols + BLOCK_N, F, F)
+        return
+    # Rows without an assignment have da = 0 (zero dy rows), w = 0 and g = u = 0 (h never read
+    # there), so every output is 0 there.
     w = tl.load(tw_ptr + asg.to(tl.int64), mask=valid, other=0.0).to(tl.float32)[:, None]
+    gw = _dgrad_tile_epilogue(
+        acc0,
+        rows,
+        in_rows,
+        valid,
+        w,
+        n0,
+        h_ptr,
+        dh_ptr,
+        aw_ptr,
+        F,
+        stride_h,
+        ACT,
+        EPI_SPLIT,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    if N_ACC == 2:
+        gw += _dgrad_tile_epilogue(
+            acc1,
+            rows,
+            in_rows,
+            valid,
+            w,
+            n0 + BLOCK_N,
+            h_ptr,
+            dh_ptr,
+            aw_ptr,
+            F,
+            stride_h,
+            ACT,
+            EPI_SPLIT,
+            BLOCK_M,
+            BLOCK_N,
+        )
+    tl.store(gw_ptr + rows.to(tl.int64) * tiles_n + pid_n, gw, mask=in_rows)
+
+
+@triton.jit
+def _store_rows(out_ptr, t, rows, in_rows, cols, width, stride):
+    """``out[rows, cols] = t`` for rows in range and ``cols < width``."""
+    row0 = tl.min(rows, axis=0)
+    base = out_ptr + row0.to(tl.int64) * stride
+    offs = (rows - row0)[:, None] * stride + cols[None, :]
+    tl.store(base + offs, t.to(out_ptr.dtype.element_ty), mask=in_rows[:, None] & (cols < width)[None, :])
+
+
+@triton.jit
+def _dgrad_tile_epilogue(
+    acc,
+    rows,
+    in_rows,
+    valid,
+    w,
+    n0,
+    h_ptr,
+    dh_ptr,
+    aw_ptr,
+    F,
+    stride_h,
+    ACT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The GLU backward of columns ``[n0, n0 + BLOCK_N)`` in EPI_SPLIT (1, 2, 4) chunks; returns
+    the per-row ``sum_f da * a``."""
+    if EPI_SPLIT == 1:
+        c = n0 + tl.arange(0, BLOCK_N)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(acc, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+    elif EPI_SPLIT == 2:
+        half: tl.constexpr = BLOCK_N // 2
+        d0, d1 = _halves(acc, BLOCK_M, BLOCK_N)
+        c = n0 + tl.arange(0, half)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(d0, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + half, F, stride_h)
+        gw += _dgrad_epilogue(d1, g, u, rows, in_rows, w, c + half, dh_ptr, aw_ptr, F, ACT)
+    else:
+        q: tl.constexpr = BLOCK_N // 4
+        e0, e1 = _halves(acc, BLOCK_M, BLOCK_N)
+        d0, d1 = _halves(e0, BLOCK_M, 2 * q)
+        d2, d3 = _halves(e1, BLOCK_M, 2 * q)
+        c = n0 + tl.arange(0, q)
+        g, u = _load_gu(h_ptr, rows, valid, c, F, stride_h)
+        gw = _dgrad_epilogue(d0, g, u, rows, in_rows, w, c, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + q, F, stride_h)
+        gw += _dgrad_epilogue(d1, g, u, rows, in_rows, w, c + q, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + 2 * q, F, stride_h)
+        gw += _dgrad_epilogue(d2, g, u, rows, in_rows, w, c + 2 * q, dh_ptr, aw_ptr, F, ACT)
+        g, u = _load_gu(h_ptr, rows, valid, c + 3 * q, F, stride_h)
+        gw += _dgrad_epilogue(d3, g, u, rows, in_rows, w, c + 3 * q, dh_ptr, aw_ptr, F, ACT)
+    return gw
+
+
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns ``[0, WIDTH/2)`` and ``[WIDTH/2, WIDTH)`` of ``t`` ``[BLOCK_M, WIDTH]``."""
+    half: tl.constexpr = WIDTH // 2
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, half]), [0, 2, 1]))
+
+
+@triton.jit
+def _load_gu(h_ptr, rows, valid, cols, F, stride_h):
+    """``h[rows, cols]`` and ``h[rows, F + cols]`` (raw dtype), zeros on invalid rows and cols >= F."""
+    row0 = tl.min(rows, axis=0)
+    base = h_ptr + row0.to(tl.int64) * stride_h
+    offs = (rows - row0)[:, None] * stride_h + cols[None, :]
+    mask = valid[:, None] & (cols < F)[None, :]
+    return tl.load(base + offs, mask=mask, other=0.0), tl.load(base + F + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dgrad_epilogue(da, g, u, rows, in_rows, w, cols, dh_ptr, aw_ptr, F, ACT: tl.constexpr):
+    """GLU backward of one column chunk (``g``, ``u``: the chunk of h): stores ``dh`` (both
+    halves) and ``a * w``, returns the chunk's ``sum_f da * a`` per row. Addresses are 32-bit
+    offsets from the tile's first row (fewer registers than 64-bit pointer tensors)."""
+    g = g.to(tl.float32)
+    u = u.to(tl.float32)
     act, dact = _act_and_grad(g, ACT)
+    wda = w * da
+    row0 = tl.min(rows, axis=0)
+    rl = (rows - row0)[:, None]
+    out_mask = in_rows[:, None] & (cols < F)[None, :]
+    dh_base = dh_ptr + row0.to(tl.int64) * (2 * F)
+    tl.store(
+        dh_base + F + (rl * (2 * F) + cols[None, :]), (wda * act).to(dh_ptr.dtype.element_ty), mask=out_mask
+    )
     a = act * u
-    zero = tl.zeros_like(a)
-    da = tl.where(vmask, acc, zero)
-    dg = tl.where(vmask, w * (da * u * dact), zero)
-    du = tl.where(vmask, w * (da * act), zero)
-    aw = tl.where(vmask, w * a, zero)
-    out_mask = in_rows[:, None] & cmask[None, :]
-    dh_ptrs = dh_ptr + r64 * (2 * F) + cols[None, :]
-    tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dh_ptrs + F, du.to(dh_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(aw_ptr + r64 * F + cols[None, :], aw.to(aw_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(gw_ptr + rows.to(tl.int64) * tiles_n + pid_n, tl.sum(da * a, axis=1), mask=in_rows)
+    aw_base = aw_ptr + row0.to(tl.int64) * F
+    tl.store(aw_base + (rl * F + cols[None, :]), (w * a).to(aw_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(
+        dh_base + (rl * (2 * F) + cols[None, :]), (wda * u * dact).to(dh_ptr.dtype.element_ty), mask=out_mask
+    )
+    return tl.sum(da * a, axis=1)
 
 
 @fast_launch
@@ -267,6 +419,8 @@ def _gathered_wgrad_kernel(
     TOP_K,
     GATHER_A: tl.constexpr,
     SORTED_TMA: tl.constexpr,
+    IDX64: tl.constexpr,
+    EVEN_MN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -276,10 +430,11 @@ def _gathered_wgrad_kernel(
 
     Row ``r`` of the gathered operand (``A`` if GATHER_A, else ``B``) is row
     ``row_to_assign[r] // TOP_K`` of its source (zeros for ``-1``); the other operand is
-    expert-sorted. SORTED_TMA: whole ``BLOCK_K``-row chunks of the sorted operand come through
-    its descriptor (``a_desc`` block ``[BLOCK_K, BLOCK_M]`` or ``b_desc`` block
-    ``[BLOCK_K, BLOCK_N]``), the last partial chunk through masked loads. An empty expert
-    writes zeros.
+    expert-sorted. IDX64: token offsets need 64 bits (else int32 address math); EVEN_MN: the
+    tile divides ``M`` and ``N`` (no column masks). SORTED_TMA: whole ``BLOCK_K``-row chunks of
+    the sorted operand come through its descriptor (``a_desc`` block ``[BLOCK_K, BLOCK_M]`` or
+    ``b_desc`` block ``[BLOCK_K, BLOCK_N]``), the last partial chunk through masked loads. An
+    empty expert writes zeros.
     """
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -303,21 +458,23 @@ def _gathered_wgrad_kernel(
             r = row_start + i * BLOCK_K
             asg = tl.load(r2a_ptr + r + rs)
             valid = asg >= 0
-            tok = tl.where(valid, asg // TOP_K, 0).to(tl.int64)
+            tok = tl.where(valid, asg // TOP_K, 0)
+            if IDX64:
+                tok = tok.to(tl.int64)
             if GATHER_A:
-                a_t = tl.load(
-                    a_ptr + tok[None, :] * stride_a + ms[:, None],
-                    mask=mmask[:, None] & valid[None, :],
-                    other=0.0,
-                )
+                if EVEN_MN:
+                    amask = valid[None, :]
+                else:
+                    amask = mmask[:, None] & valid[None, :]
+                a_t = tl.load(a_ptr + (tok * stride_a)[None, :] + ms[:, None], mask=amask, other=0.0)
                 b = b_desc.load([r, n0])
             else:
+                if EVEN_MN:
+                    bmask = valid[:, None]
+                else:
+                    bmask = valid[:, None] & nmask[None, :]
                 a_t = a_desc.load([r, m0]).T
-                b = tl.load(
-                    b_ptr + tok[:, None] * stride_b + ns[None, :],
-                    mask=valid[:, None] & nmask[None, :],
-                    other=0.0,
-                )
+                b = tl.load(b_ptr + (tok * stride_b)[:, None] + ns[None, :], mask=bmask, other=0.0)
             acc = _dot_acc(a_t, b, acc)
     for r in range(row_start + num_full * BLOCK_K, row_end, BLOCK_K):
         rows = r + rs
@@ -353,33 +510,45 @@ def _gathered_wgrad_kernel(
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
 
-KINDS = ("up", "dgrad", "wgrad")
+KINDS = ("up", "dgrad", "mm", "wgrad")
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-def _config(kind: str, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
-    """Fixed launch configuration of kernel ``kind`` (``KINDS``) for operands of ``dtype``."""
+def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPRET) -> dict:
+    """Fixed launch configuration of kernel ``kind`` (``KINDS``) for operands of ``dtype``; ``F``:
+    the up-projection's and GLU backward's F (tile shapes that won on an H100/H200 sweep,
+    ``scripts/bench_gathered.py --sweep``)."""
     if interpret:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    if kind == "up":
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    if kind == "dgrad":
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    elif kind == "up":  # BLOCK_K 32 was 11% faster at F=256, 2-5% slower at F=1408 and 1536
+        bk, stages = (32, 5) if F <= 512 else (64, 3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, num_warps=8, num_stages=stages)
+    elif kind in ("dgrad", "mm"):
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5)
+    if kind == "dgrad":  # 4 chunks: 40 bytes of spills at 128x128 (ptxas, sm_90a), against 2.9 KB in one
+        cfg["EPI_SPLIT"] = 4
+    if kind in ("dgrad", "mm"):
+        cfg["N_ACC"] = 1
+    if kind == "wgrad":
+        cfg["IDX64"] = False  # 64-bit token offsets even where 32 bits suffice (tests)
+    return cfg
 
 
-def _resolve_config(kind: str, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool]:
+def _resolve_config(kind: str, dtype: torch.dtype, config: dict | None, F: int = 0) -> tuple[dict, bool]:
     """``(launch config, tma allowed)``: ``config`` (benchmarks, tests) overrides keys of the
     fixed one; its key ``"tma"`` (default True) allows the TMA loads where they apply."""
-    cfg = _config(kind, dtype)
+    cfg = _config(kind, dtype, F)
     tma = True
     if config is not None:
-        unknown = set(config) - set(_CONFIG_KEYS) - {"tma"}
+        allowed = set(cfg) | set(_CONFIG_KEYS) | {"tma"}
+        unknown = set(config) - allowed
         if unknown:
             raise ValueError(
-                f"config has unknown keys {sorted(unknown)}; expected some of {_CONFIG_KEYS + ('tma',)}"
+                f"config has unknown keys {sorted(unknown)} for {kind!r}; expected some of {sorted(allowed)}"
             )
         cfg.update({k: v for k, v in config.items() if k != "tma"})
         tma = bool(config.get("tma", True))
@@ -523,7 +692,7 @@ def up_proj_glu(
         x = x.contiguous()
     if w_up.stride(2) != 1:
         w_up = w_up.contiguous()
-    cfg, tma = _resolve_config("up", x.dtype, config)
+    cfg, tma = _resolve_config("up", x.dtype, config, F)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = tma and w_up.is_contiguous() and _tma_ok(w_up)
     w_desc = TensorDescriptor(w_up.view(E * two_f, D), [E * two_f, D], [D, 1], [bn, bk]) if use_tma else None
@@ -548,6 +717,7 @@ def up_proj_glu(
         SAVE_H=save_h,
         SAVE_A=save_a,
         USE_TMA=use_tma,
+        EVEN_K=D % cfg["BLOCK_K"] == 0,
         BLOCK_E=_block_e(E),
         **cfg,
     )
@@ -654,41 +824,105 @@ def gathered_dgrad_glu(
     if h.stride(1) != 1:
         h = h.contiguous()
     weights = topk_weights.reshape(-1).to(cdt).contiguous()
-    cfg, tma = _resolve_config("dgrad", dtype, config)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tiles_n = cdiv(F, bn)
+    cfg, tma = _resolve_config("dgrad", dtype, config, F)
+    tiles_n = cdiv(F, cfg["N_ACC"] * cfg["BLOCK_N"])
     partial = gw if tiles_n == 1 else torch.empty(R, tiles_n, device=dev, dtype=torch.float32)
-    use_tma = tma and w_down.is_contiguous() and D % bk == 0 and _tma_ok(w_down)
-    w_desc = TensorDescriptor(w_down.view(E * D, F), [E * D, F], [F, 1], [bk, bn]) if use_tma else None
-    grid = (_m_tiles(R, E, bm) * tiles_n,)
+    _launch_gathered_nn(
+        grad_out, w_down, row_to_assign, expert_ends, top_k, dh, cfg, tma, glu=(h, weights, aw, partial, code)
+    )
+    if tiles_n > 1:
+        torch.sum(partial, dim=1, out=gw)
+    return dh, aw, gw
+
+
+def _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma, glu=None):
+    """``out[r] = src[row_to_assign[r] // top_k] @ w[e]`` (``w`` ``[E, D, F]``) through
+    ``_dgrad_glu_kernel``; with ``glu = (h, weights, a_weighted, partial, act_code)`` ``out`` is
+    ``dh`` and the GLU backward runs in the epilogue."""
+    E, D, F = w.shape
+    R = row_to_assign.numel()
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    use_tma = tma and w.is_contiguous() and D % bk == 0 and _tma_ok(w)
+    w_desc = TensorDescriptor(w.view(E * D, F), [E * D, F], [F, 1], [bk, bn]) if use_tma else w
+    h, weights, aw, partial, code = glu if glu is not None else (out, out, out, out, 0)
+    if glu is None:
+        cfg = dict(cfg, EPI_SPLIT=1)
+    grid = (_m_tiles(R, E, bm) * cdiv(F, cfg["N_ACC"] * bn),)
     _dgrad_glu_kernel[grid](
-        grad_out,
-        w_down,
-        w_desc if use_tma else w_down,
+        src,
+        w,
+        w_desc,
         h,
         row_to_assign,
         expert_ends,
         weights,
-        dh,
+        out,
         aw,
         partial,
         R,
         D,
         F,
         E,
-        grad_out.stride(0),
-        w_down.stride(0),
-        w_down.stride(1),
+        src.stride(0),
+        w.stride(0),
+        w.stride(1),
         h.stride(0),
         TOP_K=top_k,
         ACT=code,
+        GLU=glu is not None,
         USE_TMA=use_tma,
+        EVEN_K=D % cfg["BLOCK_K"] == 0,
         BLOCK_E=_block_e(E),
         **cfg,
     )
-    if tiles_n > 1:
-        torch.sum(partial, dim=1, out=gw)
-    return dh, aw, gw
+
+
+def gathered_mm(
+    src: torch.Tensor,
+    w: torch.Tensor,
+    row_to_assign: torch.Tensor,
+    expert_ends: torch.Tensor,
+    top_k: int,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM with the token gather in its prologue and no epilogue work.
+
+    ``src`` ``[N, D]``, ``w`` ``[E, D, F]`` (e.g. ``grad_out`` and ``w_down``: the unfused
+    ``da``). Returns ``out [R, F]`` (src's dtype, fp32 accumulation) with
+    ``out[r] = src[row_to_assign[r] // top_k] @ w[e]``; rows with ``row_to_assign == -1`` or past
+    ``expert_ends[-1]`` are exact zeros. ``out``: a contiguous destination, returned when given.
+    """
+    _check_tensor(src, "src", 2, _FLOATS)
+    _check_tensor(w, "w", 3, (src.dtype,))
+    _check_layout(src, row_to_assign, expert_ends, top_k, "src")
+    E, D, F = w.shape
+    if D != src.shape[1] or E != expert_ends.numel():
+        raise ValueError(
+            f"w must be [E, D, F] = [{expert_ends.numel()}, {src.shape[1]}, F], got {tuple(w.shape)}"
+        )
+    if w.device != src.device:
+        raise ValueError(f"w is on {w.device}, expected src's device {src.device}")
+    R = row_to_assign.numel()
+    if out is not None:
+        check_out(out, (R, F), src.dtype, src.device, "out")
+    if not _fused(src) or R == 0 or F == 0 or src.shape[0] == 0 or D == 0:
+        if R == 0 or src.shape[0] == 0 or D == 0:
+            result = torch.zeros(R, F, device=src.device, dtype=src.dtype)
+        else:
+            g = permute.gather_rows(src, row_to_assign, top_k)
+            result = _rows_past_end_zero(grouped_gemm.grouped_mm(g, w, expert_ends, False), expert_ends)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty(R, F, device=src.device, dtype=src.dtype)
+    if src.stride(1) != 1:
+        src = src.contiguous()
+    if w.stride(2) != 1:
+        w = w.contiguous()
+    cfg, tma = _resolve_config("mm", src.dtype, config, F)
+    _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma)
+    return out
 
 
 def _dgrad_glu_fallback(
@@ -722,7 +956,8 @@ def gathered_weight_grad(
     ``b`` ``[R, Nout]`` expert-sorted (``grad_w_down = gathered_weight_grad(grad_out, a_weighted,
     ..., "a")`` ``[E, D, F]``). ``gather="b"``: ``a`` ``[R, M]`` sorted, ``b`` ``[N, Nout]`` token
     rows (``grad_w_up = gathered_weight_grad(dh, x, ..., "b")`` ``[E, 2F, D]``). Gathered rows of
-    ``row_to_assign == -1`` are zeros; sorted rows past ``expert_ends[-1]`` are never read.
+    ``row_to_assign == -1`` are zeros (so the sorted operand's rows there must be finite, as
+    ``gathered_dgrad_glu``'s zeros are); sorted rows past ``expert_ends[-1]`` are never read.
 
     Returns ``out`` ``[E, M, Nout]`` of the operands' dtype (exact zeros for an expert with no rows),
     written into ``out`` when given (contiguous).
@@ -758,9 +993,10 @@ def gathered_weight_grad(
         a = a.contiguous()
     if b.stride(1) != 1:
         b = b.contiguous()
+    sorted_t, gathered = (b, a) if gather == "a" else (a, b)
     cfg, tma = _resolve_config("wgrad", a.dtype, config)
+    idx64 = cfg.pop("IDX64") or gathered.shape[0] * gathered.stride(0) >= 2**31
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    sorted_t = b if gather == "a" else a
     use_tma = tma and _tma_ok(sorted_t)
     a_desc = b_desc = sorted_t
     if use_tma and gather == "a":
@@ -783,6 +1019,8 @@ def gathered_weight_grad(
         TOP_K=top_k,
         GATHER_A=gather == "a",
         SORTED_TMA=use_tma,
+        IDX64=idx64,
+        EVEN_MN=M % bm == 0 and N % bn == 0,
         **cfg,
     )
     return out

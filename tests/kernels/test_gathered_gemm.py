@@ -328,6 +328,53 @@ def test_dgrad_glu_tail_outputs_and_partial_sums(device):
     assert torch.equal(res[0], res2[0]) and torch.equal(res[1], res2[1])
 
 
+@pytest.mark.parametrize("split, n_acc", [(1, 1), (4, 1), (1, 2), (2, 2), (4, 2)])
+def test_dgrad_glu_epilogue_chunks(split, n_acc, device):
+    """The epilogue on 1, 2 or 4 column chunks of each of 1 or 2 accumulators gives the
+    default's dh and a_weighted bit for bit (elementwise math); grad_w_row only reorders an
+    fp32 sum. (F = 24 with 2 x 16-wide accumulators: the second one partly past F.)"""
+    N, K = 14, 4
+    dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(N, K, 7, torch.float16, device, drop=0.2, tail=3)
+    ref = _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "geglu", torch.float16)
+    got = _check_dgrad(
+        dy,
+        w_down,
+        h,
+        r2a,
+        ends,
+        counts,
+        tw,
+        K,
+        "geglu",
+        torch.float16,
+        config={"EPI_SPLIT": split, "N_ACC": n_acc, "BLOCK_N": 16 if n_acc == 2 else 32},
+    )
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    torch.testing.assert_close(ref[2], got[2], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gathered_mm(dtype, device):
+    """The plain gathered GEMM (no epilogue): drops, a tail, E = 256, NaN-filled out buffer."""
+    N, K, E = 12, 6, 256
+    dy, _, w_down = _inputs(N, D_DIM, F_DIM, E, dtype, device)
+    r2a, ends, counts = _layout(N, K, E, drop=0.25, tail=9, device=device)
+    R = r2a.numel()
+    out = torch.full((R, F_DIM), float("nan"), dtype=dtype, device=device)
+    got = gth.gathered_mm(dy, w_down, r2a, ends, K, out=out)
+    assert got is out
+    eid = _expert_of_row(counts, R)
+    valid = (r2a.cpu() >= 0) & (eid >= 0)
+    ref = torch.zeros(R, F_DIM, dtype=torch.float64)
+    ref[valid] = torch.einsum("rd,rdf->rf", _gathered64(dy, r2a, K)[valid], w_down.double().cpu()[eid[valid]])
+    _close(got, ref, dtype, "gathered_mm")
+    dead = r2a.cpu() < 0
+    assert torch.equal(got.cpu()[dead], torch.zeros_like(got.cpu()[dead]))
+    assert torch.equal(gth.gathered_mm(dy, w_down, r2a, ends, K, config={"tma": False}), got)
+    with pytest.raises(ValueError, match="unknown keys"):
+        gth.gathered_mm(dy, w_down, r2a, ends, K, config={"EPI_SPLIT": 2})
+
+
 def test_dgrad_glu_matches_glu_backward(device):
     """Same semantics as activation.glu_backward fed with the unfused da (fp64 torch path)."""
     from flashfusemoe.kernels import activation
@@ -379,6 +426,28 @@ def test_weight_grad_routing_and_out(gather, K, device):
     assert got is out
     got2 = _check_wgrad(a, b, r2a, ends, counts, K, gather, torch.float16, config={"tma": False})
     assert torch.equal(got, got2)
+
+
+@pytest.mark.parametrize("idx64", [False, True])
+def test_weight_grad_even_tiles(idx64, device):
+    """M and N multiples of the tile (no column masks in the TMA loop), 32- and 64-bit token
+    offsets; more than one full 32-row chunk per expert."""
+    N, K, E = 40, 4, 3
+    r2a, ends, counts = _layout(N, K, E, drop=0.1, device=device)
+    tok = torch.randn(N, 64, dtype=torch.float64).to(torch.float16).to(device)
+    rows = torch.randn(r2a.numel(), 32, dtype=torch.float64).to(torch.float16).to(device)
+    for gather, (a, b) in (("a", (tok, rows)), ("b", (rows, tok))):
+        _check_wgrad(a, b, r2a, ends, counts, K, gather, torch.float16, config={"IDX64": idx64})
+
+
+def test_even_k(device):
+    """D a multiple of BLOCK_K (no K masks) in the up-projection and the GLU backward."""
+    N, K, E, D = 15, 3, 4, 64
+    x, w_up, w_down = _inputs(N, D, F_DIM, E, torch.float16, device)
+    r2a, ends, counts = _layout(N, K, E, drop=0.2, device=device)
+    _, h = _check_up(x, w_up, r2a, ends, counts, K, "swiglu", torch.float16)
+    tw = torch.rand(N, K, device=device)
+    _check_dgrad(x, w_down, h, r2a, ends, counts, tw, K, "swiglu", torch.float16)
 
 
 def test_weight_grad_no_rows(device):
@@ -501,67 +570,81 @@ def test_gpu_deterministic():
 
 def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
     """The kernel variants the wrappers launch for ``dtype`` on a GPU, with the module's fixed
-    configurations (``gth._config``): TMA and pointer weights (16-bit), every activation."""
+    configurations (``gth._config``, each F-dependent choice): TMA and pointer weights (16-bit),
+    every activation, each output combination."""
     from aot_specs import TRITON_DTYPES
 
     t = TRITON_DTYPES[dtype]
+    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT", "N_ACC")
     specs = []
-    for use_tma in (False, True) if dtype in (torch.float16, torch.bfloat16) else (False,):
-        cfg = gth._config("up", dtype, interpret=False)
-        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        desc = f"tensordesc<{t}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>" if use_tma else f"*{t}"
-        for act in ACTS:
-            for save_h in (False, True) if act == "swiglu" else (True,):
+    # Pointer weights in bf16 and fp32; TMA weights in both 16-bit types.
+    tma_options = {torch.bfloat16: (False, True), torch.float16: (True,)}.get(dtype, (False,))
+    for use_tma in tma_options:
+        up_cfgs = {tuple(gth._config("up", dtype, f, interpret=False).items()) for f in (256, 2048)}
+        for n_cfg, cfg in enumerate(sorted(up_cfgs)):
+            cfg = dict(cfg)
+            desc = f"tensordesc<{t}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>" if use_tma else f"*{t}"
+            for act in ACTS if n_cfg == 0 else ("swiglu",):
+                for save_h, save_a in (
+                    ((False, True), (True, False), (True, True))
+                    if act == "swiglu" and n_cfg == 0
+                    else ((True, True),)
+                ):
+                    sig = {
+                        "x_ptr": f"*{t}",
+                        "w_ptr": f"*{t}",
+                        "w_desc": desc,
+                        "r2a_ptr": "*i32",
+                        "ends_ptr": "*i32",
+                        "h_ptr": f"*{t}",
+                        "a_ptr": f"*{t}",
+                    }
+                    sig.update(
+                        {
+                            k: "i32"
+                            for k in ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn", "TOP_K")
+                        }
+                    )
+                    consts = {"ACT": ACTS.index(act), "SAVE_H": save_h, "SAVE_A": save_a, "USE_TMA": use_tma}
+                    consts["EVEN_K"] = use_tma  # D % BLOCK_K == 0 is the common case; both compiled
+                    consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
+                    sig.update({k: "constexpr" for k in consts})
+                    specs.append((gth._up_glu_kernel, sig, consts))
+        for kind, acts in (("dgrad", ACTS), ("mm", (None,))):
+            cfg = gth._config(kind, dtype, 256, interpret=False)
+            desc = f"tensordesc<{t}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>" if use_tma else f"*{t}"
+            for act in acts:
                 sig = {
-                    "x_ptr": f"*{t}",
+                    "dy_ptr": f"*{t}",
                     "w_ptr": f"*{t}",
                     "w_desc": desc,
+                    "h_ptr": f"*{t}",
                     "r2a_ptr": "*i32",
                     "ends_ptr": "*i32",
-                    "h_ptr": f"*{t}",
-                    "a_ptr": f"*{t}",
+                    "tw_ptr": "*fp32" if act else f"*{t}",
+                    "dh_ptr": f"*{t}",
+                    "aw_ptr": f"*{t}",
+                    "gw_ptr": "*fp32" if act else f"*{t}",
                 }
-                sig.update(
-                    {k: "i32" for k in ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn", "TOP_K")}
-                )
-                consts = {
-                    "ACT": ACTS.index(act),
-                    "SAVE_H": save_h,
-                    "SAVE_A": not save_h or act != "swiglu",
-                    "USE_TMA": use_tma,
-                    **blocks,
-                    "BLOCK_E": 128,
-                }
+                names = ("R", "D", "F", "E", "stride_dy", "stride_we", "stride_wd", "stride_h", "TOP_K")
+                sig.update({k: "i32" for k in names})
+                consts = {"ACT": ACTS.index(act) if act else 0, "GLU": act is not None, "USE_TMA": use_tma}
+                consts["EVEN_K"] = use_tma
+                consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
+                consts.setdefault("EPI_SPLIT", 1)
                 sig.update({k: "constexpr" for k in consts})
-                specs.append((gth._up_glu_kernel, sig, consts))
-        cfg = gth._config("dgrad", dtype, interpret=False)
-        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        desc = f"tensordesc<{t}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>" if use_tma else f"*{t}"
-        for act in ACTS:
-            sig = {
-                "dy_ptr": f"*{t}",
-                "w_ptr": f"*{t}",
-                "w_desc": desc,
-                "h_ptr": f"*{t}",
-                "r2a_ptr": "*i32",
-                "ends_ptr": "*i32",
-                "tw_ptr": "*fp32",
-                "dh_ptr": f"*{t}",
-                "aw_ptr": f"*{t}",
-                "gw_ptr": "*fp32",
-            }
-            sig.update(
-                {
-                    k: "i32"
-                    for k in ("R", "D", "F", "E", "stride_dy", "stride_we", "stride_wd", "stride_h", "TOP_K")
-                }
-            )
-            consts = {"ACT": ACTS.index(act), "USE_TMA": use_tma, **blocks, "BLOCK_E": 128}
-            sig.update({k: "constexpr" for k in consts})
-            specs.append((gth._dgrad_glu_kernel, sig, consts))
+                specs.append((gth._dgrad_glu_kernel, sig, consts))
+                if act == "swiglu":  # the other chunkings and accumulator counts
+                    for n_acc, split in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)):
+                        if (n_acc, split) != (cfg["N_ACC"], cfg.get("EPI_SPLIT", 1)):
+                            specs.append(
+                                (gth._dgrad_glu_kernel, sig, dict(consts, N_ACC=n_acc, EPI_SPLIT=split))
+                            )
         cfg = gth._config("wgrad", dtype, interpret=False)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        for gather_a in (True, False):
+        for gather_a, idx64 in ((True, False), (False, False), (True, True), (False, True)):
+            if idx64 and not use_tma:
+                continue  # the flags shape the TMA loop only
             a_desc = b_desc = f"*{t}"
             if use_tma and gather_a:
                 b_desc = f"tensordesc<{t}[{bk}, {bn}]>"
@@ -577,13 +660,8 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 "out_ptr": f"*{t}",
             }
             sig.update({k: "i32" for k in ("M", "N", "stride_a", "stride_b", "TOP_K")})
-            consts = {
-                "GATHER_A": gather_a,
-                "SORTED_TMA": use_tma,
-                "BLOCK_M": bm,
-                "BLOCK_N": bn,
-                "BLOCK_K": bk,
-            }
+            consts = {"GATHER_A": gather_a, "SORTED_TMA": use_tma, "IDX64": idx64, "EVEN_MN": not idx64}
+            consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             sig.update({k: "constexpr" for k in consts})
             specs.append((gth._gathered_wgrad_kernel, sig, consts))
     return specs
@@ -610,6 +688,10 @@ def test_aot_specs_cover_every_kernel():
     up = {(c["ACT"], c["SAVE_H"], c["SAVE_A"], c["USE_TMA"]) for k, _, c in specs if k is gth._up_glu_kernel}
     assert {(h, a) for _, h, a, _ in up} == {(True, True), (True, False), (False, True)}
     assert {act for act, *_ in up} == set(range(len(ACTS)))
+    dgrad = {(c["ACT"], c["GLU"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
+    assert dgrad == {(a, True) for a in range(len(ACTS))} | {(0, False)}
+    chunks = {(c["N_ACC"], c["EPI_SPLIT"]) for k, _, c in specs if k is gth._dgrad_glu_kernel and c["GLU"]}
+    assert {(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)} <= chunks
     wgrad = {(c["GATHER_A"], c["SORTED_TMA"]) for k, _, c in specs if k is gth._gathered_wgrad_kernel}
     assert wgrad == {(True, True), (True, False), (False, True), (False, False)}
     for kernel, sig, consts in specs:
