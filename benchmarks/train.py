@@ -374,17 +374,10 @@ def markdown(results: dict, check: dict, counts) -> str:
     return text
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Seed-model training benchmark, fused vs unfused MoE.")
-    ap.add_argument(
-        "--impl",
-        nargs="+",
-        default=["all"],
-        choices=[*IMPLS, "all"],
-        help=f"'all' = {' '.join(DEFAULT_IMPLS)}",
-    )
+def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> None:
+    """The arguments the torch and the Flax training benchmarks share."""
     ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
-    ap.add_argument("--steps", type=int, default=30, help="measured steps after warm-up (>= 20 on GPU)")
+    ap.add_argument("--steps", type=int, default=steps, help="measured steps after warm-up (>= 20 on GPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps, at least 1 (default 5)")
     ap.add_argument(
         "--check-steps",
@@ -395,9 +388,21 @@ def parse_args(argv=None):
     )
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balance loss coefficient")
-    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    ap.add_argument("--compile-backend", default=None, help=compile_help)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Seed-model training benchmark, fused vs unfused MoE.")
+    ap.add_argument(
+        "--impl",
+        nargs="+",
+        default=["all"],
+        choices=[*IMPLS, "all"],
+        help=f"'all' = {' '.join(DEFAULT_IMPLS)}",
+    )
+    add_run_args(ap, steps=30, compile_help="torch.compile backend (default inductor)")
     ap.add_argument("--out", default="out/bench-train")
     ap.add_argument(
         "--framework",

@@ -100,23 +100,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--torch-impl", choices=TORCH_IMPLS, default="fused-compiled", help="the torch run of --compare-torch"
     )
-    ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps after warm-up")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5)")
-    ap.add_argument(
-        "--check-steps",
-        type=int,
-        default=None,
-        help="steps of the loss-curve comparison with --compare-torch (default 50): every run "
-        "then trains max(warmup + steps, check-steps) steps",
-    )
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balance loss coefficient")
-    ap.add_argument(
-        "--compile-backend", default=None, help="torch.compile backend of --torch-impl fused-compiled"
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
+    train.add_run_args(ap, steps=20, compile_help="torch.compile backend of --torch-impl fused-compiled")
     ap.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,

@@ -147,6 +147,26 @@ def _layout(topk_ids, topk_weights, num_experts, plan: Plan, options: MoEOptions
     return permute.expert_layout(topk_ids, num_experts, plan.rows_per_expert, keep)
 
 
+def _fit_padded_layout(make_layout, plan: Plan, allow_grow: bool, check: bool, hint: str):
+    """``make_layout(plan)``; with ``check`` (the padded layout without capacity), an expert that
+    overflows it grows the layout when ``allow_grow`` (one host sync) and raises
+    ``CapacityOverflowError`` otherwise. Returns the layout and the plan used."""
+    layout = make_layout(plan)
+    if not check:
+        return layout, plan
+    overflow = int(layout.num_unplaced.sum())  # the padded layout needs this host sync
+    if overflow:
+        needed = int(layout.tokens_per_expert.max())
+        if not allow_grow:
+            raise CapacityOverflowError(
+                f"gemm='bmm': an expert received {needed} assignments but the padded layout holds "
+                f"{plan.rows_per_expert} per expert ({overflow} overflow). {hint}"
+            )
+        plan = Plan("bmm", needed)
+        layout = make_layout(plan)
+    return layout, plan
+
+
 def _rows_to_gather(x, plan: Plan):
     """What the layout kernel copies into expert order: x, or nothing (a zero-width view) where the
     gathered up-projection reads x by token index itself."""
@@ -230,21 +250,11 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
             num_unplaced = permute.capacity_drop(x_sorted, topk_weights, assign_to_row, row_to_assign,
                                                  expert_ends, options.capacity(x.shape[0], E))
     else:
-        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
-            topk_ids, topk_weights, E, plan, options)
-        if plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0:
-            overflow = int(num_unplaced.sum())  # the padded layout needs this host sync
-            if overflow:
-                needed = int(tokens_per_expert.max())
-                if not allow_grow:
-                    raise CapacityOverflowError(
-                        f"gemm='bmm': an expert received {needed} tokens but max_tokens_per_expert is "
-                        f"{plan.rows_per_expert} ({overflow} assignments overflow). Pass a larger "
-                        "max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'."
-                    )
-                plan = Plan("bmm", needed)
-                assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = _layout(
-                    topk_ids, topk_weights, E, plan, options)
+        layout, plan = _fit_padded_layout(
+            lambda p: _layout(topk_ids, topk_weights, E, p, options), plan, allow_grow,
+            check=plan.gemm == "bmm" and options.capacity_factor is None and x.shape[0] > 0,
+            hint="Pass a larger max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'.")
+        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         x_sorted = permute.gather_rows(x, row_to_assign, K)
     out, h = _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
                           options, plan, h_into=r.h, out_into=o.out)
@@ -407,20 +417,11 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
         x_sorted, assign_to_row, row_to_assign, expert_ends, tokens_per_expert, _ = permute.layout_and_gather(
             _rows_to_gather(x, plan), ids, E, _block_counts(ids, E, block_n), block_n, out=layout_out)
     else:
-        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = permute.expert_layout(
-            ids, E, plan.rows_per_expert)
+        layout, plan = _fit_padded_layout(lambda p: permute.expert_layout(ids, E, p.rows_per_expert), plan,
+                                          allow_grow, check=plan.gemm == "bmm" and N > 0,
+                                          hint="Use gemm='grouped'.")
+        assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         if plan.gemm == "bmm":
-            overflow = int(num_unplaced.sum()) if N > 0 else 0  # the padded layout needs this host sync
-            if overflow:
-                needed = int(tokens_per_expert.max())
-                if not allow_grow:
-                    raise CapacityOverflowError(
-                        f"gemm='bmm': an expert received {needed} assignments but the padded layout holds "
-                        f"{plan.rows_per_expert} ({overflow} overflow). Use gemm='grouped'."
-                    )
-                plan = Plan("bmm", needed)
-                layout = permute.expert_layout(ids, E, plan.rows_per_expert)
-                assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
             x_sorted = permute.gather_rows(x, row_to_assign, K)
         elif plan.gemm == "grouped":  # dropless: assign_to_row is a permutation of the rows
             x_sorted = permute.scatter_rows(x, assign_to_row, K)

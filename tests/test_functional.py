@@ -10,7 +10,7 @@ import torch
 from moe_cases import assert_close, far_from_ties, fused_and_reference, random_moe, rel_err
 
 import flashfusemoe
-from flashfusemoe.kernels import activation, grouped_gemm, permute, routing
+from flashfusemoe.kernels import activation, gathered_gemm, grouped_gemm, permute, routing
 from flashfusemoe.reference import moe_reference
 
 TOL64 = 1e-9
@@ -203,7 +203,7 @@ def test_nan_token_stays_in_its_row(options, triton, monkeypatch):
     """A token whose scores are all NaN still picks K real experts (its row is NaN); before, the
     routing kernel gave it expert id E, which corrupted other rows or failed an index check."""
     if not triton:
-        for module in (activation, grouped_gemm, permute, routing):
+        for module in (activation, gathered_gemm, grouped_gemm, permute, routing):
             monkeypatch.setattr(module, "use_triton", lambda t: False)
     x, r, u, d = random_moe(N=12, D=8, F=4, E=4)
     x[1, 3] = float("nan")
@@ -239,7 +239,7 @@ def test_gradcheck(gemm):
 
 def test_plain_torch_path_without_triton(monkeypatch):
     """CPU tensors without the interpreter run torch fallbacks; they must match too."""
-    for module in (activation, grouped_gemm, permute, routing):
+    for module in (activation, gathered_gemm, grouped_gemm, permute, routing):
         monkeypatch.setattr(module, "use_triton", lambda t: False)
     for gemm in ("grouped", "bmm"):
         tensors = random_moe(N=40, D=16, F=8, E=5)

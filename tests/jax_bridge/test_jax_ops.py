@@ -21,7 +21,7 @@ from moe_cases import GRAD_NAMES, random_moe, rel_err  # noqa: E402
 
 import flashfusemoe  # noqa: E402
 import jax_bridge  # noqa: E402
-from flashfusemoe.kernels import INTERPRET, activation, grouped_gemm, permute, routing  # noqa: E402
+from flashfusemoe.kernels import INTERPRET, activation, gathered_gemm, grouped_gemm, permute, routing  # noqa: E402
 from jax_bridge import ops as bridge_ops  # noqa: E402
 from jax_bridge.reference import moe_reference  # noqa: E402
 
@@ -237,7 +237,7 @@ def test_matches_jax_reference(case, monkeypatch):
     dtype, (n, d, f), options = REFERENCE_CASES[case]
     options = dict(options)
     if dtype == torch.bfloat16 and INTERPRET:
-        for module in (activation, grouped_gemm, permute, routing):
+        for module in (activation, gathered_gemm, grouped_gemm, permute, routing):
             monkeypatch.setattr(module, "use_triton", lambda t: False)
     tensors, g = problem(dtype, n=n, d=d, f=f)
     args = [to_jax(t) for t in tensors]
