@@ -59,6 +59,7 @@ SWEEP = {
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=6),
+        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5, IDX64=True),
     ],
 }
@@ -300,7 +301,9 @@ def main():
                 ("mm", ("dgrad_mm",)),
                 ("wgrad", ("wgrad_down", "wgrad_up")),
             ):
-                default = gathered_gemm._config(kind, torch.bfloat16, shape[2])
+                default = gathered_gemm._config(
+                    "wgrad_a" if kind == "wgrad" else kind, torch.bfloat16, shape[2]
+                )
                 print(f"{name:6} {kind:6} default {default}")
                 for cfg in SWEEP[kind]:
                     if time.time() - t_start > args.budget:

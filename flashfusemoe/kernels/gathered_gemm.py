@@ -510,7 +510,7 @@ def _gathered_wgrad_kernel(
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
 
-KINDS = ("up", "dgrad", "mm", "wgrad")
+KINDS = ("up", "dgrad", "mm", "wgrad_a", "wgrad_b")
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
@@ -533,7 +533,7 @@ def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPR
         cfg["EPI_SPLIT"] = 4
     if kind in ("dgrad", "mm"):
         cfg["N_ACC"] = 1
-    if kind == "wgrad":
+    if kind.startswith("wgrad"):
         cfg["IDX64"] = False  # 64-bit token offsets even where 32 bits suffice (tests)
     return cfg
 
@@ -994,7 +994,7 @@ def gathered_weight_grad(
     if b.stride(1) != 1:
         b = b.contiguous()
     sorted_t, gathered = (b, a) if gather == "a" else (a, b)
-    cfg, tma = _resolve_config("wgrad", a.dtype, config)
+    cfg, tma = _resolve_config(f"wgrad_{gather}", a.dtype, config)
     idx64 = cfg.pop("IDX64") or gathered.shape[0] * gathered.stride(0) >= 2**31
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = tma and _tma_ok(sorted_t)

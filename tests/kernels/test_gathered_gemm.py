@@ -640,9 +640,9 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                             specs.append(
                                 (gth._dgrad_glu_kernel, sig, dict(consts, N_ACC=n_acc, EPI_SPLIT=split))
                             )
-        cfg = gth._config("wgrad", dtype, interpret=False)
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         for gather_a, idx64 in ((True, False), (False, False), (True, True), (False, True)):
+            cfg = gth._config("wgrad_a" if gather_a else "wgrad_b", dtype, interpret=False)
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             if idx64 and not use_tma:
                 continue  # the flags shape the TMA loop only
             a_desc = b_desc = f"*{t}"
