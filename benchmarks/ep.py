@@ -39,6 +39,7 @@ import torch.distributed.nn.functional as dist_fn
 
 import flashfusemoe
 from flashfusemoe import parallel
+from flashfusemoe.profiling import median_ms
 
 SEED_SHAPE = (8192, 1024, 1536, 8, 2)  # N per rank, D, F, experts per rank, K
 TINY_SHAPE = (64, 32, 32, 2, 2)
@@ -140,19 +141,7 @@ def measure(name, step, cfg, cuda: bool, group) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     dist.barrier(group)
-    times = []
-    for _ in range(cfg.iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    step_ms = median_ms(step, warmup=0, iters=cfg.iters)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     a2a = []
     for _ in range(max(1, cfg.iters // 2)):
@@ -160,7 +149,7 @@ def measure(name, step, cfg, cuda: bool, group) -> dict:
         step()
         a2a.append(_TIMER.total_ms())
         _TIMER = None
-    mine = torch.tensor([statistics.median(times), statistics.median(a2a), peak or 0.0], dtype=torch.float64)
+    mine = torch.tensor([step_ms, statistics.median(a2a), peak or 0.0], dtype=torch.float64)
     W = dist.get_world_size(group)
     gathered = [torch.empty_like(mine) for _ in range(W)]
     dist.all_gather_object(gathered, mine, group=group)

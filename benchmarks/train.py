@@ -374,6 +374,15 @@ def markdown(results: dict, check: dict, counts) -> str:
     return text
 
 
+def run_files(args, env: dict, cfg, counts, name: str) -> tuple[Path, str, dict]:
+    """The output folder (created), the file stem and the metadata every training benchmark records."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**env, "model": cfg.__dict__, "params_total": counts[0], "params_active": counts[1],
+            "warmup": args.warmup, "lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed}
+    return out, name + ("-tiny" if args.tiny else ""), meta
+
+
 def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> None:
     """The arguments the torch and the Flax training benchmarks share."""
     ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
@@ -458,19 +467,7 @@ def _main(argv=None) -> int:
         f"measured {args.steps}, loss check over {args.check_steps} steps"
     )
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "train" + ("-tiny" if args.tiny else "")
-    meta = {
-        **env,
-        "model": cfg.__dict__,
-        "params_total": counts[0],
-        "params_active": counts[1],
-        "warmup": args.warmup,
-        "lr": args.lr,
-        "aux_coef": args.aux_coef,
-        "seed": args.seed,
-    }
+    out, stem, meta = run_files(args, env, cfg, counts, "train")
     results = {}
 
     def save():

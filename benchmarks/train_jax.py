@@ -393,24 +393,14 @@ def _main(argv=None) -> int:
     dtype = jnp.bfloat16 if cuda else jnp.float32
     counts = train.param_counts(train.build_model("unfused-eager", cfg, "meta"))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "train-jax" + ("-tiny" if args.tiny else "")
-    meta = {
-        **env,
-        "model": cfg.__dict__,
-        "params_total": counts[0],
-        "params_active": counts[1],
-        "warmup": args.warmup,
-        "lr": args.lr,
-        "aux_coef": args.aux_coef,
-        "seed": args.seed,
+    out, stem, meta = train.run_files(args, env, cfg, counts, "train-jax")
+    meta.update({
         "scan": args.scan,
         "remat": args.remat,
         "attention": args.attention,
         "compute_dtype": jnp.dtype(dtype).name,
         "isolated": isolate,
-    }
+    })
     results = {}
 
     def save():
