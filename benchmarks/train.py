@@ -337,7 +337,8 @@ def loss_check(results: dict, n: int) -> dict:
     return out
 
 
-def markdown(results: dict, check: dict, counts) -> str:
+def results_table(results: dict) -> list[str]:
+    """The markdown rows of the runs (step time, tokens/s, peak memory, warm-up, status)."""
     lines = [
         "| impl | p50 step ms | tokens/s | peak GiB | warm-up s | steps | status |",
         "|---|---|---|---|---|---|---|",
@@ -349,6 +350,11 @@ def markdown(results: dict, check: dict, counts) -> str:
             f"{f('peak_gib', '.2f')} | {f('warmup_s', '.1f')} | {r['steps']} | "
             f"{r['status']}{': ' + r['note'] if r['note'] else ''} |"
         )
+    return lines
+
+
+def markdown(results: dict, check: dict, counts) -> str:
+    lines = results_table(results)
     fused, eager, comp = (results.get(k) for k in ("fused-compiled", "unfused-eager", "unfused-compiled"))
     ratios = []
     if fused and fused["status"] == "ok":

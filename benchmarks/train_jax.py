@@ -303,17 +303,7 @@ def curves_table(results: dict, n: int) -> str:
 
 
 def markdown(results: dict, check: dict, counts, n_curve: int) -> str:
-    lines = [
-        "| impl | p50 step ms | tokens/s | peak GiB | warm-up s | steps | status |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in results.values():
-        f = lambda k, spec, r=r: format(r[k], spec) if r["status"] == "ok" and r.get(k) is not None else "-"
-        lines.append(
-            f"| {r['impl']} | {f('step_ms_p50', '.1f')} | {f('tokens_per_s', ',.0f')} | "
-            f"{f('peak_gib', '.2f')} | {f('warmup_s', '.1f')} | {r['steps']} | "
-            f"{r['status']}{': ' + r['note'] if r['note'] else ''} |"
-        )
+    lines = train.results_table(results)
     ok = {k: r for k, r in results.items() if r["status"] == "ok"}
     ratios = []
     bridge = ok.get(impl_name("bridge"))
