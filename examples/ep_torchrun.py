@@ -24,8 +24,16 @@ def main(steps: int = 3) -> list[float]:
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        losses = train(steps, torch.device("cuda" if cuda else "cpu"))
+        dist.barrier()  # DDP and its pending work are gone on every rank before the group is
+    finally:
+        dist.destroy_process_group()
+    return losses
+
+
+def train(steps: int, device: torch.device) -> list[float]:
     rank, W = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda" if cuda else "cpu")
     E = 4 * W
     torch.manual_seed(0)  # the same full layer on every rank; each keeps its shard
     full = flashfusemoe.MoELayer(D, F, E, K, num_shared_experts=1)
@@ -55,7 +63,6 @@ def main(steps: int = 3) -> list[float]:
     full_state = gather_state_dict(layer.state_dict(), dist.group.WORLD)  # collective: every rank
     if rank == 0:
         print("gathered w_up:", tuple(full_state["w_up"].shape))
-    dist.destroy_process_group()
     return losses
 
 
