@@ -7,6 +7,7 @@ DDP; the expert weights are excluded from DDP, since each rank holds different e
 layer already gives them their complete gradient.
 """
 
+import gc
 import os
 
 import torch
@@ -26,7 +27,10 @@ def main(steps: int = 3) -> list[float]:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         losses = train(steps, torch.device("cuda" if cuda else "cpu"))
-        dist.barrier()  # DDP and its pending work are gone on every rank before the group is
+        # Free the training state's reference cycles while the group is alive: a gloo group torn
+        # down in interpreter shutdown can abort the process (seen under load).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return losses

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, **env):
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    full_env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", **env)
+    full_env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu",
+                    PYTHONFAULTHANDLER="1", **env)
     full_env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, *args], env=full_env, cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
