@@ -176,13 +176,30 @@ def signature_with_options(fn, exclude: tuple[str, ...] = ("top_k",)):
     return fn
 
 
+# ``make_options``' results by arguments: a training loop passes the same ones every step, and
+# validating them costs host time on the critical path of a host-bound step. MoEOptions is frozen.
+_made_options: dict[tuple, MoEOptions] = {}
+
+
 def make_options(top_k, options: dict, caller: str) -> MoEOptions:
     """``MoEOptions(top_k=top_k, **options)``; an unknown name is a ``TypeError`` naming ``caller``."""
+    try:  # each value with its type: True and 1 are equal keys, but only one is a valid option
+        key = (type(top_k), top_k, *((name, type(v), v) for name, v in options.items()))
+        made = _made_options.get(key)
+    except TypeError:  # an unhashable value (MoEOptions rejects it below)
+        key = made = None
+    if made is not None:
+        return made
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}; its options are "
                         f"{OPTION_NAMES[1:]}")
-    return MoEOptions(top_k=top_k, **options)
+    made = MoEOptions(top_k=top_k, **options)
+    if key is not None:
+        if len(_made_options) >= 256:
+            _made_options.clear()
+        _made_options[key] = made
+    return made
 
 
 @dataclass(frozen=True)
@@ -376,6 +393,21 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
     _check_x_rank("x", x)
     for name, rank in (("router_weight", 2), ("w_up", 3), ("w_down", 3)):
         _check_rank(name, named[name], rank)
+    D, E, F = x.shape[-1], router_weight.shape[0], w_down.shape[2]
+    if not (router_weight.shape[1] == w_up.shape[2] == w_down.shape[1] == D
+            and w_up.shape[0] == w_down.shape[0] == E and w_up.shape[1] == 2 * F):
+        D, E, F = _agreed_dims(x, router_weight, w_up, w_down)
+    if E < 1 or D < 1 or F < 1:
+        raise ValueError(f"E={E}, D={D} and F={F} must all be >= 1")
+    _check_same_device_and_dtype(named, autocast)
+    _check_expert_bias(expert_bias, E, "x", x.device)
+    options.check_num_experts(E)
+    return D, E, F
+
+
+def _agreed_dims(x, router_weight, w_up, w_down) -> tuple[int, int, int]:
+    """``(D, E, F)`` from the four tensors' shapes; a size they disagree on raises the ValueError
+    that names the odd tensor."""
     # Each size from every tensor that has it, x first: the error names the one that disagrees.
     D = _agreed_dim("D", [("x", x, x.shape[-1], "[..., {D}]"),
                           ("router_weight", router_weight, router_weight.shape[1], "[{E}, {D}]"),
@@ -388,11 +420,6 @@ def validate_inputs(x, router_weight, w_up, w_down, expert_bias, options: MoEOpt
         raise ValueError(f"w_up must have an even number of rows (gate and up halves), got {w_up.shape[1]}")
     F = _agreed_dim("F", [("w_up", w_up, w_up.shape[1] // 2, "[{E}, 2*{F}, {D}]"),
                           ("w_down", w_down, w_down.shape[2], "[{E}, {D}, {F}]")])
-    if E < 1 or D < 1 or F < 1:
-        raise ValueError(f"E={E}, D={D} and F={F} must all be >= 1")
-    _check_same_device_and_dtype(named, autocast)
-    _check_expert_bias(expert_bias, E, "x", x.device)
-    options.check_num_experts(E)
     return D, E, F
 
 

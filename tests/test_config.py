@@ -83,6 +83,23 @@ def test_options_are_frozen_and_hashable():
     assert hash(opts) == hash(MoEOptions(top_k=2))
 
 
+def test_make_options_reuses_a_validated_result_but_still_rejects_bad_values():
+    from flashfusemoe.config import make_options
+
+    a = make_options(2, {"gemm": "grouped", "norm_topk_prob": True}, "f")
+    assert make_options(2, {"gemm": "grouped", "norm_topk_prob": True}, "f") is a
+    assert make_options(2, {"gemm": "grouped", "norm_topk_prob": False}, "f") is not a
+    # 1 == True as a dict key: the cached True must not let the int through unchecked
+    with pytest.raises(TypeError, match="norm_topk_prob"):
+        make_options(2, {"gemm": "grouped", "norm_topk_prob": 1}, "f")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        make_options(2, {"gemm": "grouped", "bogus": 1}, "f")
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        make_options(2, {"routed_scaling_factor": math.inf}, "f")
+    with pytest.raises(ValueError, match="activation"):  # unhashable: not cached, still checked
+        make_options(2, {"activation": ["swiglu"]}, "f")
+
+
 def test_no_bare_asserts_in_library():
     """Validation must survive python -O."""
     import pathlib
