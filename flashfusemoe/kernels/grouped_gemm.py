@@ -292,11 +292,11 @@ def _grouped_mm_triton(a, b, expert_ends, trans_b):
     return out
 
 
-def _grouped_mm_weight_grad_triton(a, b, expert_ends):
+def _grouped_mm_weight_grad_triton(a, b, expert_ends, out=None):
     R, M = a.shape
     N = b.shape[1]
     E = expert_ends.shape[0]
-    out = torch.empty((E, M, N), dtype=a.dtype, device=a.device)
+    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out")
     if out.numel() == 0:
         return out
     if R == 0:
@@ -547,8 +547,8 @@ def grouped_mm_weight_grad(
         b: ``[R, N]``, same rows and dtype as ``a``.
         expert_ends: ``[E]`` int32 on ``a``'s device, cumulative end row of each expert.
         backend: ``"auto"``, ``"tma"``, ``"torch"``, ``"triton"`` or ``"loop"`` (module docstring).
-        out: optional ``[E, M, N]`` buffer of ``a``'s dtype for the result: the TMA kernel writes
-            it in place, the other backends copy into it.
+        out: optional ``[E, M, N]`` buffer of ``a``'s dtype for the result: the Triton and TMA
+            kernels write it in place, the other backends copy into it.
 
     Returns:
         ``out [E, M, N]`` with ``out[e] = a[rows_e].T @ b[rows_e]``: exact zeros for an expert
@@ -567,7 +567,7 @@ def grouped_mm_weight_grad(
     if chosen == "torch":
         result = _grouped_mm_weight_grad_torch(a, b, expert_ends)
     elif chosen == "triton":
-        result = _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous())
+        return _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous(), out)
     else:
         result = _grouped_mm_weight_grad_loop(a, b, expert_ends)
     return deliver(result, out, "out")
