@@ -21,7 +21,8 @@
 # Each stage logs to OUT_DIR/<stage>.log; benchmark JSON/markdown land in OUT_DIR/<stage>/.
 # A failing stage does not stop the others; the exit status is non-zero if any stage failed.
 # Extra arguments per stage: LAYER_ARGS, TRAIN_ARGS, TRAIN_JAX_ARGS, HF_ARGS, EP_ARGS, PYTEST_ARGS (e.g.
-# PYTEST_ARGS="-x"); EP_GPUS: GPUs for the ep stage (default 1: the G=1 smoke run).
+# PYTEST_ARGS="-x"); EP_GPUS: GPUs for the ep stage (default 1: the G=1 smoke run); STAGE_TIMEOUT:
+# seconds each stage may run before it is stopped and counted as failed (default: no limit).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
@@ -38,7 +39,11 @@ run_stage() {  # run_stage NAME CMD...
   echo
   echo "=== [$name] $* ($(date +%H:%M:%S))"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  if [ -n "${STAGE_TIMEOUT:-}" ]; then
+    timeout --kill-after=10 "$STAGE_TIMEOUT" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  else
+    "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  fi
   local rc=$?
   echo "=== [$name] exit $rc after $((SECONDS - t0)) s"
   if [ "$rc" -ne 0 ]; then
