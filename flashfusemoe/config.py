@@ -69,7 +69,8 @@ class MoEOptions:
     - ``gemm``: how the expert GEMMs run. ``"grouped"``: unpadded, dropless, no host sync: the
       tokens gathered into expert order, grouped GEMMs (CUTLASS / cuBLAS), a GLU kernel.
       ``"gathered"``: the same layout, but the up-projection reads its rows from x by token index
-      and applies the GLU in its epilogue (no copy of x, no GLU pass). ``"bmm"``: the padded
+      and applies the GLU in its epilogue (no copy of x, no GLU pass); in backward the two GEMMs
+      that read the output gradient per row read it by token index (no copy of it). ``"bmm"``: the padded
       ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing expert grows it with one host
       sync in eager mode, and raises ``CapacityOverflowError`` where it can't grow). ``"auto"``
       (default): ``"gathered"`` for experts of width F <= ``GATHERED_MAX_FFN`` (512), else

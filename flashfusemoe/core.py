@@ -203,15 +203,26 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
     K, E = topk_weights.shape[1], w_up.shape[0]
     if grad_out is None:
         grad_out = torch.zeros_like(x)
+    # "gathered": the two GEMMs that read dy per row take it by token index, so only x is laid out.
+    dy_by_index = plan.gemm == "gathered"
+    second = None if dy_by_index else grad_out
     if every_row_assigned:
-        x_sorted, dy = permute.scatter_rows(x, r.assign_to_row, K, second=grad_out)
+        laid_out = permute.scatter_rows(x, r.assign_to_row, K, second=second)
     else:
-        x_sorted, dy = permute.gather_rows(x, r.row_to_assign, K, second=grad_out)
+        laid_out = permute.gather_rows(x, r.row_to_assign, K, second=second)
+    x_sorted, dy = (laid_out, None) if dy_by_index else laid_out
     h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
-    da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
+    if dy_by_index:
+        da = gathered_gemm.gathered_mm(grad_out, w_down, r.row_to_assign, r.expert_ends, K)
+    else:
+        da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
     dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
                                                          topk_weights)
-    grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
+    if dy_by_index:
+        grad_w_down = gathered_gemm.gathered_weight_grad(grad_out, a_weighted, r.row_to_assign, r.expert_ends,
+                                                         K, "a", out=g.w_down)
+    else:
+        grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
     grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
     return dx_sorted, grad_w_row, grad_w_up, grad_w_down

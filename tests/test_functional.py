@@ -241,7 +241,7 @@ def test_plain_torch_path_without_triton(monkeypatch):
     """CPU tensors without the interpreter run torch fallbacks; they must match too."""
     for module in (activation, gathered_gemm, grouped_gemm, permute, routing):
         monkeypatch.setattr(module, "use_triton", lambda t: False)
-    for gemm in ("grouped", "bmm"):
+    for gemm in ("grouped", "gathered", "bmm"):
         tensors = random_moe(N=40, D=16, F=8, E=5)
         fused, ref = fused_and_reference(tensors, top_k=2, gemm=gemm, capacity_factor=0.8)
         assert_close(fused, ref, TOL64, f"torch path {gemm}")
@@ -258,3 +258,27 @@ def test_low_precision_inputs(dtype):
     fused, ref = fused_and_reference(tensors, top_k=2, ref_dtype=torch.float64)
     assert fused[0].dtype == dtype
     assert_close(fused, ref, 1e-5 if dtype == torch.float32 else 5e-2, str(dtype))
+
+
+@pytest.mark.parametrize("routing", ["capacity", "one-expert"])
+def test_gathered_float32_adversarial_routing(routing):
+    """The gathered kernels (interpreted on CPU) in float32 against a float64 reference: capacity
+    drops (rows without an assignment), and every token on one expert (the others empty)."""
+    x, router_weight, w_up, w_down = random_moe(N=40, D=32, F=16, E=6)
+    options = dict(gemm="gathered", top_k=2)
+    if routing == "capacity":
+        router_weight[0] += 2.0 * x.mean(0)
+        options["capacity_factor"] = 0.5
+    else:  # tokens in one orthant: each one's projection on the mean direction is about 1
+        x = x.abs() + 0.5
+        router_weight = _one_expert_router(x, 6, winner=4, losers=(0, 1))
+        options["top_k"] = 1
+        options["norm_topk_prob"] = False
+    tensors = [t.float() for t in (x, router_weight, w_up, w_down)]
+    top_k = options.pop("top_k")
+    fused, ref = fused_and_reference(tensors, top_k, ref_dtype=torch.float64, return_aux=True, **options)
+    assert_close(fused, ref, 1e-5, routing)
+    if routing == "capacity":
+        assert int(fused[1]["dropped_tokens"]) > 0
+    else:
+        assert fused[1]["tokens_per_expert"].tolist() == [0, 0, 0, 0, 40, 0]
