@@ -389,6 +389,18 @@ def run_files(args, env: dict, cfg, counts, name: str) -> tuple[Path, str, dict]
     return out, name + ("-tiny" if args.tiny else ""), meta
 
 
+def write_results(out: Path, stem: str, meta: dict, results: dict, check, table: str, env: dict,
+                  libraries: tuple[str, ...]) -> None:
+    """``<stem>.json`` (metadata, results, loss check) and ``<stem>.md`` (a header naming the card,
+    the ``libraries``' versions, the date, the commit and the command; then ``table``)."""
+    record = {"meta": meta, "results": results, "loss_check": check}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    versions = ", ".join(f"{lib} {env[lib]}" for lib in libraries)
+    header = (f"Card: {env['device']}; {versions}; {env['date_utc']}; git {env['git']}\n\n"
+              f"Command: `{env['command']}`\n\n")
+    (out / f"{stem}.md").write_text(header + table)
+
+
 def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> None:
     """The arguments the torch and the Flax training benchmarks share."""
     ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
@@ -480,14 +492,7 @@ def _main(argv=None) -> int:
         """Writes the runs finished so far (a run cut short still leaves its results)."""
         check = loss_check(results, args.check_steps)
         table = markdown(results, check, counts)
-        (out / f"{stem}.json").write_text(
-            json.dumps({"meta": meta, "results": results, "loss_check": check}, indent=1)
-        )
-        header = (
-            f"Card: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date_utc']}; "
-            f"git {env['git']}\n\nCommand: `{env['command']}`\n\n"
-        )
-        (out / f"{stem}.md").write_text(header + table)
+        write_results(out, stem, meta, results, check, table, env, ("torch", "triton"))
         return check, table
 
     for impl in impls:

@@ -396,14 +396,7 @@ def _main(argv=None) -> int:
     def save():
         check = loss_check(results, torch_name, args.check_steps)
         table = markdown(results, check, counts, args.check_steps)
-        (out / f"{stem}.json").write_text(
-            json.dumps({"meta": meta, "results": results, "loss_check": check}, indent=1)
-        )
-        header = (
-            f"Card: {env['device']}; jax {env['jax']}, flax {env['flax']}, torch {env['torch']}, "
-            f"triton {env['triton']}; {env['date_utc']}; git {env['git']}\n\nCommand: `{env['command']}`\n\n"
-        )
-        (out / f"{stem}.md").write_text(header + table)
+        train.write_results(out, stem, meta, results, check, table, env, ("jax", "flax", "torch", "triton"))
         return check, table
 
     def report(r):
