@@ -480,11 +480,14 @@ def build_jax_impl(impl: str, K: int):
     raise ValueError(f"unknown JAX implementation {impl!r}")
 
 
-def _jax_peak_bytes(jax):
-    stats = jax.devices()[0].memory_stats()
-    if not stats:
-        return None, None
-    return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
+def _xla_call_bytes(jitted, *args) -> int | None:
+    """Device bytes XLA allocates for one call of ``jitted`` beyond its arguments: the outputs and
+    the temporary buffer that holds every intermediate (XLA's static buffer assignment), or None
+    where the backend does not report it."""
+    stats = jitted.lower(*args).compile().memory_analysis()
+    if stats is None:
+        return None
+    return stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
 
 
 def measure_jax(impl: str, p: Problem, cfg, cuda: bool) -> dict:
@@ -529,25 +532,29 @@ def _measure_jax(res: dict, jax, fn, p: Problem, cfg, cuda: bool) -> None:
     run_fb = lambda i: f_fb(xs[i], *ws, gs[i])
     block = jax.block_until_ready
     n = len(xs)
-    in_use0, peak0 = _jax_peak_bytes(jax)
+    run_one = run_fwd if cfg.fwd_only else run_fb
+    for i in range(n):
+        block(run_one(i))
+    # Peak: what one call needs above its resident arguments, as torch's figure is: XLA's outputs
+    # and temporary buffer, plus what torch allocates inside the bridge's callbacks during that one
+    # call. (JAX's high-water mark can't be reset: it would span every call of the run, the
+    # pipelined ones in flight together included.)
+    one_args = (xs[0], *ws) if cfg.fwd_only else (xs[0], *ws, gs[0])
+    xla_bytes = _xla_call_bytes(f_fwd if cfg.fwd_only else f_fb, *one_args)
+    torch_extra = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         torch_before = torch.cuda.memory_allocated()
-    for i in range(n):
-        block(run_fwd(i) if cfg.fwd_only else run_fb(i))
+        block(run_one(0))
+        torch_extra = torch.cuda.max_memory_allocated() - torch_before
+    if xla_bytes is not None:
+        res["peak_mib"] = (xla_bytes + torch_extra) / MIB
     res["fwd_ms"] = time_ms(run_fwd, n, cfg, False, block)
     if not cfg.fwd_only:
         res["fwdbwd_ms"] = time_ms(run_fb, n, cfg, False, block)
-    res["pipelined_ms"] = pipelined_ms(run_fwd if cfg.fwd_only else run_fb, n, block)
+    res["pipelined_ms"] = pipelined_ms(run_one, n, block)
     res["saved_mib"] = _jax_saved_bytes(jax, fn, [xs[0], *ws]) / MIB
-    _, peak1 = _jax_peak_bytes(jax)
-    if peak1 is not None and in_use0 is not None:
-        # JAX's allocator (this run's growth) plus torch's, which the bridge's callbacks use.
-        torch_extra = (torch.cuda.max_memory_allocated() - torch_before) if cuda else 0
-        res["peak_mib"] = (peak1 - in_use0 + torch_extra) / MIB
-        if peak1 <= peak0:
-            res["note"] += "; peak is an upper bound (JAX's high-water mark was set earlier)"
     if cuda and res["impl"] == "jax-bridge":
         res["host_syncs"] = count_host_syncs(lambda: block(run_fwd(0) if cfg.fwd_only else run_fb(0)))
 
