@@ -323,7 +323,7 @@ def measure_dense(p: Problem, cfg, cuda: bool) -> dict:
             ops["fwdbwd"] = lambda i: [f() for f in fwd + bwd]
             for mode in ("fwd",) if cfg.fwd_only else ("fwd", "fwdbwd"):
                 res[f"{mode}_ms"] = time_ms(ops[mode], 1, cfg, cuda)
-            res["pipelined_ms"] = pipelined_ms(ops[mode], 1, lambda r: _sync(cuda))
+            res["pipelined_ms"] = pipelined_ms(ops[mode], 1, lambda r: _sync(cuda), *cfg.pipelined)
     except Exception as exc:  # noqa: BLE001
         _record_failure(res, exc)
     _fill_rates(res, p)
@@ -399,7 +399,8 @@ def measure_torch(impl: str, p: Problem, cfg, cuda: bool) -> dict:
         res["fwd_ms"] = time_ms(fwd, n, cfg, cuda)
         if not cfg.fwd_only:
             res["fwdbwd_ms"] = time_ms(fwdbwd, n, cfg, cuda)
-        res["pipelined_ms"] = pipelined_ms(fwd if cfg.fwd_only else fwdbwd, n, lambda r: _sync(cuda))
+        res["pipelined_ms"] = pipelined_ms(fwd if cfg.fwd_only else fwdbwd, n, lambda r: _sync(cuda),
+                                           *cfg.pipelined)
         if cuda:
             _measure_cuda_extras(res, fn, p, cfg)
     except Exception as exc:  # noqa: BLE001
@@ -553,7 +554,7 @@ def _measure_jax(res: dict, jax, fn, p: Problem, cfg, cuda: bool) -> None:
     res["fwd_ms"] = time_ms(run_fwd, n, cfg, False, block)
     if not cfg.fwd_only:
         res["fwdbwd_ms"] = time_ms(run_fb, n, cfg, False, block)
-    res["pipelined_ms"] = pipelined_ms(run_one, n, block)
+    res["pipelined_ms"] = pipelined_ms(run_one, n, block, *cfg.pipelined)
     res["saved_mib"] = _jax_saved_bytes(jax, fn, [xs[0], *ws]) / MIB
     if cuda and res["impl"] == "jax-bridge":
         res["host_syncs"] = count_host_syncs(lambda: block(run_fwd(0) if cfg.fwd_only else run_fb(0)))
@@ -719,9 +720,11 @@ def parse_args(argv=None):
         args.sets = args.sets or 2
         args.warmup = 1 if args.warmup is None else args.warmup
         args.iters = args.iters or 1
+        args.pipelined = (2, 1)  # (calls, repeats): a smoke run, not a timing
         args.compile_backend = args.compile_backend or "eager"
     args.sets = args.sets or 3
     args.warmup = 3 if args.warmup is None else args.warmup
+    args.pipelined = getattr(args, "pipelined", (20, 5))
     args.compile_backend = args.compile_backend or "inductor"
     return args
 
