@@ -155,6 +155,9 @@ def test_parameters_shared_and_state_dict_round_trip(tmp_path):
 @pytest.mark.parametrize("family, dtype", [("mixtral", torch.float64), ("deepseek_v3", torch.float32)])
 def test_generate(family, dtype):
     model = tiny_model(family, dtype)
+    # Generation doesn't need the router logits, and with them on, transformers 5.17's Mixtral fails
+    # in eager mode too (its aux loss pairs the whole prompt's mask with one step's logits).
+    model.config.output_router_logits = False
     prompt = torch.randint(0, VOCAB, (2, 4))
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **kw)
