@@ -90,7 +90,8 @@ def _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M: tl.constex
     rows = row0 + tl.arange(0, BLOCK_M)
     in_rows = rows < row_end
     asg = tl.load(r2a_ptr + rows, mask=in_rows, other=-1)
-    valid = in_rows & (asg >= 0) & (expert < E)
+    # (tl.where, not `& (expert < E)`: Triton 3.9's interpreter rejects a mask and-ed with a scalar)
+    valid = tl.where(expert < E, in_rows & (asg >= 0), False)
     tok = tl.where(valid, asg // TOP_K, 0).to(tl.int64)
     return rows, in_rows, valid, asg, tok
 
