@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -178,6 +179,19 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        run(cfg, cuda)
+        # Free the run's reference cycles while the group is alive: a gloo group torn down in
+        # interpreter shutdown can abort the process (seen under load).
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def run(cfg, cuda: bool) -> None:
+    """Times every ``cfg.impl`` on this rank; rank 0 prints and writes the table."""
     group = dist.group.WORLD
     rank, W = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda") if cuda else torch.device("cpu")
@@ -198,7 +212,7 @@ def main(argv=None) -> int:
     _install_ffmoe_timer()
     # torch.distributed.nn.functional is deprecated in favour of _functional_collectives, whose
     # autograd all-to-all is private API; the deprecated one is the stable differentiable op.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="benchmarks.ep")
+    warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated", category=FutureWarning)
 
     steps = {
         "ffmoe-ep": lambda: flashfusemoe.fused_moe(x, router, w_up, w_down, K, ep_group=group),
@@ -242,9 +256,6 @@ def main(argv=None) -> int:
                 "torch_ep_max_rel_diff_rank0": float(diff)}
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         (out / f"{stem}.md").write_text(table + "\n")
-    dist.barrier(group)
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
