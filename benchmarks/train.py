@@ -420,6 +420,23 @@ def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> 
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
 
 
+def resolve_run_args(args, cuda: bool, no_cuda: str) -> None:
+    """Fills in the defaults of ``add_run_args``' arguments: without ``cuda`` (logging ``no_cuda``)
+    the run is ``--tiny``, which trains one step on one CPU thread."""
+    if not cuda and not args.tiny:
+        log(f"{no_cuda}: running --tiny (2-layer tiny model on CPU)")
+        args.tiny = True
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny CPU ops are slower on a thread pool
+        args.steps = min(args.steps, 1)
+        args.warmup = 1 if args.warmup is None else args.warmup
+        args.check_steps = 2 if args.check_steps is None else args.check_steps
+        args.compile_backend = args.compile_backend or "eager"
+    args.warmup = 5 if args.warmup is None else args.warmup
+    args.check_steps = 50 if args.check_steps is None else args.check_steps
+    args.compile_backend = args.compile_backend or "inductor"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Seed-model training benchmark, fused vs unfused MoE.")
     ap.add_argument(
@@ -440,18 +457,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.warmup is not None and args.warmup < 1:
         ap.error(f"--warmup must be >= 1 (the first step compiles), got {args.warmup}")
-    if not torch.cuda.is_available() and not args.tiny:
-        log("no CUDA device: running --tiny (2-layer tiny model on CPU)")
-        args.tiny = True
-    if args.tiny:
-        torch.set_num_threads(1)  # tiny CPU ops are slower on a thread pool
-        args.steps = min(args.steps, 1)
-        args.warmup = 1 if args.warmup is None else args.warmup
-        args.check_steps = 2 if args.check_steps is None else args.check_steps
-        args.compile_backend = args.compile_backend or "eager"
-    args.warmup = 5 if args.warmup is None else args.warmup
-    args.check_steps = 50 if args.check_steps is None else args.check_steps
-    args.compile_backend = args.compile_backend or "inductor"
+    resolve_run_args(args, torch.cuda.is_available(), "no CUDA device")
     return args
 
 

@@ -114,18 +114,7 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and v < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
-    if not _cuda() and not args.tiny:
-        log("no CUDA device for both torch and JAX: running --tiny (2-layer tiny model on CPU)")
-        args.tiny = True
-    if args.tiny:
-        torch.set_num_threads(1)
-        args.steps = min(args.steps, 1)
-        args.warmup = 1 if args.warmup is None else args.warmup
-        args.check_steps = 2 if args.check_steps is None else args.check_steps
-        args.compile_backend = args.compile_backend or "eager"
-    args.warmup = 5 if args.warmup is None else args.warmup
-    args.check_steps = 50 if args.check_steps is None else args.check_steps
-    args.compile_backend = args.compile_backend or "inductor"
+    train.resolve_run_args(args, _cuda(), "no CUDA device for both torch and JAX")
     return args
 
 
