@@ -50,7 +50,7 @@ from flashfusemoe.kernels import (
     use_triton,
 )
 from flashfusemoe.kernels.activation import _act, _act_and_grad, _check_activation
-from flashfusemoe.kernels.grouped_gemm import _dot_acc
+from flashfusemoe.kernels.grouped_gemm import _dot_acc, _weight_grad_tile
 from flashfusemoe.kernels.launch import fast_launch
 
 # ---------------------------------------------------------------------------------------------
@@ -437,15 +437,7 @@ def _gathered_wgrad_kernel(
     ``b_desc`` block ``[BLOCK_K, BLOCK_N]``), the last partial chunk through masked loads. An
     empty expert writes zeros.
     """
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
-    e = pid // tiles_per_expert
-    tile = pid % tiles_per_expert
-    m0 = (tile // tiles_n) * BLOCK_M
-    n0 = (tile % tiles_n) * BLOCK_N
-    row_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
-    row_end = tl.load(ends_ptr + e)
+    e, m0, n0, row_start, row_end = _weight_grad_tile(ends_ptr, M, N, BLOCK_M, BLOCK_N)
     ms = m0 + tl.arange(0, BLOCK_M)
     ns = n0 + tl.arange(0, BLOCK_N)
     mmask = ms < M

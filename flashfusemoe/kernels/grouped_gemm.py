@@ -47,6 +47,21 @@ _HAS_TORCH_GROUPED_MM = hasattr(torch, "_grouped_mm") and torch.version.hip is N
 
 
 @triton.jit
+def _weight_grad_tile(ends_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a weight-gradient grid ``(E * cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``
+    (an expert's tiles adjacent): ``(e, m0, n0, row_start, row_end)``, expert ``e``'s rows
+    ``[row_start, row_end)`` from the cumulative ``ends_ptr``."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
+    e = pid // tiles_per_expert
+    tile = pid % tiles_per_expert
+    row_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+    row_end = tl.load(ends_ptr + e)
+    return e, (tile // tiles_n) * BLOCK_M, (tile % tiles_n) * BLOCK_N, row_start, row_end
+
+
+@triton.jit
 def _dot_acc(a, b, acc):
     """``acc + a @ b`` accumulated in ``acc.dtype`` (fp32, or fp64 for fp64)."""
     if INTERP:
@@ -215,15 +230,7 @@ def _grouped_wgrad_tma_kernel(
     start at any row); the last partial chunk is loaded with a row mask, so no row of a
     neighbouring expert enters the sum. An empty expert writes zeros.
     """
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_expert = tl.cdiv(M, BLOCK_M) * tiles_n
-    e = pid // tiles_per_expert
-    tile = pid % tiles_per_expert
-    m0 = (tile // tiles_n) * BLOCK_M
-    n0 = (tile % tiles_n) * BLOCK_N
-    row_start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
-    row_end = tl.load(ends_ptr + e)
+    e, m0, n0, row_start, row_end = _weight_grad_tile(ends_ptr, M, N, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_full = tl.maximum(row_end - row_start, 0) // BLOCK_K
