@@ -557,7 +557,7 @@ def _measure_jax(res: dict, jax, fn, p: Problem, cfg, cuda: bool) -> None:
     res["pipelined_ms"] = pipelined_ms(run_one, n, block, *cfg.pipelined)
     res["saved_mib"] = _jax_saved_bytes(jax, fn, [xs[0], *ws]) / MIB
     if cuda and res["impl"] == "jax-bridge":
-        res["host_syncs"] = count_host_syncs(lambda: block(run_fwd(0) if cfg.fwd_only else run_fb(0)))
+        res["host_syncs"] = count_host_syncs(lambda: block(run_one(0)))
 
 
 def _jax_saved_bytes(jax, fn, args) -> int:
@@ -720,11 +720,10 @@ def parse_args(argv=None):
         args.sets = args.sets or 2
         args.warmup = 1 if args.warmup is None else args.warmup
         args.iters = args.iters or 1
-        args.pipelined = (2, 1)  # (calls, repeats): a smoke run, not a timing
         args.compile_backend = args.compile_backend or "eager"
     args.sets = args.sets or 3
     args.warmup = 3 if args.warmup is None else args.warmup
-    args.pipelined = getattr(args, "pipelined", (20, 5))
+    args.pipelined = (2, 1) if args.tiny else (20, 5)  # (calls, repeats); --tiny is a smoke run
     args.compile_backend = args.compile_backend or "inductor"
     return args
 
