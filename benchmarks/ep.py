@@ -8,7 +8,8 @@ experts, 8 per rank; top-2, softmax routing. Implementations, all timed forward 
 ``(out * g).sum()``:
 
 - ``ffmoe-ep``: ``flashfusemoe.fused_moe(..., ep_group=WORLD)`` (dropless: one host sync);
-- ``torch-ep``: torch ops as torchtitan composes them: softmax top-k, argsort dispatch,
+- ``torch-ep``: torch ops as torchtitan composes them: softmax top-k (float32 logits, as ours, so
+  that both pick the same experts), argsort dispatch,
   ``all_to_all_single`` of the counts (host sync) and the rows
   (``torch.distributed.nn.functional``: differentiable), ``torch._grouped_mm`` (bf16 on CUDA;
   a per-expert loop elsewhere), the reverse all-to-all and an ``index_add`` combine;
@@ -85,7 +86,8 @@ def torch_ep(x, router_weight, w_up, w_down, K: int, group):
     N, D = x.shape
     E, El = router_weight.shape[0], w_up.shape[0]
     Fh = w_up.shape[1] // 2
-    scores = torch.softmax((x @ router_weight.t()).float(), dim=-1)
+    # Router logits in float32, as ours: bf16 logits pick other experts for some tokens.
+    scores = torch.softmax(x.float() @ router_weight.float().t(), dim=-1)
     topk_w, topk_ids = scores.topk(K, dim=-1)
     topk_w = topk_w / topk_w.sum(-1, keepdim=True)
     flat = topk_ids.reshape(-1)
