@@ -265,17 +265,15 @@ def test_gathered_float32_adversarial_routing(routing):
     """The gathered kernels (interpreted on CPU) in float32 against a float64 reference: capacity
     drops (rows without an assignment), and every token on one expert (the others empty)."""
     x, router_weight, w_up, w_down = random_moe(N=40, D=32, F=16, E=6)
-    options = dict(gemm="gathered", top_k=2)
     if routing == "capacity":
         router_weight[0] += 2.0 * x.mean(0)
-        options["capacity_factor"] = 0.5
+        top_k, options = 2, dict(capacity_factor=0.5)
     else:  # tokens in one orthant: each one's projection on the mean direction is about 1
         x = x.abs() + 0.5
         router_weight = _one_expert_router(x, 6, winner=4, losers=(0, 1))
-        options["top_k"] = 1
-        options["norm_topk_prob"] = False
+        top_k, options = 1, dict(norm_topk_prob=False)
     tensors = [t.float() for t in (x, router_weight, w_up, w_down)]
-    top_k = options.pop("top_k")
+    options["gemm"] = "gathered"
     fused, ref = fused_and_reference(tensors, top_k, ref_dtype=torch.float64, return_aux=True, **options)
     assert_close(fused, ref, 1e-5, routing)
     if routing == "capacity":
