@@ -1,0 +1,136 @@
+"""Where one synced call of the JAX bridge spends its time, against torch-native.
+
+    PYTHONPATH=. python scripts/bridge_latency.py [--shape N D F E K] [--backward]
+
+The bridge's callback is wrapped to stamp the host clock at its entry and exit and, on a GPU, to
+record CUDA events on XLA's stream there. Per call (median, us):
+
+    dispatch   call start -> callback entry (JAX dispatch and whatever XLA runs first)
+    host       callback entry -> exit (DLPack views, checks, kernel launches)
+    gpu        entry event -> exit event on XLA's stream (the kernels the callback enqueued; GPU only)
+    after      callback exit -> ``block_until_ready`` returns (the GPU finishing, XLA's completion)
+    total      call start -> return
+
+then torch-native's same call by wall clock (call + synchronize) and by CUDA events.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import torch
+
+import flashfusemoe
+import jax_bridge
+from jax_bridge import ops as bridge_ops
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", type=int, nargs=5, default=None, metavar=("N", "D", "F", "E", "K"),
+                        help="default: the seed shape 8192 1024 1536 8 2 on a GPU, 64 32 32 8 2 on CPU")
+    parser.add_argument("--backward", action="store_true", help="time fwd+bwd (jax.vjp) instead of forward")
+    parser.add_argument("--iters", type=int, default=100)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    N, D, F, E, K = args.shape or ((8192, 1024, 1536, 8, 2) if cuda else (64, 32, 32, 8, 2))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    device = "cuda" if cuda else "cpu"
+
+    stamps = []  # per callback: (host entry, host exit, entry event, exit event)
+
+    def stamped(callback):
+        def wrapper(options, plan, ctx, *rest):
+            events = None
+            if cuda:
+                stream = torch.cuda.ExternalStream(ctx.stream)
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record(stream)
+            entry = time.perf_counter()
+            callback(options, plan, ctx, *rest)
+            leave = time.perf_counter()
+            if cuda:
+                events[1].record(stream)
+            stamps.append((entry, leave, events))
+        return wrapper
+
+    bridge_ops._forward_callback = stamped(bridge_ops._forward_callback)
+    bridge_ops._backward_callback = stamped(bridge_ops._backward_callback)
+
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *s, scale: (torch.randn(*s, device=device, generator=g) * scale).to(dtype)
+    tensors = [mk(N, D, scale=1), mk(E, D, scale=D ** -0.5), mk(E, 2 * F, D, scale=D ** -0.5),
+               mk(E, D, F, scale=F ** -0.5)]
+    grad_out = mk(N, D, scale=1)
+    to_jax = lambda t: jnp.array(jax.dlpack.from_dlpack(t.contiguous()), copy=True)
+    arrays, g_jax = [to_jax(t) for t in tensors], to_jax(grad_out)
+
+    layer = lambda *a: jax_bridge.fused_moe(*a, K)
+    if args.backward:
+        def fwd_bwd(x, r, u, d, g):
+            out, vjp = jax.vjp(layer, x, r, u, d)
+            return out, vjp(g)
+        jitted = jax.jit(fwd_bwd)
+        call = lambda: jax.block_until_ready(jitted(*arrays, g_jax))
+    else:
+        jitted = jax.jit(layer)
+        call = lambda: jax.block_until_ready(jitted(*arrays))
+
+    for _ in range(10):
+        call()
+    rows = {k: [] for k in ("dispatch", "host", "gpu", "after", "total")}
+    for _ in range(args.iters):
+        stamps.clear()
+        start = time.perf_counter()
+        call()
+        end = time.perf_counter()
+        first, last = stamps[0], stamps[-1]
+        rows["dispatch"].append((first[0] - start) * 1e6)
+        rows["host"].append(sum(s[1] - s[0] for s in stamps) * 1e6)
+        if cuda:
+            rows["gpu"].append(sum(s[2][0].elapsed_time(s[2][1]) for s in stamps) * 1e3)
+        rows["after"].append((end - last[1]) * 1e6)
+        rows["total"].append((end - start) * 1e6)
+    what = "fwd+bwd" if args.backward else "forward"
+    print(f"bridge {what}, N={N} D={D} F={F} E={E} K={K} on {device} ({len(stamps)} callback(s) per call), "
+          f"median us:")
+    for name, values in rows.items():
+        print(f"  {name:9s} {_median(values):9.1f}")
+
+    leaves = [t.clone().requires_grad_(args.backward) for t in tensors]
+
+    def torch_call():
+        if args.backward:
+            return torch.autograd.grad(flashfusemoe.fused_moe(*leaves, K), leaves, grad_out)
+        with torch.no_grad():
+            return flashfusemoe.fused_moe(*leaves, K)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(10):
+        torch_call()
+    sync()
+    wall, events = [], []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        torch_call()
+        sync()
+        wall.append((time.perf_counter() - start) * 1e6)
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            torch_call()
+            b.record()
+            b.synchronize()
+            events.append(a.elapsed_time(b) * 1e3)
+    gpu_timing = f", CUDA events {_median(events):.1f} us" if cuda else ""
+    print(f"torch {what}: wall clock {_median(wall):.1f} us{gpu_timing}")
+
+
+if __name__ == "__main__":
+    main()
