@@ -95,7 +95,7 @@ def rel_err(a, b, floor=1e-6):
     norm_topk_prob, where every weight is 1) from turning float64 round-off into a large relative
     error; the tests' real values are O(1e-2..1), so the floor hides no real error.
     """
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     if not a.numel():
         return 0.0
     return float((a - b).abs().max() / max(float(b.abs().max()), floor))
