@@ -15,6 +15,7 @@ from flashfusemoe import core
 from flashfusemoe.config import (
     ACTIVATIONS,
     FLOAT_DTYPES,
+    GEMMS,
     MoEOptions,
     _describe,
     autocast_dtype,
@@ -23,7 +24,6 @@ from flashfusemoe.config import (
 )
 from flashfusemoe.ops import _no_autocast
 
-EXPERT_GEMMS = ("auto", "grouped", "bmm")
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -48,9 +48,11 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
     - ``distinct_ids=True`` promises K distinct experts per row (as from a top-k; checked with the
       range, a repeat raising ``ValueError`` or tripping the device-side assert): the dropless layout
       and the row gather then take one launch instead of two.
-    - ``gemm``: "grouped" (dropless, the default of "auto") or "bmm" (padded layout of twice the
+    - ``gemm``: as ``fused_moe``'s: "grouped" (dropless), "gathered" (dropless; the up-projection
+      reads x by token index with the GLU in its epilogue) or "bmm" (padded layout of twice the
       mean load per expert, grown with one host sync when an expert overflows it; under
-      ``torch.compile`` an overflow raises ``CapacityOverflowError``).
+      ``torch.compile`` an overflow raises ``CapacityOverflowError``). "auto": "gathered" for
+      experts of width F <= ``GATHERED_MAX_FFN``, else "grouped" (the rule of ``fused_moe``).
     - ``recompute``: recompute the pre-activation in backward instead of saving it.
     Under torch autocast, x and the expert weights are cast to its dtype.
     """
@@ -122,23 +124,24 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
     """Validates ``moe_experts``' arguments; returns ``(MoEOptions, core.Plan)``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
-    if gemm not in EXPERT_GEMMS:
-        raise ValueError(f"gemm={gemm!r} is not one of {EXPERT_GEMMS}")
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm={gemm!r} is not one of {GEMMS}")
     check_bool("recompute", recompute)
     check_bool("check_ids", check_ids)
     check_bool("distinct_ids", distinct_ids)
     autocast = isinstance(x, torch.Tensor) and autocast_dtype(x) is not None
-    N, _, E, _, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
+    N, _, E, F, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
     options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute)
-    return options, make_experts_plan(gemm, N, K, E)
+    return options, make_experts_plan(options.resolved_gemm(F), N, K, E)
 
 
 def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int) -> core.Plan:
-    """"auto" and "grouped": the dropless layout; "bmm": padded to twice the mean load, at most N*K."""
+    """The plan of a resolved ``gemm``: "grouped" and "gathered" the dropless layout; "bmm" padded
+    to twice the mean load, at most N*K."""
     if gemm == "bmm":
         mean = -(-num_tokens * top_k // num_experts)
         return core.Plan("bmm", max(1, min(num_tokens * top_k, 2 * mean)))
-    return core.Plan("grouped")
+    return core.Plan(gemm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The forward and backward of a ``jax.custom_vjp`` call ``flashfusemoe.core.expert
 ``experts_backward`` (what torch's ``moe_experts`` runs) inside XLA buffer callbacks, through the
 machinery of ``jax_bridge.ops`` (DLPack views of XLA's buffers, XLA's stream on GPU, torch modes
 reset in the callback), so the results are bit-identical to torch's. Residuals leave the forward
-as extra JAX outputs. Shapes are static: ``gemm="auto"`` runs "grouped"; with ``gemm="bmm"`` an
+as extra JAX outputs. Shapes are static: ``gemm="auto"`` resolves as in torch; with ``gemm="bmm"`` an
 expert overflowing the padded layout raises ``CapacityOverflowError`` in the callback (reported
 by JAX as a ``JaxRuntimeError`` naming it). ``check_ids=True`` checks the id range inside the
 forward callback (one sync of XLA's stream with the host) and a bad id raises ``ValueError``

@@ -87,7 +87,7 @@ ROUTINGS = {
 }
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_float64_matches_reference(routing, gemm):
     N, K, ids = ROUTINGS[routing]
@@ -127,12 +127,26 @@ def test_distinct_ids_refuses_a_repeat():
             moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True, check_ids=False)
 
 
+@pytest.mark.parametrize("gemm", ["grouped", "gathered"])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
 @pytest.mark.parametrize("routing", ["random", "repeated_ids_in_a_row"])
-def test_float32_kernels_match_reference(routing, activation):
+def test_float32_kernels_match_reference(routing, activation, gemm):
     N, K, ids = ROUTINGS[routing]
     x, ids, weights, w_up, w_down = problem(N, 32, 16, 6, K, torch.float32, ids=ids)
-    check_against_reference(x, ids, weights, w_up, w_down, 2e-5, activation=activation)
+    check_against_reference(x, ids, weights, w_up, w_down, 2e-5, activation=activation, gemm=gemm)
+
+
+def test_auto_resolves_by_expert_width():
+    """"auto" runs "gathered" up to GATHERED_MAX_FFN and "grouped" above, as fused_moe does."""
+    from flashfusemoe.config import GATHERED_MAX_FFN
+    from flashfusemoe.experts import experts_plan
+
+    for f, expected in ((GATHERED_MAX_FFN, "gathered"), (GATHERED_MAX_FFN + 1, "grouped")):
+        x, ids, weights, w_up, w_down = (t.to("meta") for t in problem(4, 8, 1, 3, 2, torch.float32))
+        w_up, w_down = w_up.new_empty(3, 2 * f, 8), w_down.new_empty(3, 8, f)
+        _, plan = experts_plan(x, ids, weights, w_up, w_down, activation="swiglu", gemm="auto",
+                               recompute=False, check_ids=False)
+        assert plan.gemm == expected
 
 
 def test_repeated_weights_and_int32_ids_and_recompute():
@@ -225,12 +239,12 @@ def test_bad_options(kw, match):
         moe_experts(x, ids, weights, w_up, w_down, **kw)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
 def test_opcheck(gemm):
     x, ids, weights, w_up, w_down = (t.requires_grad_(t.is_floating_point())
                                      for t in problem(8, 16, 8, 4, 2, torch.float64))
     rows = 8 if gemm == "bmm" else 0
-    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True, gemm == "grouped")
+    args = (x, ids, weights, w_up, w_down, "swiglu", False, gemm, rows, False, True, gemm != "bmm")
     torch.library.opcheck(experts_forward_op, args)
 
 
@@ -252,13 +266,14 @@ def test_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["grouped", "gathered"])
 @pytest.mark.parametrize("routing", ["random", "one_expert_takes_all", "repeated_ids_in_a_row"])
-def test_bfloat16_on_gpu(routing):
+def test_bfloat16_on_gpu(routing, gemm):
     """bf16 on the GPU kernels (torch._grouped_mm): within bf16 rounding of the float64 loop."""
     N, K, ids = ROUTINGS[routing]
     x, ids, weights, w_up, w_down = problem(N * 32, 256, 128, 6, K, torch.bfloat16,
                                             ids=None if ids is None else ids.repeat(32, 1))
-    check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2)
+    check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2, gemm=gemm)
 
 
 def test_autocast_casts_states_and_expert_weights():
