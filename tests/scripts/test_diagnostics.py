@@ -14,3 +14,14 @@ def test_bridge_latency_splits_a_call():
 def test_host_overhead_stub():
     out = run_on_cpu(["scripts/host_overhead.py", "--stub", "--profile", "0"])
     assert "host time per fwd+bwd call" in out
+
+
+def test_profile_hf_groups_a_step():
+    out = run_on_cpu(["scripts/profile_hf.py", "--impl", "flashfusemoe", "--top", "3"])
+    assert "qwen3-moe / flashfusemoe: CPU op time (tiny model)" in out
+    assert " ms  other (elementwise, reductions, copies)" in out
+
+
+def test_bench_experts_times_both_gemms():
+    out = run_on_cpu(["scripts/bench_experts.py", "--shapes", "fine"])
+    assert "fine     grouped   fwd+bwd" in out and "fine     gathered/grouped" in out

@@ -1,0 +1,77 @@
+"""Where one transformers training step spends GPU time, per experts implementation.
+
+    PYTHONPATH=. python scripts/profile_hf.py [--model qwen3-moe|mixtral] [--impl grouped_mm flashfusemoe]
+
+Builds the model of ``benchmarks.hf`` (same config, bf16, AdamW, 8 x 2048 tokens), runs two
+warm-up steps, then one step under ``torch.profiler`` and sums the GPU kernels' time by group:
+attention, optimizer, experts (Triton kernels and grouped GEMMs), dense GEMMs (cuBLAS), other
+(elementwise, reductions, copies), then lists the top kernels. Only kernels are summed (CPU ops'
+device totals would count their kernels twice). On CPU it runs a tiny model and sums CPU op time
+instead (a smoke run).
+"""
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.hf import MODELS, build_model, step_fn
+
+
+def kernel_group(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n:
+        return "attention"
+    if "adam" in n or "multi_tensor" in n:
+        return "optimizer"
+    if n.startswith("_") and "kernel" in n or "grouped" in n or "cutlass" in n:
+        return "experts (Triton, grouped GEMM)"
+    if "gemm" in n or "nvjet" in n or "cublas" in n or "sm90_xmma" in n:
+        return "dense GEMM (cuBLAS)"
+    return "other (elementwise, reductions, copies)"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-moe", choices=list(MODELS))
+    ap.add_argument("--impl", nargs="+", default=["grouped_mm", "flashfusemoe"])
+    ap.add_argument("--top", type=int, default=20, help="kernels listed per implementation")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for impl in args.impl:
+        model = build_model(args.model, impl, not cuda, device, dtype, 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+        batch = torch.randint(3, 32768 if cuda else 128, (8, 2048) if cuda else (2, 16), device=device)
+        for _ in range(2):
+            step_fn(model, opt, batch)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            step_fn(model, opt, batch)
+            sync()
+        per_kernel = defaultdict(float)
+        for event in prof.events():
+            if cuda and event.device_type != DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us() if cuda else event.self_cpu_time_total
+            if us > 0:
+                per_kernel[event.name] += us
+        groups = defaultdict(float)
+        for name, us in per_kernel.items():
+            groups[kernel_group(name)] += us
+        what = "GPU kernel time" if cuda else "CPU op time (tiny model)"
+        print(f"\n{args.model} / {impl}: {what} {sum(per_kernel.values()) / 1e3:.1f} ms per step")
+        for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+            print(f"  {us / 1e3:8.1f} ms  {group}")
+        for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"    {us / 1e3:8.1f} ms  {name[:100]}")
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
