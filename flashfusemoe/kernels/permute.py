@@ -659,9 +659,9 @@ def _combine_rows_kernel(
     out_ptr,
     N,
     D,
-    K,
     E,
     stride_rows,
+    K: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_ROUTER: tl.constexpr,
     FP64: tl.constexpr,
@@ -671,6 +671,8 @@ def _combine_rows_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
+    # K is a constexpr so that the K row loads are unrolled and issued together (H100, fine shape:
+    # 294 -> 239 us forward, 296 -> 268 us backward; docs/benchmarks.md, 2026-12-06 third session).
     tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     nmask = tokens < N
@@ -680,7 +682,7 @@ def _combine_rows_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float64)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         asg = t64 * K + k
         row = tl.load(assign_to_row_ptr + asg, mask=nmask, other=-1)
         valid = row >= 0
@@ -701,15 +703,15 @@ def _combine_rows_kernel(
             gmask = nmask[:, None] & emask[None, :]
             g = tl.load(logit_grad_ptr + t64[:, None] * E + e[None, :], mask=gmask, other=0.0)
             wmask = emask[:, None] & cmask[None, :]
-            w = tl.load(router_weight_ptr + e[:, None] * D + cols[None, :], mask=wmask, other=0.0)
+            rw = tl.load(router_weight_ptr + e[:, None] * D + cols[None, :], mask=wmask, other=0.0)
             if INTERP:  # 16-bit tl.dot is wrong in the interpreter
-                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="ieee")
+                acc += tl.dot(g.to(acc.dtype), rw.to(acc.dtype), input_precision="ieee")
             elif ROUTER_16BIT:  # 16-bit operands (as an autocast linear's grad_input): tensor cores
-                acc += tl.dot(g, w)
+                acc += tl.dot(g, rw)
             elif ROUTER_TF32:  # 16-bit output: tf32 products are far below its rounding
-                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="tf32")
+                acc += tl.dot(g.to(acc.dtype), rw.to(acc.dtype), input_precision="tf32")
             else:
-                acc += tl.dot(g.to(acc.dtype), w.to(acc.dtype), input_precision="ieee")
+                acc += tl.dot(g.to(acc.dtype), rw.to(acc.dtype), input_precision="ieee")
     out_off = t64[:, None] * D + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask2)
 
@@ -783,9 +785,9 @@ def combine_rows(
         out,
         n,
         d,
-        top_k,
         num_experts,
         rows.stride(0),
+        K=top_k,
         HAS_W=weights is not None,
         HAS_ROUTER=addend is not None,
         FP64=fp64,

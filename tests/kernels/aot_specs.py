@@ -97,6 +97,7 @@ def _permute() -> list:
         block_n, block_d = row_blocks(4096, permute._COMBINE_ELEMS, 256)
         for has_w, has_router in ((True, False), (False, True), (False, False), (True, True)):
             consts = {
+                "K": 8,
                 "HAS_W": has_w,
                 "HAS_ROUTER": has_router,
                 "FP64": dtype == torch.float64,
