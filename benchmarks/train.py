@@ -234,11 +234,13 @@ def make_batches(cfg: ModelConfig, n: int, seed: int, device) -> list[torch.Tens
     return batches
 
 
-def compile_regions(model: Model, backend: str) -> None:
-    """Regional compilation: each block and the head separately (identical MoE blocks share code)."""
+def compile_regions(model: Model, backend: str, mode: str | None = None) -> None:
+    """Regional compilation: each block and the head separately (identical MoE blocks share code).
+    ``mode``: torch.compile's (``"reduce-overhead"`` replays each region as a CUDA graph)."""
+    kwargs = {"backend": backend} if mode is None else {"backend": backend, "mode": mode}
     for block in model.blocks:
-        block.compile(backend=backend)
-    model.head.compile(backend=backend)
+        block.compile(**kwargs)
+    model.head.compile(**kwargs)
 
 
 def _set_recompile_limit(limit: int) -> None:
@@ -273,8 +275,10 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     model.load_state_dict(state)
     if impl.endswith("compiled"):
         _set_recompile_limit(64)
-        compile_regions(model, args.compile_backend)
-        out["note"] = f"torch.compile(backend={args.compile_backend}), per block"
+        mode = getattr(args, "compile_mode", None)
+        compile_regions(model, args.compile_backend, mode)
+        shown = f"backend={args.compile_backend}" + ("" if mode is None else f", mode={mode}")
+        out["note"] = f"torch.compile({shown}), per block"
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     if cuda:
         torch.cuda.synchronize()
@@ -416,6 +420,12 @@ def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> 
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--aux-coef", type=float, default=0.01, help="load-balance loss coefficient")
     ap.add_argument("--compile-backend", default=None, help=compile_help)
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode of every compiled run (reduce-overhead: CUDA graphs; default: none given)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
 

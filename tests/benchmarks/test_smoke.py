@@ -74,3 +74,12 @@ def test_skew_sends_thirty_percent_of_tokens_to_expert_zero():
     assert abs(frac - layer.SKEW_FRACTION) < 0.02, skewed.routing
     # Expert 0's load is frac * N against a mean of N * K / E.
     assert abs(skewed.routing["max_over_mean"] - frac * 16 / 2) < 1e-9
+
+
+def test_train_compile_mode_reaches_every_compiled_run(tmp_path):
+    rc = train.main(["--tiny", "--impl", "fused-compiled", "--compile-mode", "reduce-overhead",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "train-tiny.json").read_text())["results"]["fused-compiled"]
+    assert result["status"] == "ok", result
+    assert result["note"] == "torch.compile(backend=eager, mode=reduce-overhead), per block"
