@@ -237,7 +237,9 @@ def make_batches(cfg: ModelConfig, n: int, seed: int, device) -> list[torch.Tens
 def compile_regions(model: Model, backend: str, mode: str | None = None) -> None:
     """Regional compilation: each block and the head separately (identical MoE blocks share code).
     ``mode``: torch.compile's (``"reduce-overhead"`` replays each region as a CUDA graph)."""
-    kwargs = {"backend": backend} if mode is None else {"backend": backend, "mode": mode}
+    kwargs = {"backend": backend}
+    if mode is not None:
+        kwargs["mode"] = mode
     for block in model.blocks:
         block.compile(**kwargs)
     model.head.compile(**kwargs)
@@ -275,7 +277,7 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     model.load_state_dict(state)
     if impl.endswith("compiled"):
         _set_recompile_limit(64)
-        mode = getattr(args, "compile_mode", None)
+        mode = args.compile_mode
         compile_regions(model, args.compile_backend, mode)
         shown = f"backend={args.compile_backend}" + ("" if mode is None else f", mode={mode}")
         out["note"] = f"torch.compile({shown}), per block"

@@ -15,6 +15,7 @@ import math
 import torch
 
 from flashfusemoe import moe_experts
+from flashfusemoe.profiling import median_ms
 
 SHAPES = {  # N, D, F, E, K
     "qwen3": (16384, 2048, 768, 128, 8),  # benchmarks.hf's Qwen3-MoE-shaped layer
@@ -38,14 +39,9 @@ def main():
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if cuda:
         from triton.testing import do_bench
-    else:
-        import time
-
+    else:  # one timed call after one warm-up (a smoke run)
         def do_bench(fn, **_):
-            fn()
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
+            return median_ms(fn, warmup=1, iters=1)
     for name in args.shapes:
         N, D, F, E, K = SHAPES[name] if cuda else (64, 32, 16, 8, 2)
         torch.manual_seed(0)
