@@ -273,9 +273,10 @@ def run_impl(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
 def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     device = "cuda" if cuda else "cpu"
     out = {}
+    compiled = impl.endswith("compiled")
     model = build_model(impl, cfg, device)
     model.load_state_dict(state)
-    if impl.endswith("compiled"):
+    if compiled:
         _set_recompile_limit(64)
         mode = args.compile_mode
         compile_regions(model, args.compile_backend, mode)
@@ -289,6 +290,8 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     for step in range(n_steps):
         batch = batches[step]
         t0 = time.perf_counter()
+        if compiled:  # a new iteration for CUDA-graph trees (reduce-overhead): replays may reuse outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
             ce, aux = model(batch[:, :-1], batch[:, 1:])
             loss = ce + args.aux_coef * aux
@@ -298,7 +301,7 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(ce.detach())
+        losses.append(ce.detach().clone())  # a CUDA-graph replay overwrites its outputs
         if step == 0 or (step + 1) % 10 == 0:
             log(f"    step {step + 1:3d}/{n_steps}  loss {float(ce.detach()):.4f}  {times[-1] * 1e3:8.1f} ms")
     measured = times[args.warmup :]
