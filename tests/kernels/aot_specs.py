@@ -256,8 +256,8 @@ def _grouped_gemm() -> list:
             specs.append(spec(grouped_gemm._grouped_mm_kernel, consts, dtype, ends_ptr="*i32"))
         consts = {"stride_am": 1, "stride_bn": 1, "stride_on": 1, **blocks}
         specs.append(spec(grouped_gemm._grouped_wgrad_kernel, consts, dtype, ends_ptr="*i32"))
-        if dtype in (torch.bfloat16, torch.float16):
-            cfg = grouped_gemm._tma_config(interpret=False)
+        for n in (256, 1408) if dtype in (torch.bfloat16, torch.float16) else ():  # both tile shapes
+            cfg = grouped_gemm._tma_config(n, interpret=False)
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             name = TRITON_DTYPES[dtype]
             specs.append(
