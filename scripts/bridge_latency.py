@@ -12,6 +12,12 @@ record CUDA events on XLA's stream there. Per call (median, us):
     total      call start -> return
 
 then torch-native's same call by wall clock (call + synchronize) and by CUDA events.
+
+``--floor`` measures instead what any synced call costs above its GPU work in each framework, with
+no bridge involved: a chain of matmuls (``--floor-ms`` of GPU work each, on a GPU) as one
+``jax.jit`` program and as torch calls, timed synced (call, wait, repeat) and pipelined (many
+calls, one wait). Synced minus pipelined is the framework's fixed cost per synced call (dispatch,
+the wait's wake-up); the bridge's per-call time cannot go below JAX's.
 """
 
 import argparse
@@ -37,8 +43,13 @@ def main():
                         help="default: the seed shape 8192 1024 1536 8 2 on a GPU, 64 32 32 8 2 on CPU")
     parser.add_argument("--backward", action="store_true", help="time fwd+bwd (jax.vjp) instead of forward")
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--floor", action="store_true", help="each framework's fixed cost per synced call")
+    parser.add_argument("--floor-ms", type=float, nargs="+", default=[1.5, 4.5],
+                        help="GPU work per call for --floor (ms, approximate)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    if args.floor:
+        return floor(args, cuda)
     N, D, F, E, K = args.shape or ((8192, 1024, 1536, 8, 2) if cuda else (64, 32, 32, 8, 2))
     dtype = torch.bfloat16 if cuda else torch.float32
     device = "cuda" if cuda else "cpu"
@@ -130,6 +141,49 @@ def main():
             events.append(a.elapsed_time(b) * 1e3)
     gpu_timing = f", CUDA events {_median(events):.1f} us" if cuda else ""
     print(f"torch {what}: wall clock {_median(wall):.1f} us{gpu_timing}")
+
+
+def floor(args, cuda: bool) -> None:
+    """Synced and pipelined time per call of a matmul chain in JAX and in torch (see --floor)."""
+    n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
+    x = torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=dtype) / n ** 0.5
+    x_jax = jnp.array(jax.dlpack.from_dlpack(x), copy=True)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def per_call(call, wait, iters, pipelined):
+        wait(call())
+        start = time.perf_counter()
+        if pipelined:
+            for _ in range(iters):
+                result = call()
+            wait(result)
+            return (time.perf_counter() - start) * 1e6 / iters
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            wait(call())
+            times.append((time.perf_counter() - start) * 1e6)
+        return _median(times)
+
+    one = per_call(lambda: x @ x, lambda r: sync(), 20, True)  # one matmul's time
+    print(f"matmul chains of {n}x{n} {str(dtype).removeprefix('torch.')} on {'GPU' if cuda else 'CPU'}; "
+          f"per call, median us:")
+    print(f"  {'framework':9s} {'matmuls':>7s} {'synced':>9s} {'pipelined':>9s} {'fixed':>7s}")
+    for target_ms in args.floor_ms:
+        reps = max(1, round(target_ms * 1e3 / one))
+        jitted = jax.jit(lambda a, reps=reps: jax.lax.fori_loop(0, reps, lambda i, y: y @ a, a))
+
+        def torch_chain(reps=reps):
+            y = x
+            for _ in range(reps):
+                y = y @ x
+            return y
+
+        for name, call, wait in (("jax", lambda f=jitted: f(x_jax), jax.block_until_ready),
+                                 ("torch", torch_chain, lambda r: sync())):
+            synced = per_call(call, wait, args.iters, False)
+            piped = per_call(call, wait, args.iters, True)
+            print(f"  {name:9s} {reps:7d} {synced:9.1f} {piped:9.1f} {synced - piped:7.1f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ def test_bridge_latency_splits_a_call():
     assert "torch fwd+bwd: wall clock" in out
 
 
+def test_bridge_latency_floor_times_both_frameworks():
+    out = run_on_cpu(["scripts/bridge_latency.py", "--floor", "--floor-ms", "0.5", "--iters", "3"])
+    assert "synced" in out and "pipelined" in out
+    assert "\n  jax " in out and "\n  torch " in out
+
+
 def test_host_overhead_stub():
     out = run_on_cpu(["scripts/host_overhead.py", "--stub", "--profile", "0"])
     assert "host time per fwd+bwd call" in out
