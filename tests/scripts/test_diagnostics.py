@@ -31,3 +31,10 @@ def test_profile_hf_groups_a_step():
 def test_bench_experts_times_both_gemms():
     out = run_on_cpu(["scripts/bench_experts.py", "--shapes", "fine"])
     assert "fine     grouped   fwd+bwd" in out and "fine     gathered/grouped" in out
+
+
+def test_profile_train_groups_a_step_in_both_frameworks():
+    out = run_on_cpu(["scripts/profile_train.py", "torch", "--warmup", "1", "--top", "3"])
+    assert "torch fused-compiled" in out and "CPU op time (tiny model)" in out
+    out = run_on_cpu(["scripts/profile_train.py", "jax", "--no-scan", "--warmup", "1", "--top", "3"])
+    assert "jax-bridge (Flax NNX, Python loop)" in out
