@@ -148,7 +148,10 @@ def test_route_forward_fp16(impl, device):
 @pytest.mark.parametrize("N", [1, 150])
 def test_route_forward_token_counts(impl, device, N):
     """A single token, and more tokens than one program's block."""
-    x, w, b = make_inputs(N, 24, 16, torch.float32, device, True)
+    for _ in range(10):  # redraw the rare input whose lone token has a near tie (its ids would go unchecked)
+        x, w, b = make_inputs(N, 24, 16, torch.float32, device, True)
+        if reference(x.cpu(), w.cpu(), b.cpu(), 4, "sigmoid", True, 4, 2, 1.5)[2].float().mean() <= 0.1:
+            break
     check_route(x, w, b, 4, "sigmoid", True, 4, 2, 1.5)
 
 
