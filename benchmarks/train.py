@@ -270,6 +270,25 @@ def run_impl(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     return res
 
 
+def make_optimizer(model: Model, lr: float, cuda: bool) -> torch.optim.AdamW:
+    """The benchmark's AdamW (betas 0.9/0.95, weight decay 0.1; fused on a GPU)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+
+
+def train_step(model: Model, opt: torch.optim.Optimizer, batch: torch.Tensor, aux_coef: float,
+               cuda: bool) -> torch.Tensor:
+    """One step on ``batch`` [B, T+1] (bf16 autocast on a GPU): forward, backward, optimizer step.
+    Returns the cross-entropy (without the load-balance term)."""
+    device = "cuda" if cuda else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        ce, aux = model(batch[:, :-1], batch[:, 1:])
+        loss = ce + aux_coef * aux
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ce
+
+
 def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     device = "cuda" if cuda else "cpu"
     out = {}
@@ -282,7 +301,7 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
         compile_regions(model, args.compile_backend, mode)
         shown = f"backend={args.compile_backend}" + ("" if mode is None else f", mode={mode}")
         out["note"] = f"torch.compile({shown}), per block"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    opt = make_optimizer(model, args.lr, cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -292,12 +311,7 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
         t0 = time.perf_counter()
         if compiled:  # a new iteration for CUDA-graph trees (reduce-overhead): replays may reuse outputs
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            ce, aux = model(batch[:, :-1], batch[:, 1:])
-            loss = ce + args.aux_coef * aux
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        ce = train_step(model, opt, batch, args.aux_coef, cuda)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

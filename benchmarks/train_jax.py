@@ -181,8 +181,10 @@ def run_jax(moe: str, cfg, state, batches, n_steps, args, cuda) -> dict:
     return res
 
 
-def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
-    dtype = jnp.bfloat16 if cuda else jnp.float32
+def build_training(moe: str, cfg, state, args, dtype):
+    """``(step, train_state)``: the Flax model with MoE layer ``moe`` loaded from the torch
+    ``state_dict``, optax AdamW, and the jitted train step (``make_train_step``). ``args``: this
+    benchmark's (scan, remat, attention_impl, seed, lr, aux_coef)."""
     model = SeedModel(
         cfg,
         moe,
@@ -201,8 +203,12 @@ def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
         )
     tx = optax.adamw(args.lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     graphdef, st = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-    del model
-    step_fn = make_train_step(graphdef, args.aux_coef)
+    return make_train_step(graphdef, args.aux_coef), st
+
+
+def _train(moe, cfg, state, batches, n_steps, args, cuda) -> dict:
+    dtype = jnp.bfloat16 if cuda else jnp.float32
+    step_fn, st = build_training(moe, cfg, state, args, dtype)
     out = {
         "note": f"{'nnx.scan' if args.scan else 'loop'}{', remat' if args.remat else ''}, "
         f"{args.attention_impl} attention"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter, defaultdict
 
 import torch
 
@@ -17,6 +18,21 @@ def count_cuda_kernels(fn) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def profiled_times(prof, on_gpu: bool) -> tuple[dict[str, float], Counter]:
+    """Per event name of a ``torch.profiler`` run: the summed time (us) and the count of its GPU
+    kernels (``on_gpu``; CPU ops' device totals would count their kernels twice), else of its CPU
+    ops' self time. Events of zero time are left out."""
+    time_us, count = defaultdict(float), Counter()
+    for event in prof.events():
+        if on_gpu and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.time_range.elapsed_us() if on_gpu else event.self_cpu_time_total
+        if us > 0:
+            time_us[event.name] += us
+            count[event.name] += 1
+    return time_us, count
 
 
 def median_ms(fn, warmup: int = 3, iters: int = 10) -> float:

@@ -14,10 +14,10 @@ import argparse
 from collections import defaultdict
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.hf import MODELS, build_model, step_fn
+from flashfusemoe.profiling import profiled_times
 
 
 def kernel_group(name: str) -> str:
@@ -52,13 +52,7 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             step_fn(model, opt, batch)
             sync()
-        per_kernel = defaultdict(float)
-        for event in prof.events():
-            if cuda and event.device_type != DeviceType.CUDA:
-                continue
-            us = event.time_range.elapsed_us() if cuda else event.self_cpu_time_total
-            if us > 0:
-                per_kernel[event.name] += us
+        per_kernel, _ = profiled_times(prof, cuda)
         groups = defaultdict(float)
         for name, us in per_kernel.items():
             groups[kernel_group(name)] += us

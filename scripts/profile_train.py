@@ -14,13 +14,13 @@ model and sums CPU op time (a smoke run).
 
 import argparse
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import train
+from flashfusemoe.profiling import profiled_times
 
 # Kernel-name fragments of the MoE layer: our Triton kernels and torch._grouped_mm's CUTLASS.
 MOE_KERNELS = ("_route_", "_layout_", "_glu_", "_combine_rows", "_scatter_rows", "_gather_rows", "_grouped_",
@@ -41,14 +41,7 @@ def kernel_group(name: str) -> str:
 
 
 def report(prof, label: str, wall_ms: float, cuda: bool, top: int) -> None:
-    time_us, count = defaultdict(float), Counter()
-    for event in prof.events():
-        if cuda and event.device_type != DeviceType.CUDA:
-            continue
-        us = event.time_range.elapsed_us() if cuda else event.self_cpu_time_total
-        if us > 0:
-            time_us[event.name] += us
-            count[event.name] += 1
+    time_us, count = profiled_times(prof, cuda)
     groups = defaultdict(float)
     for name, us in time_us.items():
         groups[kernel_group(name)] += us
@@ -61,46 +54,38 @@ def report(prof, label: str, wall_ms: float, cuda: bool, top: int) -> None:
         print(f"    {us / 1e3:8.2f} ms {count[name]:5d}x  {name[:90]}")
 
 
-def torch_step(cfg, state, batches, cuda):
-    device = "cuda" if cuda else "cpu"
-    model = train.build_model("fused-compiled", cfg, device)
+def torch_step(cfg, state, cuda):
+    """``benchmarks.train``'s fused-compiled model and step, with its default settings."""
+    ap = argparse.ArgumentParser()
+    train.add_run_args(ap, steps=1, compile_help="")
+    args = ap.parse_args([])
+    train.resolve_run_args(args, cuda, "no CUDA device")
+    model = train.build_model("fused-compiled", cfg, "cuda" if cuda else "cpu")
     model.load_state_dict(state)
-    train.compile_regions(model, "inductor", None)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    train.compile_regions(model, args.compile_backend)
+    opt = train.make_optimizer(model, args.lr, cuda)
 
     def step(batch):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            ce, aux = model(batch[:, :-1], batch[:, 1:])
-            loss = ce + 0.01 * aux
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train.train_step(model, opt, batch, args.aux_coef, cuda)
         if cuda:
             torch.cuda.synchronize()
 
-    return step, "torch fused-compiled (inductor per block, no CUDA graphs)"
+    return step, f"torch fused-compiled ({args.compile_backend} per block, no CUDA graphs)"
 
 
-def jax_step(cfg, state, batches, cuda, scan):
+def jax_step(cfg, state, cuda, scan):
+    """``benchmarks.train_jax``'s bridge model and jitted step, with its default settings."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-    from flax import nnx
 
-    from benchmarks.flax_model import SeedModel, load_torch_state_dict
-    from benchmarks.train_jax import make_train_step, resolve_attention
+    from benchmarks import train_jax
 
+    args = train_jax.parse_args([] if scan else ["--no-scan"])
     dtype = jnp.bfloat16 if cuda else jnp.float32
-    attention, _ = resolve_attention("auto", cuda, dtype)
-    model = SeedModel(cfg, "bridge", scan=scan, remat=False, dtype=dtype, attention=attention,
-                      rngs=nnx.Rngs(0))
-    load_torch_state_dict(model, state)
-    tx = optax.adamw(3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-    graphdef, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-    del model
-    train_step = make_train_step(graphdef, 0.01)
-    held = {"state": params}
+    args.attention_impl, _ = train_jax.resolve_attention(args.attention, cuda, dtype)
+    train_step, held = train_jax.build_training("bridge", cfg, state, args, dtype)
+    held = {"state": held}
 
     def step(batch):
         held["state"], ce = train_step(held["state"], jnp.asarray(batch.cpu().numpy().astype(np.int32)))
@@ -122,9 +107,9 @@ def main():
     state, _ = train.initial_state(cfg, 0, device)
     batches = train.make_batches(cfg, args.warmup + 1, 0, device)
     if args.framework == "torch":
-        step, label = torch_step(cfg, state, batches, cuda)
+        step, label = torch_step(cfg, state, cuda)
     else:
-        step, label = jax_step(cfg, state, batches, cuda, args.scan)
+        step, label = jax_step(cfg, state, cuda, args.scan)
     for batch in batches[:-1]:
         step(batch)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
