@@ -21,6 +21,24 @@ from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 
 _DL_CUDA, _DL_ROCM = 2, 10
 _PREALLOCATION_CHECKED = False
+DYNAMIC_SLICE_FUSION_FLAG = "xla_gpu_enable_dynamic_slice_fusion"
+
+
+def default_xla_flags(env=os.environ) -> None:
+    """Turns XLA's dynamic-slice fusion off (``XLA_FLAGS``) unless the user set it either way.
+
+    On the GPU (jax 0.11.2) that pass wraps a callback whose operands are slices of a scan's
+    stacked weights into a fusion and keeps the original call too, so under ``lax.scan`` /
+    ``nnx.scan`` every MoE layer's forward ran twice. XLA reads ``XLA_FLAGS`` when JAX first
+    starts a backend: a program that ran JAX before importing ``jax_bridge`` can pass
+    ``jax.jit(..., compiler_options={DYNAMIC_SLICE_FUSION_FLAG: False})`` instead.
+    """
+    flags = env.get("XLA_FLAGS", "")
+    if DYNAMIC_SLICE_FUSION_FLAG not in flags:
+        env["XLA_FLAGS"] = f"{flags} --{DYNAMIC_SLICE_FUSION_FLAG}=false".strip()
+
+
+default_xla_flags()
 
 
 def _standin(name: str, a) -> torch.Tensor:

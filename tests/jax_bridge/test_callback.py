@@ -23,3 +23,17 @@ def test_xla_preallocation_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         callback._warn_if_xla_preallocates()
+
+
+def test_dynamic_slice_fusion_off_unless_the_user_set_it():
+    env = {}
+    callback.default_xla_flags(env)
+    assert env == {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=false"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    callback.default_xla_flags(env)
+    assert env["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=4 --xla_gpu_enable_dynamic_slice_fusion=false"
+    )
+    env = {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}
+    callback.default_xla_flags(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
