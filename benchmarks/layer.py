@@ -178,11 +178,13 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(run, n_sets, cfg, cuda: bool, block=None) -> float:
+def time_ms(run, n_sets, cfg, cuda: bool, block=None, wall: list | None = None) -> float:
     """Median ms of ``run(i)`` over rotated input sets, after warm-up.
 
-    CUDA: events around each call (the host waits for each call, so launch overhead counts).
-    Otherwise (CPU, JAX): wall clock, with ``block(result)`` waiting for asynchronous results.
+    CUDA: events around each call (the host waits for each call, so launch overhead counts);
+    ``wall`` (a list) then also gets the median wall-clock ms of the same calls, each up to the
+    return of the event's wait. Otherwise (CPU, JAX): wall clock, with ``block(result)`` waiting
+    for asynchronous results.
     """
     block = block or (lambda r: None)
     for i in range(cfg.warmup):
@@ -195,8 +197,9 @@ def time_ms(run, n_sets, cfg, cuda: bool, block=None) -> float:
         _sync(cuda)
         estimate = time.perf_counter() - t0
         iters = int(min(cfg.max_iters, max(cfg.min_iters, cfg.budget_s / max(estimate, 1e-6))))
-    times = []
+    times, walls = [], []
     for i in range(iters):
+        t0 = time.perf_counter()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -205,9 +208,11 @@ def time_ms(run, n_sets, cfg, cuda: bool, block=None) -> float:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
             block(run(i % n_sets))
             times.append((time.perf_counter() - t0) * 1e3)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    if wall is not None:
+        wall.append(statistics.median(walls))
     return statistics.median(times)
 
 
@@ -267,6 +272,7 @@ def new_result(p: Problem, impl: str) -> dict:
         "note": "",
         "fwd_ms": None,
         "fwdbwd_ms": None,
+        "fwdbwd_wall_ms": None,
         "pipelined_ms": None,
         "fwd_tflops": None,
         "fwdbwd_tflops": None,
@@ -396,9 +402,11 @@ def measure_torch(impl: str, p: Problem, cfg, cuda: bool) -> dict:
         n = len(p.xs)
         for i in range(n):  # warm-up over every set: compilation, recompiles, autotuning
             fwd(i) if cfg.fwd_only else fwdbwd(i)
+        wall = []
         res["fwd_ms"] = time_ms(fwd, n, cfg, cuda)
         if not cfg.fwd_only:
-            res["fwdbwd_ms"] = time_ms(fwdbwd, n, cfg, cuda)
+            res["fwdbwd_ms"] = time_ms(fwdbwd, n, cfg, cuda, wall=wall)
+            res["fwdbwd_wall_ms"] = wall[0]
         res["pipelined_ms"] = pipelined_ms(fwd if cfg.fwd_only else fwdbwd, n, lambda r: _sync(cuda),
                                            *cfg.pipelined)
         if cuda:
@@ -553,7 +561,7 @@ def _measure_jax(res: dict, jax, fn, p: Problem, cfg, cuda: bool) -> None:
         res["peak_mib"] = (xla_bytes + torch_extra) / MIB
     res["fwd_ms"] = time_ms(run_fwd, n, cfg, False, block)
     if not cfg.fwd_only:
-        res["fwdbwd_ms"] = time_ms(run_fb, n, cfg, False, block)
+        res["fwdbwd_ms"] = res["fwdbwd_wall_ms"] = time_ms(run_fb, n, cfg, False, block)
     res["pipelined_ms"] = pipelined_ms(run_one, n, block, *cfg.pipelined)
     res["saved_mib"] = _jax_saved_bytes(jax, fn, [xs[0], *ws]) / MIB
     if cuda and res["impl"] == "jax-bridge":
@@ -596,7 +604,7 @@ def progress_line(res: dict) -> str:
     launches = f"{_fmt(res['launches_fwd'], 'd')}/{_fmt(res['launches_bwd'], 'd')}"
     return (
         f"  {res['impl']:<20} fwd {_fmt(res['fwd_ms'], '9.3f')} ms"
-        f"  fwd+bwd {_fmt(res['fwdbwd_ms'], '9.3f')} ms"
+        f"  fwd+bwd {_fmt(res['fwdbwd_ms'], '9.3f')} ms (wall {_fmt(res['fwdbwd_wall_ms'], '.3f')})"
         f"  pipelined {_fmt(res['pipelined_ms'], '9.3f')} ms"
         f"  {_fmt(res['fwdbwd_tflops'] or res['fwd_tflops'], '7.1f')} TFLOP/s"
         f"  {_fmt(res['fwdbwd_frac_dense'] or res['fwd_frac_dense'], '5.2f')} of dense"
@@ -626,17 +634,17 @@ def fill_relative(results: list[dict]) -> None:
 def markdown_table(results: list[dict], fwd_only: bool) -> str:
     mode = "fwd" if fwd_only else "fwdbwd"
     head = (
-        "| shape | impl | fwd ms | fwd+bwd ms | pipelined ms | TFLOP/s | of dense | vs ref-eager "
-        "| vs grouped_mm | saved MiB | peak MiB | launches fwd/bwd | host sync | status |"
+        "| shape | impl | fwd ms | fwd+bwd ms | fwd+bwd wall ms | pipelined ms | TFLOP/s | of dense "
+        "| vs ref-eager | vs grouped_mm | saved MiB | peak MiB | launches fwd/bwd | host sync | status |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in results:
         syncs = r["host_syncs"]
         sync = "-" if syncs is None else ("no" if syncs == 0 else f"yes ({syncs})")
         status = r["status"] + (f": {r['note']}" if r["note"] else "")
         lines.append(
             f"| {r['shape']} | {r['impl']} | {_fmt(r['fwd_ms'], '.3f')} | {_fmt(r['fwdbwd_ms'], '.3f')} "
-            f"| {_fmt(r['pipelined_ms'], '.3f')} "
+            f"| {_fmt(r['fwdbwd_wall_ms'], '.3f')} | {_fmt(r['pipelined_ms'], '.3f')} "
             f"| {_fmt(r[f'{mode}_tflops'], '.1f')} | {_fmt(r[f'{mode}_frac_dense'], '.2f')} "
             f"| {_fmt(r.get(f'{mode}_speedup_vs_reference'), '.2f')} "
             f"| {_fmt(r.get(f'{mode}_speedup_vs_grouped_mm'), '.2f')} "
