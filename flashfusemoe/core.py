@@ -134,7 +134,10 @@ def _expert_weight_grad(a, b, expert_ends, plan: Plan, num_experts: int, out=Non
     if plan.gemm == "bmm":
         M = plan.rows_per_expert
         a3, b3 = a.view(num_experts, M, a.shape[1]), b.view(num_experts, M, b.shape[1])
-        out = out_buffer(out, (num_experts, a.shape[1], b.shape[1]), a.dtype, a.device, "out")
+        out = out_buffer(out, (num_experts, a.shape[1], b.shape[1]), a.dtype, a.device, "out",
+                         float32_ok=True)
+        if out.dtype != a.dtype:  # torch.bmm writes only its operands' dtype
+            return out.copy_(torch.bmm(a3.transpose(1, 2), b3))
         return torch.bmm(a3.transpose(1, 2), b3, out=out)
     return grouped_gemm.grouped_mm_weight_grad(a, b, expert_ends, out=out)
 
@@ -280,6 +283,8 @@ def backward(x, router_weight, w_up, w_down, logits, residuals: Residuals, grad_
 
     grad_out [N, D] (or None); grad_logits [N, E] from aux losses (or None).
     Returns the ``Grads`` of x, router_weight, w_up and w_down; ``into``: destinations (see ``_settle``).
+    ``into.w_up``/``into.w_down`` may be float32 for 16-bit weights (the gradients of float32 master
+    weights under autocast): the weight-gradient kernels store their float32 accumulator there.
     """
     K = options.top_k
     r = residuals

@@ -24,7 +24,8 @@ _CONFIG_SCHEMA = ", ".join(
 )
 _FORWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "expert_bias")
 _FORWARD_ARGS = (*_FORWARD_TENSORS, *OPTION_NAMES, "plan_gemm", "plan_rows_per_expert", "allow_grow")
-_NUM_FORWARD_RESULTS = len(core.Outputs._fields) + len(core.Residuals._fields)
+# (*core.Outputs, *core.Residuals, w_up and w_down in x's dtype: see compute_weights)
+_NUM_FORWARD_RESULTS = len(core.Outputs._fields) + len(core.Residuals._fields) + 2
 
 
 def _config_args(options: MoEOptions, plan: core.Plan) -> tuple:
@@ -35,6 +36,13 @@ def _config_args(options: MoEOptions, plan: core.Plan) -> tuple:
 def _config_from(named: dict) -> tuple[MoEOptions, core.Plan]:
     options = MoEOptions(**{name: named[name] for name in OPTION_NAMES})
     return options, core.Plan(named["plan_gemm"], named["plan_rows_per_expert"])
+
+
+def compute_weights(x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """Each weight in ``x``'s dtype: a float32 weight under autocast is cast here, inside the op,
+    so that its gradient comes back from the weight-gradient kernels in float32 directly (their
+    accumulator) instead of as a 16-bit gradient that autograd's cast node widens again."""
+    return [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
 
 
 def _no_autocast(device_type: str):
@@ -53,13 +61,17 @@ _RESULTS = "(" + ", ".join(["Tensor"] * _NUM_FORWARD_RESULTS) + ")"
            f"{_CONFIG_SCHEMA}, bool allow_grow) -> {_RESULTS}",
 )
 def moe_forward(*args):
-    """Returns ``(*core.Outputs, *core.Residuals)``."""
+    """Returns ``(*core.Outputs, *core.Residuals, w_up_cast, w_down_cast)``, each cast weight empty
+    where the weight is in x's dtype already (``compute_weights``)."""
     named = dict(zip(_FORWARD_ARGS, args, strict=True))
     options, plan = _config_from(named)
-    tensors = [named[name] for name in _FORWARD_TENSORS]
-    with _no_autocast(named["x"].device.type):
-        outputs, residuals, _ = core.forward(*tensors, options, plan, allow_grow=named["allow_grow"])
-    return (*outputs, *residuals)
+    x, router_weight, w_up, w_down, expert_bias = (named[name] for name in _FORWARD_TENSORS)
+    with _no_autocast(x.device.type):
+        w_up_c, w_down_c = compute_weights(x, w_up, w_down)
+        outputs, residuals, _ = core.forward(x, router_weight, w_up_c, w_down_c, expert_bias, options, plan,
+                                             allow_grow=named["allow_grow"])
+    casts = (c if c is not w else x.new_empty(0) for c, w in ((w_up_c, w_up), (w_down_c, w_down)))
+    return (*outputs, *residuals, *casts)
 
 
 @moe_forward.register_fake
@@ -69,10 +81,12 @@ def _(*args):
     x, w_up = named["x"], named["w_up"]
     specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options, plan)
     dtypes = {"input": x.dtype, "route": compute_dtype(x.dtype), "int32": torch.int32}
-    return tuple(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs)
+    casts = (x.new_empty(w.shape if w.dtype != x.dtype else (0,)) for w in (w_up, named["w_down"]))
+    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
 
 
-_BACKWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "logits", *core.Residuals._fields)
+_BACKWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "logits", *core.Residuals._fields, "w_up_cast",
+                     "w_down_cast")
 _BACKWARD_ARGS = (*_BACKWARD_TENSORS, "grad_out", "grad_logits", *OPTION_NAMES, "plan_gemm",
                   "plan_rows_per_expert")
 
@@ -84,14 +98,27 @@ _BACKWARD_ARGS = (*_BACKWARD_TENSORS, "grad_out", "grad_logits", *OPTION_NAMES, 
            + "(" + ", ".join(["Tensor"] * len(core.Grads._fields)) + ")",
 )
 def moe_backward(*args):
-    """Returns ``core.Grads``' four tensors."""
+    """Returns ``core.Grads``' four tensors, each in its input's dtype (float32 for the gradient of a
+    float32 weight cast in the forward)."""
     named = dict(zip(_BACKWARD_ARGS, args, strict=True))
     options, plan = _config_from(named)
     residuals = core.Residuals(*(named[name] for name in core.Residuals._fields))
-    x = named["x"]
+    x, w_up, w_down = named["x"], named["w_up"], named["w_down"]
+    w_up_c = named["w_up_cast"] if w_up.dtype != x.dtype else w_up
+    w_down_c = named["w_down_cast"] if w_down.dtype != x.dtype else w_down
+    into = _weight_grad_buffers(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
     with _no_autocast(x.device.type):
-        return tuple(core.backward(x, named["router_weight"], named["w_up"], named["w_down"], named["logits"],
-                                   residuals, named["grad_out"], named["grad_logits"], options, plan))
+        return tuple(core.backward(x, named["router_weight"], w_up_c, w_down_c, named["logits"], residuals,
+                                   named["grad_out"], named["grad_logits"], options, plan, into=into))
+
+
+def _weight_grad_buffers(x: torch.Tensor, weights, dtypes) -> core.Grads | None:
+    """Destinations in the weights' own dtypes (float32) for the gradients of the ``weights`` (as
+    used, in x's dtype) that the forward cast from ``dtypes``; None where nothing was cast."""
+    if all(dtype == x.dtype for dtype in dtypes):
+        return None
+    return core.Grads(None, None, *(None if dtype == x.dtype else x.new_empty(w.shape, dtype=dtype)
+                                    for w, dtype in zip(weights, dtypes, strict=True)))
 
 
 @moe_backward.register_fake
@@ -105,7 +132,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config_args = _config_args(*_config_from(named))
     outputs = core.Outputs(*output[: len(core.Outputs._fields)])
     ctx.save_for_backward(*(named[name] for name in _FORWARD_TENSORS[:4]), outputs.logits,
-                          *output[len(core.Outputs._fields):])
+                          *output[len(core.Outputs._fields):])  # the residuals, then the casts
     # Residuals carry no gradient, and unused outputs must not be materialised as zero tensors
     # (a zero [R, 2F] gradient for h would cost a full memset).
     ctx.mark_non_differentiable(*output[2:])
@@ -127,10 +154,12 @@ class _EagerMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, router_weight, w_up, w_down, expert_bias, options, plan, allow_grow):
         with _no_autocast(x.device.type):
-            outputs, residuals, plan = core.forward(x, router_weight, w_up, w_down, expert_bias, options,
+            w_up_c, w_down_c = compute_weights(x, w_up, w_down)
+            outputs, residuals, plan = core.forward(x, router_weight, w_up_c, w_down_c, expert_bias, options,
                                                     plan, allow_grow=allow_grow)
         ctx.options, ctx.plan = options, plan
-        ctx.save_for_backward(x, router_weight, w_up, w_down, outputs.logits, *residuals)
+        ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
+        ctx.save_for_backward(x, router_weight, w_up_c, w_down_c, outputs.logits, *residuals)
         ctx.mark_non_differentiable(*outputs[2:])
         ctx.set_materialize_grads(False)
         return tuple(outputs)
@@ -138,9 +167,10 @@ class _EagerMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_logits, *unused):
         x, router_weight, w_up, w_down, logits, *residuals = ctx.saved_tensors
+        into = _weight_grad_buffers(x, (w_up, w_down), ctx.weight_dtypes)
         with _no_autocast(x.device.type):
             grads = core.backward(x, router_weight, w_up, w_down, logits, core.Residuals(*residuals),
-                                  grad_out, grad_logits, ctx.options, ctx.plan)
+                                  grad_out, grad_logits, ctx.options, ctx.plan, into=into)
         return (*grads, None, None, None, None)
 
 

@@ -87,6 +87,29 @@ def test_autocast_bf16_cpu():
     assert rel_err(out, exact) < 5e-2  # bf16 intermediates: ~4e-3 per rounding, two GEMMs
 
 
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+def test_autocast_float32_weights_get_float32_gradients(gemm):
+    """fp32 master weights under fp16 autocast: every gradient against a float64 reference on the
+    fp16-rounded operands, the weight gradients in float32. The Triton weight-gradient kernels
+    (grouped, gathered) store their float32 accumulator, not a 16-bit gradient widened afterwards."""
+    layer = flashfusemoe.MoELayer(32, 16, 4, 2, gemm=gemm)
+    x = torch.randn(24, 32, requires_grad=True)
+    grad_out = torch.randn(24, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = layer(x)
+    assert out.dtype == torch.float16
+    out.float().backward(grad_out)
+    leaves = (x, layer.router_weight, layer.w_up, layer.w_down)
+    exact = [t.detach().half().double().requires_grad_(True) for t in leaves]
+    moe_reference(*exact, 2).backward(grad_out.half().double())
+    for name, leaf, ref in zip(("x", "router_weight", "w_up", "w_down"), leaves, exact, strict=True):
+        assert leaf.grad.dtype == torch.float32, name
+        assert rel_err(leaf.grad, ref.grad) < 5e-3, name  # fp16 intermediates: ~5e-4 per rounding
+    if gemm != "bmm" and flashfusemoe.kernels.INTERPRET:  # torch.bmm's gradient is an fp16 one copied
+        for w in (layer.w_up, layer.w_down):
+            assert not torch.equal(w.grad, w.grad.half().float())
+
+
 def test_autocast_mixed_dtypes_cpu():
     """Under autocast x and the weights may differ in dtype (all are cast): a bf16 activation into an
     fp32 layer is the usual case, and used to raise a dtype-mismatch TypeError."""

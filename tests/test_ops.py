@@ -18,6 +18,32 @@ def test_opcheck(gemm):
     torch.library.opcheck(ops.moe_forward, args)
 
 
+def test_opcheck_float32_weights_with_16bit_x():
+    """Autocast's case: float32 expert weights cast inside the op, float32 weight gradients out."""
+    x, r, u, d = random_moe(N=8, D=16, F=8, E=4)
+    x, r = x.half().requires_grad_(True), r.half().requires_grad_(True)
+    u, d = u.float().requires_grad_(True), d.float().requires_grad_(True)
+    args = (x, r, u, d, None, *ops._config_args(MoEOptions(top_k=2), Plan("grouped")), False)
+    torch.library.opcheck(ops.moe_forward, args)
+
+
+def test_compile_autocast_float32_weights_matches_eager():
+    torch._dynamo.reset()
+    layer = flashfusemoe.MoELayer(16, 8, 4, 2)
+    x = torch.randn(12, 16)
+
+    def grads(fn):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = fn(x).float().square().mean()
+        return torch.autograd.grad(loss, list(layer.parameters()))
+
+    eager = grads(layer)
+    compiled = grads(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    for ge, gc in zip(eager, compiled, strict=True):
+        assert gc.dtype == ge.dtype == torch.float32
+        assert torch.equal(gc, ge)
+
+
 class TinyModel(torch.nn.Module):
     def __init__(self, D, gemm):
         super().__init__()

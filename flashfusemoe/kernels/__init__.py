@@ -47,12 +47,15 @@ def row_blocks(width: int, target: int, max_block: int) -> tuple[int, int]:
     return max(1, target // block_cols), block_cols
 
 
-def check_out(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str) -> None:
+def check_out(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, name: str, *,
+              float32_ok: bool = False) -> None:
     """Raises ``ValueError`` unless ``t``, a caller's buffer for a result, is a contiguous ``shape``
-    tensor of ``dtype`` on ``device``."""
-    if not (tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == device and t.is_contiguous()):
+    tensor of ``dtype`` (or, with ``float32_ok``, float32) on ``device``."""
+    dtype_ok = t.dtype == dtype or (float32_ok and t.dtype == torch.float32)
+    if not (tuple(t.shape) == tuple(shape) and dtype_ok and t.device == device and t.is_contiguous()):
+        wanted = f"{dtype} or torch.float32" if float32_ok and dtype != torch.float32 else str(dtype)
         raise ValueError(
-            f"{name} must be a contiguous {tuple(shape)} {dtype} tensor on {device}, got "
+            f"{name} must be a contiguous {tuple(shape)} {wanted} tensor on {device}, got "
             f"{tuple(t.shape)} {t.dtype} on {t.device} (strides {t.stride()})"
         )
 
@@ -60,23 +63,26 @@ def check_out(t: torch.Tensor, shape, dtype: torch.dtype, device: torch.device, 
 # Caller-given result buffers (``*_out`` arguments), one policy everywhere: a buffer must be a
 # contiguous tensor of exactly the result's shape, dtype and device (``ValueError`` otherwise), and
 # on return the result is in it. A kernel writes it there (``out_buffer``); a result computed
-# elsewhere (a torch fallback, cuBLAS) is copied there once (``deliver``).
+# elsewhere (a torch fallback, cuBLAS) is copied there once (``deliver``). One exception
+# (``float32_ok``): a weight gradient's buffer may be float32 for 16-bit operands, the gradient of
+# float32 master weights under autocast; the kernels store their float32 accumulator there.
 
 
 def out_buffer(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device,
-               name: str) -> torch.Tensor:
+               name: str, *, float32_ok: bool = False) -> torch.Tensor:
     """Where a kernel writes a result: the caller's buffer ``out`` (checked), or a new empty tensor."""
     if out is None:
         return torch.empty(*shape, device=device, dtype=dtype)  # (varargs: cheaper to parse than a tuple)
-    check_out(out, shape, dtype, device, name)
+    check_out(out, shape, dtype, device, name, float32_ok=float32_ok)
     return out
 
 
-def deliver(result: torch.Tensor, out: torch.Tensor | None, name: str) -> torch.Tensor:
+def deliver(result: torch.Tensor, out: torch.Tensor | None, name: str, *,
+            float32_ok: bool = False) -> torch.Tensor:
     """``result``, placed in the caller's buffer ``out`` (checked) when given and not already there."""
     if out is None or out is result:
         return result
-    check_out(out, result.shape, result.dtype, result.device, name)
+    check_out(out, result.shape, result.dtype, result.device, name, float32_ok=float32_ok)
     if out.data_ptr() != result.data_ptr() or out.numel() == 0:
         out.copy_(result)
     return out

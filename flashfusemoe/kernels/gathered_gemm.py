@@ -955,7 +955,7 @@ def gathered_weight_grad(
     ``gathered_dgrad_glu``'s zeros are); sorted rows past ``expert_ends[-1]`` are never read.
 
     Returns ``out`` ``[E, M, Nout]`` of the operands' dtype (exact zeros for an expert with no rows),
-    written into ``out`` when given (contiguous).
+    written into ``out`` when given (contiguous; the operands' dtype or float32).
     """
     if gather not in ("a", "b"):
         raise ValueError(f"gather must be 'a' or 'b', got {gather!r}")
@@ -971,7 +971,7 @@ def gathered_weight_grad(
     E = expert_ends.numel()
     M, N = a.shape[1], b.shape[1]
     if out is not None:
-        check_out(out, (E, M, N), a.dtype, a.device, "out")
+        check_out(out, (E, M, N), a.dtype, a.device, "out", float32_ok=True)
     n_tok = (a if gather == "a" else b).shape[0]
     if not _fused(a) or R == 0 or n_tok == 0 or M == 0 or N == 0:
         if R == 0 or n_tok == 0:

@@ -303,7 +303,7 @@ def _grouped_mm_weight_grad_triton(a, b, expert_ends, out=None):
     R, M = a.shape
     N = b.shape[1]
     E = expert_ends.shape[0]
-    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out")
+    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out", float32_ok=True)
     if out.numel() == 0:
         return out
     if R == 0:
@@ -371,7 +371,7 @@ def _grouped_mm_weight_grad_tma(a, b, expert_ends, out=None):
     R, M = a.shape
     N = b.shape[1]
     E = expert_ends.shape[0]
-    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out")
+    out = out_buffer(out, (E, M, N), a.dtype, a.device, "out", float32_ok=True)
     if out.numel() == 0:
         return out
     if R == 0:  # a descriptor needs a non-empty tensor
@@ -558,8 +558,9 @@ def grouped_mm_weight_grad(
         b: ``[R, N]``, same rows and dtype as ``a``.
         expert_ends: ``[E]`` int32 on ``a``'s device, cumulative end row of each expert.
         backend: ``"auto"``, ``"tma"``, ``"torch"``, ``"triton"`` or ``"loop"`` (module docstring).
-        out: optional ``[E, M, N]`` buffer of ``a``'s dtype for the result: the Triton and TMA
-            kernels write it in place, the other backends copy into it.
+        out: optional ``[E, M, N]`` buffer of ``a``'s dtype, or float32, for the result: the
+            Triton and TMA kernels write it in place (their float32 accumulator, rounded only to
+            ``out``'s dtype), the other backends copy into it.
 
     Returns:
         ``out [E, M, N]`` with ``out[e] = a[rows_e].T @ b[rows_e]``: exact zeros for an expert
@@ -581,4 +582,4 @@ def grouped_mm_weight_grad(
         return _grouped_mm_weight_grad_triton(a, b, expert_ends.contiguous(), out)
     else:
         result = _grouped_mm_weight_grad_loop(a, b, expert_ends)
-    return deliver(result, out, "out")
+    return deliver(result, out, "out", float32_ok=True)

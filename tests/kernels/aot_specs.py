@@ -260,16 +260,18 @@ def _grouped_gemm() -> list:
             cfg = grouped_gemm._tma_config(n, interpret=False)
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
             name = TRITON_DTYPES[dtype]
-            specs.append(
-                spec(
-                    grouped_gemm._grouped_wgrad_tma_kernel,
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                    dtype,
-                    ends_ptr="*i32",
-                    a_desc=f"tensordesc<{name}[{bk}, {bm}]>",
-                    b_desc=f"tensordesc<{name}[{bk}, {bn}]>",
+            for out_t in (name, "fp32"):  # fp32: the gradient of float32 master weights
+                specs.append(
+                    spec(
+                        grouped_gemm._grouped_wgrad_tma_kernel,
+                        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                        dtype,
+                        ends_ptr="*i32",
+                        out_ptr=f"*{out_t}",
+                        a_desc=f"tensordesc<{name}[{bk}, {bm}]>",
+                        b_desc=f"tensordesc<{name}[{bk}, {bn}]>",
+                    )
                 )
-            )
     return specs
 
 

@@ -650,20 +650,22 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 b_desc = f"tensordesc<{t}[{bk}, {bn}]>"
             elif use_tma:
                 a_desc = f"tensordesc<{t}[{bk}, {bm}]>"
-            sig = {
-                "a_ptr": f"*{t}",
-                "b_ptr": f"*{t}",
-                "a_desc": a_desc,
-                "b_desc": b_desc,
-                "r2a_ptr": "*i32",
-                "ends_ptr": "*i32",
-                "out_ptr": f"*{t}",
-            }
-            sig.update({k: "i32" for k in ("M", "N", "stride_a", "stride_b", "TOP_K")})
-            consts = {"GATHER_A": gather_a, "SORTED_TMA": use_tma, "IDX64": idx64, "EVEN_MN": not idx64}
-            consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-            sig.update({k: "constexpr" for k in consts})
-            specs.append((gth._gathered_wgrad_kernel, sig, consts))
+            # a float32 gradient (of float32 master weights) from 16-bit operands too
+            for out_t in dict.fromkeys((t, "fp32")):
+                sig = {
+                    "a_ptr": f"*{t}",
+                    "b_ptr": f"*{t}",
+                    "a_desc": a_desc,
+                    "b_desc": b_desc,
+                    "r2a_ptr": "*i32",
+                    "ends_ptr": "*i32",
+                    "out_ptr": f"*{out_t}",
+                }
+                sig.update({k: "i32" for k in ("M", "N", "stride_a", "stride_b", "TOP_K")})
+                consts = {"GATHER_A": gather_a, "SORTED_TMA": use_tma, "IDX64": idx64, "EVEN_MN": not idx64}
+                consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                sig.update({k: "constexpr" for k in consts})
+                specs.append((gth._gathered_wgrad_kernel, sig, consts))
     return specs
 
 
@@ -692,8 +694,9 @@ def test_aot_specs_cover_every_kernel():
     assert dgrad == {(a, True) for a in range(len(ACTS))} | {(0, False)}
     chunks = {(c["N_ACC"], c["EPI_SPLIT"]) for k, _, c in specs if k is gth._dgrad_glu_kernel and c["GLU"]}
     assert {(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)} <= chunks
-    wgrad = {(c["GATHER_A"], c["SORTED_TMA"]) for k, _, c in specs if k is gth._gathered_wgrad_kernel}
-    assert wgrad == {(True, True), (True, False), (False, True), (False, False)}
+    wgrad = {(c["GATHER_A"], c["SORTED_TMA"], s["out_ptr"] == "*fp32") for k, s, c in specs
+             if k is gth._gathered_wgrad_kernel}
+    assert wgrad == {(g, t, f) for g in (True, False) for t in (True, False) for f in (True, False)}
     for kernel, sig, consts in specs:
         params = kernel.fn.arg_names
         assert set(sig) == set(params), (kernel.fn.__name__, set(sig) ^ set(params))

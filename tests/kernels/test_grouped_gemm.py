@@ -234,9 +234,25 @@ def test_weight_grad_into_a_buffer(backend, device):
     got = gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=buf)
     assert got is buf
     assert torch.equal(buf, want)
-    for bad in (buf[:, :, :-1], buf.float(), buf.transpose(1, 2).contiguous().transpose(1, 2)):
+    for bad in (buf[:, :, :-1], buf.double(), buf.transpose(1, 2).contiguous().transpose(1, 2)):
         with pytest.raises(ValueError, match="out must be a contiguous"):
             gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=bad)
+
+
+@pytest.mark.parametrize("backend", ["tma", "triton", "loop"])
+def test_weight_grad_into_a_float32_buffer(backend, device):
+    """The gradient of float32 master weights from fp16 operands: the kernels store their float32
+    accumulator (which rounds to their fp16 result); the loop's fp16 result is copied."""
+    counts = _counts("uneven")
+    pad = _pad_rows("uneven")
+    a = _rows(counts, pad, K_DIM, torch.float16, device)
+    b = _rows(counts, pad, N_DIM, torch.float16, device)
+    ends = _ends(counts, device)
+    want = gg.grouped_mm_weight_grad(a, b, ends, backend=backend)
+    wide = torch.full(want.shape, float("nan"), device=device)
+    assert gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=wide) is wide
+    assert torch.equal(wide.half(), want)
+    assert torch.equal(wide, want.float()) == (backend == "loop")
 
 
 def test_tma_weight_grad_refuses_layouts_it_cannot_read(device):
