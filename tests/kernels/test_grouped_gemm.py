@@ -222,14 +222,19 @@ def test_tma_weight_grad(dtype, layout, device):
     _check_wgrad(out, a, b, counts)
 
 
-@pytest.mark.parametrize("backend", ["tma", "triton", "loop"])
-def test_weight_grad_into_a_buffer(backend, device):
+def _uneven_weight_grad(backend, dtype, device):
+    """``(a, b, ends, a.T @ b per expert)`` for the uneven expert counts, by ``backend``."""
     counts = _counts("uneven")
     pad = _pad_rows("uneven")
-    a = _rows(counts, pad, K_DIM, torch.bfloat16, device)
-    b = _rows(counts, pad, N_DIM, torch.bfloat16, device)
+    a = _rows(counts, pad, K_DIM, dtype, device)
+    b = _rows(counts, pad, N_DIM, dtype, device)
     ends = _ends(counts, device)
-    want = gg.grouped_mm_weight_grad(a, b, ends, backend=backend)
+    return a, b, ends, gg.grouped_mm_weight_grad(a, b, ends, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["tma", "triton", "loop"])
+def test_weight_grad_into_a_buffer(backend, device):
+    a, b, ends, want = _uneven_weight_grad(backend, torch.bfloat16, device)
     buf = torch.full_like(want, float("nan"))
     got = gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=buf)
     assert got is buf
@@ -243,12 +248,7 @@ def test_weight_grad_into_a_buffer(backend, device):
 def test_weight_grad_into_a_float32_buffer(backend, device):
     """The gradient of float32 master weights from fp16 operands: the kernels store their float32
     accumulator (which rounds to their fp16 result); the loop's fp16 result is copied."""
-    counts = _counts("uneven")
-    pad = _pad_rows("uneven")
-    a = _rows(counts, pad, K_DIM, torch.float16, device)
-    b = _rows(counts, pad, N_DIM, torch.float16, device)
-    ends = _ends(counts, device)
-    want = gg.grouped_mm_weight_grad(a, b, ends, backend=backend)
+    a, b, ends, want = _uneven_weight_grad(backend, torch.float16, device)
     wide = torch.full(want.shape, float("nan"), device=device)
     assert gg.grouped_mm_weight_grad(a, b, ends, backend=backend, out=wide) is wide
     assert torch.equal(wide.half(), want)
