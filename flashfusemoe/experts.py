@@ -22,7 +22,7 @@ from flashfusemoe.config import (
     check_bool,
     check_has_data,
 )
-from flashfusemoe.ops import _no_autocast
+from flashfusemoe.ops import _no_autocast, compute_weights, weight_grad_buffers
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -54,14 +54,16 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
       ``torch.compile`` an overflow raises ``CapacityOverflowError``). "auto": "gathered" for
       experts of width F <= ``GATHERED_MAX_FFN``, else "grouped" (the rule of ``fused_moe``).
     - ``recompute``: recompute the pre-activation in backward instead of saving it.
-    Under torch autocast, x and the expert weights are cast to its dtype.
+    Under torch autocast, x and the expert weights are cast to its dtype (float32 weights inside the
+    op, and their gradients come back in float32, as in ``fused_moe``).
     """
     options, plan = experts_plan(x, topk_ids, topk_weights, w_up, w_down, activation=activation, gemm=gemm,
                                  recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
     check_has_data("x", x)
     dtype = autocast_dtype(x)
-    if dtype is not None:
-        x, w_up, w_down = (t.to(dtype) for t in (x, w_up, w_down))
+    if dtype is not None:  # float32 weights: cast inside the op (ops.compute_weights)
+        x = x.to(dtype)
+        w_up, w_down = (w if w.dtype == torch.float32 else w.to(dtype) for w in (w_up, w_down))
     x, w_up, w_down = x.contiguous(), w_up.contiguous(), w_down.contiguous()
     allow_grow = not torch.compiler.is_compiling()
     if torch.compiler.is_compiling():
@@ -157,15 +159,18 @@ def _options(activation: str, recompute: bool, top_k: int) -> MoEOptions:
 def experts_forward_op(
     x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, activation: str,
     recompute: bool, gemm: str, rows_per_expert: int, allow_grow: bool, check_ids: bool, distinct_ids: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(*core.ExpertsOutputs, *core.ExpertsResiduals)``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(*core.ExpertsOutputs, *core.ExpertsResiduals, w_up_cast, w_down_cast)`` (the casts
+    empty where the weight is in x's dtype, as ``ops.moe_forward``'s)."""
     options = _options(activation, recompute, topk_ids.shape[1])
     with _no_autocast(x.device.type):
+        w_up_c, w_down_c = compute_weights(x, w_up, w_down)
         outputs, residuals, _ = core.experts_forward(
-            x, topk_ids, topk_weights, w_up, w_down, options, core.Plan(gemm, rows_per_expert),
+            x, topk_ids, topk_weights, w_up_c, w_down_c, options, core.Plan(gemm, rows_per_expert),
             allow_grow=allow_grow, check_ids=check_ids, distinct_ids=distinct_ids,
         )
-    return (*outputs, *residuals)
+    casts = (c if c is not w else x.new_empty(0) for c, w in ((w_up_c, w_up), (w_down_c, w_down)))
+    return (*outputs, *residuals, *casts)
 
 
 @experts_forward_op.register_fake
@@ -175,25 +180,34 @@ def _(x, topk_ids, topk_weights, w_up, w_down, activation, recompute, gemm, rows
     specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], recompute,
                                       core.Plan(gemm, rows_per_expert))
     dtypes = {"input": x.dtype, "int32": torch.int32}
-    return tuple(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs)
+    casts = (x.new_empty(w.shape if w.dtype != x.dtype else (0,)) for w in (w_up, w_down))
+    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
 
 
 @torch.library.custom_op("flashfusemoe::experts_backward", mutates_args=())
 def experts_backward_op(
     x: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, assign_to_row: Tensor,
-    row_to_assign: Tensor, expert_ends: Tensor, h: Tensor, grad_out: Optional[Tensor], activation: str,  # noqa: UP045
-    recompute: bool, gemm: str,
+    row_to_assign: Tensor, expert_ends: Tensor, h: Tensor, w_up_cast: Tensor, w_down_cast: Tensor,
+    grad_out: Optional[Tensor], activation: str, recompute: bool, gemm: str,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(grad_x, grad_topk_weights, grad_w_up, grad_w_down)``, the weights' gradient in
-    topk_weights' dtype."""
+    topk_weights' dtype, each expert weight's in its own dtype."""
     options = _options(activation, recompute, topk_weights.shape[1])
     E = w_up.shape[0]
     plan = core.Plan(gemm, row_to_assign.shape[0] // E if gemm == "bmm" else 0)
     residuals = core.ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
+    w_up_c = w_up_cast if w_up.dtype != x.dtype else w_up
+    w_down_c = w_down_cast if w_down.dtype != x.dtype else w_down
     with _no_autocast(x.device.type):
         grad_x, grad_w, grad_w_up, grad_w_down = core.experts_backward(
-            x, topk_weights, w_up, w_down, residuals, grad_out, options, plan)
+            x, topk_weights, w_up_c, w_down_c, residuals, grad_out, options, plan,
+            into=_weight_grads_into(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype)))
     return grad_x, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down
+
+
+def _weight_grads_into(x, weights, dtypes) -> core.ExpertsGrads | None:
+    buffers = weight_grad_buffers(x, weights, dtypes)
+    return None if buffers is None else core.ExpertsGrads(None, None, *buffers)
 
 
 @experts_backward_op.register_fake
@@ -205,7 +219,7 @@ def _(x, topk_weights, w_up, w_down, *args):
 def _setup_context(ctx, inputs, output):
     x, _, topk_weights, w_up, w_down, activation, recompute, gemm = inputs[:8]
     ctx.option_args = (activation, recompute, gemm)
-    ctx.save_for_backward(x, topk_weights, w_up, w_down, *output[2:])
+    ctx.save_for_backward(x, topk_weights, w_up, w_down, *output[2:])  # the residuals, then the casts
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -225,11 +239,13 @@ class _EagerExperts(torch.autograd.Function):
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow, check_ids,
                 distinct_ids):
         with _no_autocast(x.device.type):
+            w_up_c, w_down_c = compute_weights(x, w_up, w_down)
             outputs, residuals, plan = core.experts_forward(
-                x, topk_ids, topk_weights, w_up, w_down, options, plan, allow_grow=allow_grow,
+                x, topk_ids, topk_weights, w_up_c, w_down_c, options, plan, allow_grow=allow_grow,
                 check_ids=check_ids, distinct_ids=distinct_ids)
         ctx.options, ctx.plan = options, plan
-        ctx.save_for_backward(x, topk_weights, w_up, w_down, *residuals)
+        ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
+        ctx.save_for_backward(x, topk_weights, w_up_c, w_down_c, *residuals)
         ctx.mark_non_differentiable(outputs.tokens_per_expert)
         ctx.set_materialize_grads(False)
         return tuple(outputs)
@@ -240,7 +256,7 @@ class _EagerExperts(torch.autograd.Function):
         with _no_autocast(x.device.type):
             grad_x, grad_w, grad_w_up, grad_w_down = core.experts_backward(
                 x, topk_weights, w_up, w_down, core.ExpertsResiduals(*residuals), grad_out, ctx.options,
-                ctx.plan)
+                ctx.plan, into=_weight_grads_into(x, (w_up, w_down), ctx.weight_dtypes))
         return grad_x, None, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down, *([None] * 5)
 
 

@@ -106,19 +106,21 @@ def moe_backward(*args):
     x, w_up, w_down = named["x"], named["w_up"], named["w_down"]
     w_up_c = named["w_up_cast"] if w_up.dtype != x.dtype else w_up
     w_down_c = named["w_down_cast"] if w_down.dtype != x.dtype else w_down
-    into = _weight_grad_buffers(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
+    buffers = weight_grad_buffers(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
+    into = None if buffers is None else core.Grads(None, None, *buffers)
     with _no_autocast(x.device.type):
         return tuple(core.backward(x, named["router_weight"], w_up_c, w_down_c, named["logits"], residuals,
                                    named["grad_out"], named["grad_logits"], options, plan, into=into))
 
 
-def _weight_grad_buffers(x: torch.Tensor, weights, dtypes) -> core.Grads | None:
-    """Destinations in the weights' own dtypes (float32) for the gradients of the ``weights`` (as
-    used, in x's dtype) that the forward cast from ``dtypes``; None where nothing was cast."""
+def weight_grad_buffers(x: torch.Tensor, weights, dtypes) -> tuple | None:
+    """Destinations in the weights' own dtypes (float32) for the gradients of ``weights`` (as used,
+    in x's dtype) that the forward cast from ``dtypes`` (``compute_weights``), None for the others;
+    None where nothing was cast."""
     if all(dtype == x.dtype for dtype in dtypes):
         return None
-    return core.Grads(None, None, *(None if dtype == x.dtype else x.new_empty(w.shape, dtype=dtype)
-                                    for w, dtype in zip(weights, dtypes, strict=True)))
+    return tuple(None if dtype == x.dtype else x.new_empty(w.shape, dtype=dtype)
+                 for w, dtype in zip(weights, dtypes, strict=True))
 
 
 @moe_backward.register_fake
@@ -167,7 +169,8 @@ class _EagerMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_logits, *unused):
         x, router_weight, w_up, w_down, logits, *residuals = ctx.saved_tensors
-        into = _weight_grad_buffers(x, (w_up, w_down), ctx.weight_dtypes)
+        buffers = weight_grad_buffers(x, (w_up, w_down), ctx.weight_dtypes)
+        into = None if buffers is None else core.Grads(None, None, *buffers)
         with _no_autocast(x.device.type):
             grads = core.backward(x, router_weight, w_up, w_down, logits, core.Residuals(*residuals),
                                   grad_out, grad_logits, ctx.options, ctx.plan, into=into)

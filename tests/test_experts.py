@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from moe_cases import rel_err
 
+import flashfusemoe
 from flashfusemoe import CapacityOverflowError, moe_experts
 from flashfusemoe.experts import experts_forward_op
 
@@ -274,6 +275,31 @@ def test_bfloat16_on_gpu(routing, gemm):
     x, ids, weights, w_up, w_down = problem(N * 32, 256, 128, 6, K, torch.bfloat16,
                                             ids=None if ids is None else ids.repeat(32, 1))
     check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2, gemm=gemm)
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+def test_autocast_float32_weights_get_float32_gradients(gemm):
+    """fp16 autocast with float32 expert weights: every gradient against the float64 loop on the
+    fp16-rounded operands, the weights' in float32 (the Triton kernels' accumulator, not a 16-bit
+    gradient widened afterwards), eager and compiled alike."""
+    x, ids, weights, w_up, w_down = problem(24, 16, 8, 4, 2, torch.float32)
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    rounded = [t.half().double().cpu() for t in (x, weights, w_up, w_down)]
+    _, ref = grads_of(experts_reference, rounded[0], ids.cpu(), *rounded[1:], grad_out)
+    device = "cuda" if x.is_cuda else "cpu"
+    runs = []
+    for fn in (moe_experts, torch.compile(moe_experts, backend="aot_eager", fullgraph=True)):
+        with torch.autocast(device, dtype=torch.float16):
+            _, grads = grads_of(lambda *a, fn=fn: fn(*a, gemm=gemm), x, ids, weights, w_up, w_down, grad_out)
+        for name, g, r in zip(("x", "topk_weights", "w_up", "w_down"), grads, ref, strict=True):
+            assert g.dtype == torch.float32, name
+            assert rel_err(g, r) < 5e-3, name
+        runs.append(grads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    if gemm != "bmm" and (x.is_cuda or flashfusemoe.kernels.INTERPRET):
+        for g in runs[0][2:]:
+            assert not torch.equal(g, g.half().float())
 
 
 def test_autocast_casts_states_and_expert_weights():
