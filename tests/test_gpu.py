@@ -9,9 +9,10 @@ rounding); after two GEMMs and stored intermediates 5e-2 of the max magnitude bo
 
 import pytest
 import torch
-from moe_cases import assert_close, fused_and_reference, random_moe
+from moe_cases import assert_close, fused_and_reference, random_moe, rel_err
 
 import flashfusemoe
+import flashfusemoe.reference
 from flashfusemoe.profiling import count_cuda_kernels
 
 pytestmark = pytest.mark.gpu
@@ -38,6 +39,34 @@ def test_gpu_dtypes_capacity_and_odd_shapes(dtype, gemm):
                                      ref_dtype=torch.float64)
     assert_close(fused, ref, tol, f"capacity {dtype}/{gemm}")
     assert int(fused[1]["dropped_tokens"]) == int(ref[1]["dropped_tokens"]) > 0
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+def test_gpu_autocast_float32_weights_get_float32_gradients(gemm):
+    """bf16 autocast with float32 parameters (mixed-precision training): every gradient against a
+    float64 reference on the bf16-rounded operands; the expert weights' in float32, stored by the
+    TMA / gathered kernels from their accumulator (not bf16 values widened), eager and compiled."""
+    layer = flashfusemoe.MoELayer(256, 128, 8, 2, gemm=gemm).cuda()
+    x = torch.randn(512, 256, device="cuda", requires_grad=True)
+    grad_out = torch.randn(512, 256, device="cuda")
+    leaves = [x, *layer.parameters()]
+    exact = [t.detach().bfloat16().double().requires_grad_(True) for t in leaves]
+    ref = torch.autograd.grad(flashfusemoe.reference.moe_reference(*exact, 2), exact,
+                              grad_out.bfloat16().double())
+    runs = []
+    for fn in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(x)
+        grads = torch.autograd.grad(out.float(), leaves, grad_out)
+        for name, g, r in zip(("x", "router_weight", "w_up", "w_down"), grads, ref, strict=True):
+            assert g.dtype == torch.float32, name
+            assert rel_err(g, r) < 5e-2, f"autocast {gemm}: grad {name} {rel_err(g, r):.2e}"
+        runs.append(grads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    if gemm != "bmm":
+        for g in runs[0][2:]:
+            assert not torch.equal(g, g.bfloat16().float())
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
