@@ -22,7 +22,7 @@ from flashfusemoe.config import (
     check_bool,
     check_has_data,
 )
-from flashfusemoe.ops import _no_autocast, compute_weights, weight_grad_buffers
+from flashfusemoe.ops import _no_autocast, compute_weights, op_name, weight_grad_buffers
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -155,7 +155,21 @@ def _options(activation: str, recompute: bool, top_k: int) -> MoEOptions:
     return MoEOptions(top_k=top_k, activation=activation, recompute=recompute)
 
 
-@torch.library.custom_op("flashfusemoe::experts_forward", mutates_args=())
+_NUM_FORWARD_RESULTS = len(core.ExpertsOutputs._fields) + len(core.ExpertsResiduals._fields) + 2  # + casts
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor w_up, Tensor w_down, str activation, "
+    "bool recompute, str gemm, int rows_per_expert, bool allow_grow, bool check_ids, bool distinct_ids) -> ("
+    + ", ".join(["Tensor"] * _NUM_FORWARD_RESULTS) + ")"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor x, Tensor topk_weights, Tensor w_up, Tensor w_down, Tensor assign_to_row, Tensor row_to_assign, "
+    "Tensor expert_ends, Tensor h, Tensor w_up_cast, Tensor w_down_cast, Tensor? grad_out, str activation, "
+    "bool recompute, str gemm) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+FORWARD_OP = op_name("experts_forward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA)
+
+
+@torch.library.custom_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)
 def experts_forward_op(
     x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, activation: str,
     recompute: bool, gemm: str, rows_per_expert: int, allow_grow: bool, check_ids: bool, distinct_ids: bool,
@@ -184,7 +198,8 @@ def _(x, topk_ids, topk_weights, w_up, w_down, activation, recompute, gemm, rows
     return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
 
 
-@torch.library.custom_op("flashfusemoe::experts_backward", mutates_args=())
+@torch.library.custom_op(op_name("experts_backward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA), mutates_args=(),
+                         schema=_BACKWARD_SCHEMA)
 def experts_backward_op(
     x: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, assign_to_row: Tensor,
     row_to_assign: Tensor, expert_ends: Tensor, h: Tensor, w_up_cast: Tensor, w_down_cast: Tensor,
@@ -229,7 +244,7 @@ def _backward(ctx, grad_out, *unused):
     return grads[0], None, *grads[1:], *([None] * 7)
 
 
-torch.library.register_autograd("flashfusemoe::experts_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
 
 
 class _EagerExperts(torch.autograd.Function):

@@ -7,6 +7,7 @@ derived from ``MoEOptions``' fields, so an option added there reaches the ops wi
 
 import contextlib
 import dataclasses
+import hashlib
 
 import torch
 
@@ -26,6 +27,15 @@ _FORWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "expert_bias")
 _FORWARD_ARGS = (*_FORWARD_TENSORS, *OPTION_NAMES, "plan_gemm", "plan_rows_per_expert", "allow_grow")
 # (*core.Outputs, *core.Residuals, w_up and w_down in x's dtype: see compute_weights)
 _NUM_FORWARD_RESULTS = len(core.Outputs._fields) + len(core.Residuals._fields) + 2
+
+
+def op_name(name: str, *schemas: str) -> str:
+    """``flashfusemoe::{name}_{digest of schemas}``. torch.compile's FX-graph and AOTAutograd caches
+    know a custom op by its name alone (not its schema), so code compiled against an older schema of
+    an op pair (e.g. one output fewer) would be reused after an upgrade and fail; a schema change
+    gives the pair new names instead."""
+    digest = hashlib.sha1("\n".join(schemas).encode()).hexdigest()[:8]
+    return f"flashfusemoe::{name}_{digest}"
 
 
 def _config_args(options: MoEOptions, plan: core.Plan) -> tuple:
@@ -52,14 +62,23 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-_RESULTS = "(" + ", ".join(["Tensor"] * _NUM_FORWARD_RESULTS) + ")"
-
-
-@torch.library.custom_op(
-    "flashfusemoe::moe_forward", mutates_args=(),
-    schema=f"(Tensor x, Tensor router_weight, Tensor w_up, Tensor w_down, Tensor? expert_bias, "
-           f"{_CONFIG_SCHEMA}, bool allow_grow) -> {_RESULTS}",
+_BACKWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "logits", *core.Residuals._fields, "w_up_cast",
+                     "w_down_cast")
+_BACKWARD_ARGS = (*_BACKWARD_TENSORS, "grad_out", "grad_logits", *OPTION_NAMES, "plan_gemm",
+                  "plan_rows_per_expert")
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor router_weight, Tensor w_up, Tensor w_down, Tensor? expert_bias, "
+    f"{_CONFIG_SCHEMA}, bool allow_grow) -> (" + ", ".join(["Tensor"] * _NUM_FORWARD_RESULTS) + ")"
 )
+_BACKWARD_SCHEMA = (
+    "(" + ", ".join(f"Tensor {name}" for name in _BACKWARD_TENSORS)
+    + f", Tensor? grad_out, Tensor? grad_logits, {_CONFIG_SCHEMA}) -> "
+    + "(" + ", ".join(["Tensor"] * len(core.Grads._fields)) + ")"
+)
+FORWARD_OP = op_name("moe_forward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA)
+
+
+@torch.library.custom_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)
 def moe_forward(*args):
     """Returns ``(*core.Outputs, *core.Residuals, w_up_cast, w_down_cast)``, each cast weight empty
     where the weight is in x's dtype already (``compute_weights``)."""
@@ -85,18 +104,8 @@ def _(*args):
     return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
 
 
-_BACKWARD_TENSORS = ("x", "router_weight", "w_up", "w_down", "logits", *core.Residuals._fields, "w_up_cast",
-                     "w_down_cast")
-_BACKWARD_ARGS = (*_BACKWARD_TENSORS, "grad_out", "grad_logits", *OPTION_NAMES, "plan_gemm",
-                  "plan_rows_per_expert")
-
-
-@torch.library.custom_op(
-    "flashfusemoe::moe_backward", mutates_args=(),
-    schema="(" + ", ".join(f"Tensor {name}" for name in _BACKWARD_TENSORS)
-           + f", Tensor? grad_out, Tensor? grad_logits, {_CONFIG_SCHEMA}) -> "
-           + "(" + ", ".join(["Tensor"] * len(core.Grads._fields)) + ")",
-)
+@torch.library.custom_op(op_name("moe_backward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA), mutates_args=(),
+                         schema=_BACKWARD_SCHEMA)
 def moe_backward(*args):
     """Returns ``core.Grads``' four tensors, each in its input's dtype (float32 for the gradient of a
     float32 weight cast in the forward)."""
@@ -146,7 +155,7 @@ def _backward(ctx, grad_out, grad_logits, *unused):
     return (*grads, *([None] * (len(_FORWARD_ARGS) - len(grads))))
 
 
-torch.library.register_autograd("flashfusemoe::moe_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(FORWARD_OP, _backward, setup_context=_setup_context)
 
 
 class _EagerMoE(torch.autograd.Function):

@@ -70,6 +70,14 @@ def test_compile_fullgraph_matches_eager(gemm):
         assert rel_err(gc, ge) < 1e-9
 
 
+def test_op_names_follow_their_schemas():
+    """torch.compile's caches know a custom op by name only: a changed schema must change the name."""
+    one, two = "(Tensor x) -> Tensor", "(Tensor x) -> (Tensor, Tensor)"
+    assert ops.op_name("moe_forward", one) != ops.op_name("moe_forward", two)
+    assert ops.FORWARD_OP == ops.op_name("moe_forward", ops._FORWARD_SCHEMA, ops._BACKWARD_SCHEMA)
+    assert ops.moe_forward._opoverload._schema.name == ops.FORWARD_OP
+
+
 def test_plan_num_rows():
     assert Plan("grouped").num_rows(10, 2, 4) == 20
     assert Plan("bmm", 7).num_rows(10, 2, 4) == 28
