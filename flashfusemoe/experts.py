@@ -22,7 +22,16 @@ from flashfusemoe.config import (
     check_bool,
     check_has_data,
 )
-from flashfusemoe.ops import _no_autocast, compute_weights, op_name, weight_grad_buffers
+from flashfusemoe.ops import (
+    _no_autocast,
+    autocast_weights,
+    cast_results,
+    compute_weights,
+    fake_cast_results,
+    op_name,
+    weight_grads_into,
+    weights_used,
+)
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -61,9 +70,9 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
                                  recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
     check_has_data("x", x)
     dtype = autocast_dtype(x)
-    if dtype is not None:  # float32 weights: cast inside the op (ops.compute_weights)
+    if dtype is not None:
         x = x.to(dtype)
-        w_up, w_down = (w if w.dtype == torch.float32 else w.to(dtype) for w in (w_up, w_down))
+        w_up, w_down = autocast_weights(dtype, w_up, w_down)
     x, w_up, w_down = x.contiguous(), w_up.contiguous(), w_down.contiguous()
     allow_grow = not torch.compiler.is_compiling()
     if torch.compiler.is_compiling():
@@ -183,8 +192,7 @@ def experts_forward_op(
             x, topk_ids, topk_weights, w_up_c, w_down_c, options, core.Plan(gemm, rows_per_expert),
             allow_grow=allow_grow, check_ids=check_ids, distinct_ids=distinct_ids,
         )
-    casts = (c if c is not w else x.new_empty(0) for c, w in ((w_up_c, w_up), (w_down_c, w_down)))
-    return (*outputs, *residuals, *casts)
+    return (*outputs, *residuals, *cast_results(x, (w_up, w_down), (w_up_c, w_down_c)))
 
 
 @experts_forward_op.register_fake
@@ -194,8 +202,8 @@ def _(x, topk_ids, topk_weights, w_up, w_down, activation, recompute, gemm, rows
     specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], recompute,
                                       core.Plan(gemm, rows_per_expert))
     dtypes = {"input": x.dtype, "int32": torch.int32}
-    casts = (x.new_empty(w.shape if w.dtype != x.dtype else (0,)) for w in (w_up, w_down))
-    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
+    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs),
+            *fake_cast_results(x, (w_up, w_down)))
 
 
 @torch.library.custom_op(op_name("experts_backward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA), mutates_args=(),
@@ -211,18 +219,12 @@ def experts_backward_op(
     E = w_up.shape[0]
     plan = core.Plan(gemm, row_to_assign.shape[0] // E if gemm == "bmm" else 0)
     residuals = core.ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
-    w_up_c = w_up_cast if w_up.dtype != x.dtype else w_up
-    w_down_c = w_down_cast if w_down.dtype != x.dtype else w_down
+    w_up_c, w_down_c = weights_used(x, (w_up, w_down), (w_up_cast, w_down_cast))
+    into = weight_grads_into(core.ExpertsGrads, x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
     with _no_autocast(x.device.type):
         grad_x, grad_w, grad_w_up, grad_w_down = core.experts_backward(
-            x, topk_weights, w_up_c, w_down_c, residuals, grad_out, options, plan,
-            into=_weight_grads_into(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype)))
+            x, topk_weights, w_up_c, w_down_c, residuals, grad_out, options, plan, into=into)
     return grad_x, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down
-
-
-def _weight_grads_into(x, weights, dtypes) -> core.ExpertsGrads | None:
-    buffers = weight_grad_buffers(x, weights, dtypes)
-    return None if buffers is None else core.ExpertsGrads(None, None, *buffers)
 
 
 @experts_backward_op.register_fake
@@ -271,7 +273,7 @@ class _EagerExperts(torch.autograd.Function):
         with _no_autocast(x.device.type):
             grad_x, grad_w, grad_w_up, grad_w_down = core.experts_backward(
                 x, topk_weights, w_up, w_down, core.ExpertsResiduals(*residuals), grad_out, ctx.options,
-                ctx.plan, into=_weight_grads_into(x, (w_up, w_down), ctx.weight_dtypes))
+                ctx.plan, into=weight_grads_into(core.ExpertsGrads, x, (w_up, w_down), ctx.weight_dtypes))
         return grad_x, None, grad_w.to(topk_weights.dtype), grad_w_up, grad_w_down, *([None] * 5)
 
 

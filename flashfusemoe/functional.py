@@ -76,10 +76,8 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
                               autocast=dtype is not None)
     check_has_data("x", x)
     if dtype is not None:
-        # float32 expert weights are cast inside the op (ops.compute_weights): their gradients then
-        # come back in float32 from the weight-gradient kernels, with no 16-bit copy to widen.
         x, router_weight = x.to(dtype), router_weight.to(dtype)
-        w_up, w_down = (w if w.dtype == torch.float32 else w.to(dtype) for w in (w_up, w_down))
+        w_up, w_down = ops.autocast_weights(dtype, w_up, w_down)  # float32 ones: cast inside the op
     lead_shape = x.shape[:-1]
     # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
     x2d = x.contiguous() if x.dim() == 2 else x.reshape(-1, D).contiguous()

@@ -48,11 +48,47 @@ def _config_from(named: dict) -> tuple[MoEOptions, core.Plan]:
     return options, core.Plan(named["plan_gemm"], named["plan_rows_per_expert"])
 
 
+# Mixed precision. Under autocast, float32 expert weights enter the ops as they are and are cast to
+# x's dtype inside (``compute_weights``), so that their gradients come back from the weight-gradient
+# kernels in float32 directly (their accumulator, ``weight_grads_into``) instead of as 16-bit
+# gradients that autograd's cast node widens again. The custom ops return the casts as residuals
+# (``cast_results``: empty where nothing was cast) and their backward takes them back (``weights_used``).
+
+
+def autocast_weights(dtype: torch.dtype, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """The expert weights as the op takes them under autocast to ``dtype``: float32 ones as they
+    are (cast inside the op), others cast here."""
+    return [w if w.dtype == torch.float32 else w.to(dtype) for w in weights]
+
+
 def compute_weights(x: torch.Tensor, *weights: torch.Tensor) -> list[torch.Tensor]:
-    """Each weight in ``x``'s dtype: a float32 weight under autocast is cast here, inside the op,
-    so that its gradient comes back from the weight-gradient kernels in float32 directly (their
-    accumulator) instead of as a 16-bit gradient that autograd's cast node widens again."""
+    """Each weight in ``x``'s dtype (a cast inside the op where it differs)."""
     return [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
+
+
+def cast_results(x: torch.Tensor, weights, used) -> tuple[torch.Tensor, ...]:
+    """The op's cast-weight results: each ``used`` weight that is a cast, else an empty tensor."""
+    return tuple(u if u is not w else x.new_empty(0) for u, w in zip(used, weights, strict=True))
+
+
+def fake_cast_results(x: torch.Tensor, weights) -> tuple[torch.Tensor, ...]:
+    """``cast_results``' shapes for the ops' fake (meta) implementations."""
+    return tuple(x.new_empty(w.shape if w.dtype != x.dtype else (0,)) for w in weights)
+
+
+def weights_used(x: torch.Tensor, weights, casts) -> list[torch.Tensor]:
+    """In a backward op: the weights the forward used (its casts where it cast)."""
+    return [c if w.dtype != x.dtype else w for w, c in zip(weights, casts, strict=True)]
+
+
+def weight_grads_into(grads_type, x: torch.Tensor, weights, dtypes):
+    """``grads_type(None, None, grad_w_up, grad_w_down)`` (``core.Grads`` or ``core.ExpertsGrads``):
+    float32 destinations for the gradients of ``weights`` (as used, in x's dtype) that the forward
+    cast from ``dtypes``, None for the others; None where nothing was cast."""
+    if all(dtype == x.dtype for dtype in dtypes):
+        return None
+    return grads_type(None, None, *(None if dtype == x.dtype else x.new_empty(w.shape, dtype=dtype)
+                                    for w, dtype in zip(weights, dtypes, strict=True)))
 
 
 def _no_autocast(device_type: str):
@@ -89,8 +125,7 @@ def moe_forward(*args):
         w_up_c, w_down_c = compute_weights(x, w_up, w_down)
         outputs, residuals, _ = core.forward(x, router_weight, w_up_c, w_down_c, expert_bias, options, plan,
                                              allow_grow=named["allow_grow"])
-    casts = (c if c is not w else x.new_empty(0) for c, w in ((w_up_c, w_up), (w_down_c, w_down)))
-    return (*outputs, *residuals, *casts)
+    return (*outputs, *residuals, *cast_results(x, (w_up, w_down), (w_up_c, w_down_c)))
 
 
 @moe_forward.register_fake
@@ -100,8 +135,8 @@ def _(*args):
     x, w_up = named["x"], named["w_up"]
     specs = core.result_specs(x.shape[0], x.shape[1], w_up.shape[0], w_up.shape[1], options, plan)
     dtypes = {"input": x.dtype, "route": compute_dtype(x.dtype), "int32": torch.int32}
-    casts = (x.new_empty(w.shape if w.dtype != x.dtype else (0,)) for w in (w_up, named["w_down"]))
-    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs), *casts)
+    return (*(x.new_empty(shape, dtype=dtypes[kind]) for shape, kind in specs),
+            *fake_cast_results(x, (w_up, named["w_down"])))
 
 
 @torch.library.custom_op(op_name("moe_backward", _FORWARD_SCHEMA, _BACKWARD_SCHEMA), mutates_args=(),
@@ -113,23 +148,11 @@ def moe_backward(*args):
     options, plan = _config_from(named)
     residuals = core.Residuals(*(named[name] for name in core.Residuals._fields))
     x, w_up, w_down = named["x"], named["w_up"], named["w_down"]
-    w_up_c = named["w_up_cast"] if w_up.dtype != x.dtype else w_up
-    w_down_c = named["w_down_cast"] if w_down.dtype != x.dtype else w_down
-    buffers = weight_grad_buffers(x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
-    into = None if buffers is None else core.Grads(None, None, *buffers)
+    w_up_c, w_down_c = weights_used(x, (w_up, w_down), (named["w_up_cast"], named["w_down_cast"]))
+    into = weight_grads_into(core.Grads, x, (w_up_c, w_down_c), (w_up.dtype, w_down.dtype))
     with _no_autocast(x.device.type):
         return tuple(core.backward(x, named["router_weight"], w_up_c, w_down_c, named["logits"], residuals,
                                    named["grad_out"], named["grad_logits"], options, plan, into=into))
-
-
-def weight_grad_buffers(x: torch.Tensor, weights, dtypes) -> tuple | None:
-    """Destinations in the weights' own dtypes (float32) for the gradients of ``weights`` (as used,
-    in x's dtype) that the forward cast from ``dtypes`` (``compute_weights``), None for the others;
-    None where nothing was cast."""
-    if all(dtype == x.dtype for dtype in dtypes):
-        return None
-    return tuple(None if dtype == x.dtype else x.new_empty(w.shape, dtype=dtype)
-                 for w, dtype in zip(weights, dtypes, strict=True))
 
 
 @moe_backward.register_fake
@@ -178,8 +201,7 @@ class _EagerMoE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_logits, *unused):
         x, router_weight, w_up, w_down, logits, *residuals = ctx.saved_tensors
-        buffers = weight_grad_buffers(x, (w_up, w_down), ctx.weight_dtypes)
-        into = None if buffers is None else core.Grads(None, None, *buffers)
+        into = weight_grads_into(core.Grads, x, (w_up, w_down), ctx.weight_dtypes)
         with _no_autocast(x.device.type):
             grads = core.backward(x, router_weight, w_up, w_down, logits, core.Residuals(*residuals),
                                   grad_out, grad_logits, ctx.options, ctx.plan, into=into)
