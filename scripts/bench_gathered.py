@@ -26,7 +26,21 @@ SHAPES = {  # N, D, F, E, K
     "mid": (16384, 2048, 1408, 64, 6),
     "sonic": (32768, 4096, 2048, 64, 4),
     "seed": (8192, 1024, 1536, 8, 2),
+    "mixtral": (16384, 4096, 14336, 8, 2),  # --dgrad only (benchmarks.hf's Mixtral-shaped layer)
 }
+# --dgrad: sorted_dgrad_glu (dy laid out, TMA rows) tiles against grouped_mm + glu_backward
+DGRAD_SORTED = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=2),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5, EPI_SPLIT=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, EPI_SPLIT=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=2),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=2),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4, EPI_SPLIT=1, N_ACC=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, EPI_SPLIT=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, EPI_SPLIT=1),
+]
 SWEEP = {
     "up": [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -189,6 +203,52 @@ def new(s, cfg=None):
     )
 
 
+def dgrad_sweep(shapes, act, budget, t_start):
+    """``sorted_dgrad_glu`` over ``DGRAD_SORTED`` against the unfused pair on the same scattered dy."""
+    print("\ndgrad: grouped_mm + glu_backward (cur) | gathered_dgrad_glu (gth) | sorted_dgrad_glu tiles, ms")
+    for name in shapes:
+        if not _dgrad_shape(name, act, budget, t_start):
+            print("(budget reached, sweep stopped)")
+            return
+        _empty_cache()
+
+
+def _dgrad_shape(name, act, budget, t_start) -> bool:
+    shape = SHAPES[name]
+    s = setup(shape, act)
+    K, w_down, r2a, ends, tw = s["K"], s["w_down"], s["r2a"], s["ends"], s["tw"]
+    dys = permute.scatter_rows(s["dy"], s["a2r"], K)
+    h = grouped_gemm.grouped_mm(permute.gather_rows(s["x"], r2a, K), s["w_up"], ends, True)
+
+    def cur():
+        da = grouped_gemm.grouped_mm(dys, w_down, ends, False)
+        return activation.glu_backward(h, da, act, r2a, tw)
+
+    ref = cur()
+    fl = flops(shape)["dgrad"]
+    t_mm = bench(lambda: grouped_gemm.grouped_mm(dys, w_down, ends, False))
+    t_cur = bench(cur)
+    t_gth = bench(lambda: gathered_gemm.gathered_dgrad_glu(s["dy"], w_down, h, r2a, ends, tw, K, act))
+    print(f"{name:7} cur {t_cur:.3f} (da alone {t_mm:.3f}, {fl / t_mm / 1e9:.0f} TF/s)  gth {t_gth:.3f}")
+    for cfg in DGRAD_SORTED:
+        if time.time() - t_start > budget:
+            return False
+
+        def fn(cfg=cfg):
+            return gathered_gemm.sorted_dgrad_glu(dys, w_down, h, r2a, ends, tw, K, act, config=cfg)
+
+        try:
+            got = fn()
+            t = bench(fn)
+            err = " ".join(f"{k} {rel_err(g, r):.1e}" for k, g, r in zip(("dh", "aw", "gw"), got, ref))
+            desc = f"{t:.3f} ({t_cur / t:.2f}x cur, {fl / t / 1e9:.0f} TF/s) {err}"
+        except Exception as exc:  # a config that does not fit (shared memory, registers)
+            desc = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+        print(f"{name:7} sorted {cfg}: {desc}")
+        sys.stdout.flush()
+    return True
+
+
 def best_backward(t):
     """The fastest mix of current and new backward passes (ms, description): the current passes
     need the scatter of dy (dgrad, wgrad_down) and of x (wgrad_up)."""
@@ -220,9 +280,10 @@ def flops(shape):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["fine", "mid", "sonic", "seed"], choices=list(SHAPES))
     parser.add_argument("--act", default="swiglu", choices=activation.ACTIVATIONS)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--dgrad", action="store_true", help="only the sorted_dgrad_glu tile sweep")
     parser.add_argument("--budget", type=float, default=200.0, help="seconds for the whole run incl. sweep")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script (TRITON_INTERPRET=1)")
     args = parser.parse_args()
@@ -231,6 +292,7 @@ def main():
         DEVICE = "cpu"
         for k, (N, D, F, E, K) in list(SHAPES.items()):
             SHAPES[k] = (N // 512, D // 16, F // 16, min(E, 16), K)
+        DGRAD_SORTED[:] = [{"EPI_SPLIT": c["EPI_SPLIT"]} for c in DGRAD_SORTED[:2]]
         for kind in SWEEP:
             SWEEP[kind] = [
                 {k: v for k, v in c.items() if k in ("tma", "EPI_SPLIT", "IDX64", "N_ACC")}
@@ -246,6 +308,10 @@ def main():
         f"{'shape':6} {'pass':11} {'current ms':>10} {'new ms':>8} {'speedup':>7} {'new TF/s':>8}  "
         "rel err (new vs current)"
     )
+    if args.dgrad:
+        dgrad_sweep(args.shapes, args.act, args.budget, t_start)
+        print(f"total {time.time() - t_start:.0f} s")
+        return
     for name in args.shapes:
         shape = SHAPES[name]
         s = setup(shape, args.act)

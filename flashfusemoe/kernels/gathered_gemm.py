@@ -10,6 +10,7 @@ row without one (capacity drops, the tail past ``expert_ends[-1]``). No ``[R, D]
   accumulators in one program, ``h`` optionally stored.
 - ``gathered_dgrad_glu``: ``da = dy_g @ w_down[e]`` and, in its epilogue, the backward of the
   routing-weighted GLU (``dh``, ``a * w``, the routing-weight gradient term).
+- ``sorted_dgrad_glu``: the same on a ``dy`` already in expert order (``[R, D]``, TMA loads).
 - ``gathered_mm``: ``dy_g @ w_down[e]`` alone (for ``activation.glu_backward`` after it).
 - ``gathered_weight_grad``: ``out[e] = A_e.T @ B_e`` where ``A`` or ``B`` is gathered by token.
 
@@ -181,6 +182,7 @@ def _up_glu_kernel(
 @fast_launch
 def _dgrad_glu_kernel(
     dy_ptr,
+    dy_desc,
     w_ptr,
     w_desc,
     h_ptr,
@@ -202,6 +204,8 @@ def _dgrad_glu_kernel(
     ACT: tl.constexpr,
     GLU: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DY_SORTED: tl.constexpr,
+    DY_TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
     N_ACC: tl.constexpr,
     EPI_SPLIT: tl.constexpr,
@@ -212,10 +216,13 @@ def _dgrad_glu_kernel(
 ):
     """``da = dy_g @ w[e]`` (``w`` ``[E, D, F]``, unit stride along F; ``w_desc`` its ``[E*D, F]``
     descriptor, block ``[BLOCK_K, BLOCK_N]``, only when ``D % BLOCK_K == 0``), then the GLU
-    backward on the tile. A program covers ``N_ACC * BLOCK_N`` columns with N_ACC (1 or 2)
-    accumulators that share each gathered ``dy`` tile, and runs the epilogue per accumulator
-    in EPI_SPLIT column chunks (fewer live registers). ``gw`` ``[R, cdiv(F, N_ACC * BLOCK_N)]``
-    fp32 gets each program's partial ``sum_f da * a``; grid as ``_up_glu_kernel``.
+    backward on the tile. ``dy_g[r] = dy[row_to_assign[r] // TOP_K]``, or with DY_SORTED
+    ``dy[r]`` (``dy`` expert-sorted ``[R, D]``; DY_TMA: through ``dy_desc``, block
+    ``[BLOCK_M, BLOCK_K]``: a tile's rows of the next expert are loaded but never stored). A
+    program covers ``N_ACC * BLOCK_N`` columns with N_ACC (1 or 2) accumulators that share each
+    ``dy`` tile, and runs the epilogue per accumulator in EPI_SPLIT column chunks (fewer live
+    registers). ``gw`` ``[R, cdiv(F, N_ACC * BLOCK_N)]`` fp32 gets each program's partial
+    ``sum_f da * a``; grid as ``_up_glu_kernel``.
     """
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(F, N_ACC * BLOCK_N)
@@ -228,7 +235,10 @@ def _dgrad_glu_kernel(
     ks = tl.arange(0, BLOCK_K)
     n0 = pid_n * N_ACC * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
-    dy_off = tok * stride_dy
+    if DY_SORTED:
+        dy_off = rows.to(tl.int64) * stride_dy
+    else:
+        dy_off = tok * stride_dy
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :]
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if N_ACC == 2:
@@ -238,9 +248,13 @@ def _dgrad_glu_kernel(
         dy_ptrs = dy_ptr + dy_off[:, None] + (k0 + ks)[None, :]
         if EVEN_K:
             kmask = ks >= 0
-            dya = tl.load(dy_ptrs, mask=valid[:, None], other=0.0)
         else:
             kmask = (k0 + ks) < D
+        if DY_TMA:
+            dya = dy_desc.load([row0, k0])
+        elif EVEN_K:
+            dya = tl.load(dy_ptrs, mask=valid[:, None], other=0.0)
+        else:
             dya = tl.load(dy_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
         if USE_TMA:
             wb = w_desc.load([expert * D + k0, n0])
@@ -763,57 +777,84 @@ def gathered_dgrad_glu(
     here. Rows with ``row_to_assign == -1`` or past ``expert_ends[-1]`` get exact zeros whatever
     ``h`` holds there. Deterministic: ``grad_w_row`` sums per-tile partials in a fixed order.
     """
+    return _dgrad_glu(grad_out, False, w_down, h, row_to_assign, expert_ends, topk_weights, top_k,
+                      activation_name, dh_out, a_weighted_out, grad_w_row_out, config)
+
+
+def sorted_dgrad_glu(
+    dy: torch.Tensor,
+    w_down: torch.Tensor,
+    h: torch.Tensor,
+    row_to_assign: torch.Tensor,
+    expert_ends: torch.Tensor,
+    topk_weights: torch.Tensor,
+    top_k: int,
+    activation_name: str,
+    *,
+    dh_out: torch.Tensor | None = None,
+    a_weighted_out: torch.Tensor | None = None,
+    grad_w_row_out: torch.Tensor | None = None,
+    config: dict | None = None,
+):
+    """``gathered_dgrad_glu`` on an output gradient already laid out in expert order: ``dy``
+    ``[R, D]`` (``permute.scatter_rows``/``gather_rows`` of ``grad_out``; rows without an
+    assignment finite), ``da[r] = dy[r] @ w_down[e]``; the rest as there. On sm90+ the ``dy`` rows
+    come through a TMA descriptor as the weights do."""
+    return _dgrad_glu(dy, True, w_down, h, row_to_assign, expert_ends, topk_weights, top_k,
+                      activation_name, dh_out, a_weighted_out, grad_w_row_out, config)
+
+
+def _dgrad_glu(src, src_sorted, w_down, h, row_to_assign, expert_ends, topk_weights, top_k, activation_name,
+               dh_out, a_weighted_out, grad_w_row_out, config):
+    src_name = "dy" if src_sorted else "grad_out"
     code = _check_activation(activation_name)
-    _check_tensor(grad_out, "grad_out", 2, _FLOATS)
-    _check_tensor(w_down, "w_down", 3, (grad_out.dtype,))
-    _check_tensor(h, "h", 2, (grad_out.dtype,))
-    _check_layout(grad_out, row_to_assign, expert_ends, top_k, "grad_out")
+    _check_tensor(src, src_name, 2, _FLOATS)
+    _check_tensor(w_down, "w_down", 3, (src.dtype,))
+    _check_tensor(h, "h", 2, (src.dtype,))
+    _check_layout(src, row_to_assign, expert_ends, top_k, src_name)
     E, D, F = w_down.shape
     R = row_to_assign.numel()
-    N = grad_out.shape[0]
-    if D != grad_out.shape[1] or E != expert_ends.numel():
+    if D != src.shape[1] or E != expert_ends.numel():
         raise ValueError(
-            f"w_down must be [E, D, F] = [{expert_ends.numel()}, {grad_out.shape[1]}, F], "
+            f"w_down must be [E, D, F] = [{expert_ends.numel()}, {src.shape[1]}, F], "
             f"got {tuple(w_down.shape)}"
         )
+    if src_sorted and src.shape[0] != R:
+        raise ValueError(f"dy (expert-sorted) must have R = {R} rows, got {src.shape[0]}")
     if tuple(h.shape) != (R, 2 * F):
         raise ValueError(f"h must be [R, 2F] = [{R}, {2 * F}], got {tuple(h.shape)}")
+    N = topk_weights.shape[0] if src_sorted and isinstance(topk_weights, torch.Tensor) else src.shape[0]
     if not isinstance(topk_weights, torch.Tensor) or tuple(topk_weights.shape) != (N, top_k):
         raise ValueError(
             f"topk_weights must be [N, K] = [{N}, {top_k}], got "
             f"{getattr(topk_weights, 'shape', type(topk_weights).__name__)}"
         )
     for t, name in ((w_down, "w_down"), (h, "h"), (topk_weights, "topk_weights")):
-        if t.device != grad_out.device:
-            raise ValueError(f"{name} is on {t.device}, expected grad_out's device {grad_out.device}")
-    dtype = grad_out.dtype
+        if t.device != src.device:
+            raise ValueError(f"{name} is on {t.device}, expected {src_name}'s device {src.device}")
+    dtype = src.dtype
+    dev = src.device
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     if dh_out is not None:
-        check_out(dh_out, (R, 2 * F), dtype, grad_out.device, "dh_out")
+        check_out(dh_out, (R, 2 * F), dtype, dev, "dh_out")
     if a_weighted_out is not None:
-        check_out(a_weighted_out, (R, F), dtype, grad_out.device, "a_weighted_out")
+        check_out(a_weighted_out, (R, F), dtype, dev, "a_weighted_out")
     if grad_w_row_out is not None:
-        check_out(grad_w_row_out, (R,), cdt, grad_out.device, "grad_w_row_out")
-    if not _fused(grad_out) or R == 0 or F == 0 or N == 0 or D == 0:
-        return _dgrad_glu_fallback(
-            grad_out,
-            w_down,
-            h,
-            row_to_assign,
-            expert_ends,
-            topk_weights,
-            top_k,
-            activation_name,
-            dh_out,
-            a_weighted_out,
-            grad_w_row_out,
-        )
-    dev = grad_out.device
+        check_out(grad_w_row_out, (R,), cdt, dev, "grad_w_row_out")
+    if not _fused(src) or R == 0 or F == 0 or N == 0 or D == 0:
+        if R == 0 or N == 0 or D == 0:
+            da = torch.zeros(R, F, device=dev, dtype=dtype)
+        else:
+            rows = src if src_sorted else permute.gather_rows(src, row_to_assign, top_k)
+            da = _rows_past_end_zero(grouped_gemm.grouped_mm(rows, w_down, expert_ends, False), expert_ends)
+        results = activation.glu_backward(h, da, activation_name, row_to_assign, topk_weights)
+        outs = (dh_out, a_weighted_out, grad_w_row_out)
+        return tuple(r if o is None else o.copy_(r) for r, o in zip(results, outs, strict=True))
     dh = torch.empty(R, 2 * F, device=dev, dtype=dtype) if dh_out is None else dh_out
     aw = torch.empty(R, F, device=dev, dtype=dtype) if a_weighted_out is None else a_weighted_out
     gw = torch.empty(R, device=dev, dtype=cdt) if grad_w_row_out is None else grad_w_row_out
-    if grad_out.stride(1) != 1:
-        grad_out = grad_out.contiguous()
+    if src.stride(1) != 1:
+        src = src.contiguous()
     if w_down.stride(2) != 1:
         w_down = w_down.contiguous()
     if h.stride(1) != 1:
@@ -822,29 +863,31 @@ def gathered_dgrad_glu(
     cfg, tma = _resolve_config("dgrad", dtype, config, F)
     tiles_n = cdiv(F, cfg["N_ACC"] * cfg["BLOCK_N"])
     partial = gw if tiles_n == 1 else torch.empty(R, tiles_n, device=dev, dtype=torch.float32)
-    _launch_gathered_nn(
-        grad_out, w_down, row_to_assign, expert_ends, top_k, dh, cfg, tma, glu=(h, weights, aw, partial, code)
-    )
+    _launch_gathered_nn(src, w_down, row_to_assign, expert_ends, top_k, dh, cfg, tma,
+                        glu=(h, weights, aw, partial, code), src_sorted=src_sorted)
     if tiles_n > 1:
         torch.sum(partial, dim=1, out=gw)
     return dh, aw, gw
 
 
-def _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma, glu=None):
-    """``out[r] = src[row_to_assign[r] // top_k] @ w[e]`` (``w`` ``[E, D, F]``) through
-    ``_dgrad_glu_kernel``; with ``glu = (h, weights, a_weighted, partial, act_code)`` ``out`` is
-    ``dh`` and the GLU backward runs in the epilogue."""
+def _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma, glu=None, src_sorted=False):
+    """``out[r] = src[row_to_assign[r] // top_k] @ w[e]`` (``w`` ``[E, D, F]``; ``src_sorted``:
+    ``src[r]``, src ``[R, D]``) through ``_dgrad_glu_kernel``; with ``glu = (h, weights,
+    a_weighted, partial, act_code)`` ``out`` is ``dh`` and the GLU backward runs in the epilogue."""
     E, D, F = w.shape
     R = row_to_assign.numel()
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = tma and w.is_contiguous() and D % bk == 0 and _tma_ok(w)
     w_desc = TensorDescriptor(w.view(E * D, F), [E * D, F], [F, 1], [bk, bn]) if use_tma else w
+    dy_tma = src_sorted and tma and _tma_ok(src)
+    dy_desc = TensorDescriptor(src, [R, D], [src.stride(0), 1], [bm, bk]) if dy_tma else src
     h, weights, aw, partial, code = glu if glu is not None else (out, out, out, out, 0)
     if glu is None:
         cfg = dict(cfg, EPI_SPLIT=1)
     grid = (_m_tiles(R, E, bm) * cdiv(F, cfg["N_ACC"] * bn),)
     _dgrad_glu_kernel[grid](
         src,
+        dy_desc,
         w,
         w_desc,
         h,
@@ -866,6 +909,8 @@ def _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma
         ACT=code,
         GLU=glu is not None,
         USE_TMA=use_tma,
+        DY_SORTED=src_sorted,
+        DY_TMA=dy_tma,
         EVEN_K=D % cfg["BLOCK_K"] == 0,
         BLOCK_E=_block_e(E),
         **cfg,
@@ -918,20 +963,6 @@ def gathered_mm(
     cfg, tma = _resolve_config("mm", src.dtype, config, F)
     _launch_gathered_nn(src, w, row_to_assign, expert_ends, top_k, out, cfg, tma)
     return out
-
-
-def _dgrad_glu_fallback(
-    grad_out, w_down, h, row_to_assign, expert_ends, topk_weights, top_k, act, dh_out, aw_out, gw_out
-):
-    R, F = row_to_assign.numel(), w_down.shape[2]
-    if R == 0 or grad_out.shape[0] == 0 or grad_out.shape[1] == 0:
-        da = torch.zeros(R, F, device=grad_out.device, dtype=grad_out.dtype)
-    else:
-        dyg = permute.gather_rows(grad_out, row_to_assign, top_k)
-        da = _rows_past_end_zero(grouped_gemm.grouped_mm(dyg, w_down, expert_ends, False), expert_ends)
-    results = activation.glu_backward(h, da, act, row_to_assign, topk_weights)
-    outs = (dh_out, aw_out, gw_out)
-    return tuple(r if o is None else o.copy_(r) for r, o in zip(results, outs, strict=True))
 
 
 def gathered_weight_grad(

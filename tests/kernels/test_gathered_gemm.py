@@ -147,8 +147,20 @@ def _ref_dgrad(dy, w_down, h, r2a, counts, tw, K, act):
     return dh, w * act_g * u, (da * act_g * u).sum(1)
 
 
-def _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, act, dtype, **kw):
-    dh, aw, gw = gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, act, **kw)
+def _sorted_dy(dy, r2a, K):
+    """``dy`` laid out in expert order ``[R, D]`` for ``sorted_dgrad_glu``; rows without an
+    assignment hold random finite values (the kernel must ignore them)."""
+    rows = _gathered64(dy, r2a, K)
+    dead = r2a.cpu() < 0
+    rows[dead] = torch.randn(int(dead.sum()), dy.shape[1], dtype=torch.float64)
+    return rows.to(dy.dtype).to(dy.device)
+
+
+def _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, act, dtype, layout="gathered", **kw):
+    if layout == "sorted":
+        dh, aw, gw = gth.sorted_dgrad_glu(_sorted_dy(dy, r2a, K), w_down, h, r2a, ends, tw, K, act, **kw)
+    else:
+        dh, aw, gw = gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, act, **kw)
     ref_dh, ref_aw, ref_gw = _ref_dgrad(dy, w_down, h, r2a, counts, tw, K, act)
     assert dh.dtype == dtype and aw.dtype == dtype and gw.dtype == tw.dtype
     _close(dh, ref_dh, dtype, "dh")
@@ -291,25 +303,31 @@ def _h_like_forward(N, K, E, dtype, device, **layout_kw):
     return dy, w_down, h, r2a, ends, counts, tw
 
 
+LAYOUTS = ("gathered", "sorted")  # gathered_dgrad_glu (dy by token) / sorted_dgrad_glu (dy laid out)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_dgrad_glu_activations(act, dtype, device):
+def test_dgrad_glu_activations(act, dtype, layout, device):
     N, K = 21, 3
     dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(N, K, 5, dtype, device, drop=0.2)
-    _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, act, dtype)
+    _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, act, dtype, layout)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("routing", ["one_expert", "skew_empty"])
 @pytest.mark.parametrize("K", [1, 8])
-def test_dgrad_glu_routing(routing, K, device):
+def test_dgrad_glu_routing(routing, K, layout, device):
     N = 13
     dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(N, K, 9, torch.float32, device, routing=routing)
-    _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "geglu", torch.float32)
+    _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "geglu", torch.float32, layout)
 
 
-def test_dgrad_glu_tail_outputs_and_partial_sums(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dgrad_glu_tail_outputs_and_partial_sums(layout, device):
     """E = 256 with a tail; caller buffers full of NaN; BLOCK_N 16 over F = 24 makes two
-    partial sums of grad_w_row per row; tma off (pointer weights) agrees with the default."""
+    partial sums of grad_w_row per row; tma off (pointer loads) agrees with the default."""
     N, K = 9, 5
     dy, w_down, h, r2a, ends, counts, tw = _h_like_forward(
         N, K, 256, torch.float16, device, drop=0.3, tail=21
@@ -320,10 +338,13 @@ def test_dgrad_glu_tail_outputs_and_partial_sums(device):
         a_weighted_out=torch.full((R, F_DIM), float("nan"), dtype=torch.float16, device=device),
         grad_w_row_out=torch.full((R,), float("nan"), device=device),
     )
-    res = _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "swiglu", torch.float16, **outs)
+    torch.manual_seed(1)
+    res = _check_dgrad(dy, w_down, h, r2a, ends, counts, tw, K, "swiglu", torch.float16, layout, **outs)
     assert all(r is o for r, o in zip(res, outs.values(), strict=True))
+    torch.manual_seed(1)
     res2 = _check_dgrad(
-        dy, w_down, h, r2a, ends, counts, tw, K, "swiglu", torch.float16, config=dict(BLOCK_N=16, tma=False)
+        dy, w_down, h, r2a, ends, counts, tw, K, "swiglu", torch.float16, layout,
+        config=dict(BLOCK_N=16, tma=False),
     )
     assert torch.equal(res[0], res2[0]) and torch.equal(res[1], res2[1])
 
@@ -616,6 +637,7 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
             for act in acts:
                 sig = {
                     "dy_ptr": f"*{t}",
+                    "dy_desc": f"*{t}",
                     "w_ptr": f"*{t}",
                     "w_desc": desc,
                     "h_ptr": f"*{t}",
@@ -629,11 +651,16 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 names = ("R", "D", "F", "E", "stride_dy", "stride_we", "stride_wd", "stride_h", "TOP_K")
                 sig.update({k: "i32" for k in names})
                 consts = {"ACT": ACTS.index(act) if act else 0, "GLU": act is not None, "USE_TMA": use_tma}
-                consts["EVEN_K"] = use_tma
+                consts.update(EVEN_K=use_tma, DY_SORTED=False, DY_TMA=False)
                 consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
                 consts.setdefault("EPI_SPLIT", 1)
                 sig.update({k: "constexpr" for k in consts})
                 specs.append((gth._dgrad_glu_kernel, sig, consts))
+                if act is not None:  # sorted_dgrad_glu: dy in expert order, TMA rows where allowed
+                    sorted_sig = dict(sig, dy_desc=f"tensordesc<{t}[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>"
+                                      if use_tma else f"*{t}")
+                    sorted_consts = dict(consts, DY_SORTED=True, DY_TMA=use_tma)
+                    specs.append((gth._dgrad_glu_kernel, sorted_sig, sorted_consts))
                 if act == "swiglu":  # the other chunkings and accumulator counts
                     for n_acc, split in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)):
                         if (n_acc, split) != (cfg["N_ACC"], cfg.get("EPI_SPLIT", 1)):
@@ -692,6 +719,8 @@ def test_aot_specs_cover_every_kernel():
     assert {act for act, *_ in up} == set(range(len(ACTS)))
     dgrad = {(c["ACT"], c["GLU"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
     assert dgrad == {(a, True) for a in range(len(ACTS))} | {(0, False)}
+    dy_modes = {(c["DY_SORTED"], c["DY_TMA"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
+    assert dy_modes == {(False, False), (True, False), (True, True)}
     chunks = {(c["N_ACC"], c["EPI_SPLIT"]) for k, _, c in specs if k is gth._dgrad_glu_kernel and c["GLU"]}
     assert {(1, 1), (1, 2), (1, 4), (2, 1), (2, 2)} <= chunks
     wgrad = {(c["GATHER_A"], c["SORTED_TMA"], s["out_ptr"] == "*fp32") for k, s, c in specs
