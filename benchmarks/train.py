@@ -32,6 +32,7 @@ from torch import nn
 
 import flashfusemoe
 from benchmarks.layer import environment, log, run_restoring_threads
+from flashfusemoe.config import GEMMS
 from flashfusemoe.layer import init_uniform_
 from flashfusemoe.reference import moe_reference
 
@@ -203,10 +204,11 @@ def param_counts(model: Model) -> tuple[int, int]:
     return total, total - (cfg.n_layers - 1) * inactive_per_layer
 
 
-def build_model(impl: str, cfg: ModelConfig, device) -> Model:
+def build_model(impl: str, cfg: ModelConfig, device, gemm: str = "auto") -> Model:
+    """The seed model with the ``impl``'s MoE layers (``gemm``: the fused layers' ``gemm=``)."""
     if impl.startswith("fused"):
         factory = lambda: flashfusemoe.MoELayer(
-            cfg.d_model, cfg.expert_ffn, cfg.n_experts, cfg.top_k, num_shared_experts=1
+            cfg.d_model, cfg.expert_ffn, cfg.n_experts, cfg.top_k, num_shared_experts=1, gemm=gemm
         )
     else:
         factory = lambda: UnfusedMoE(cfg.d_model, cfg.expert_ffn, cfg.n_experts, cfg.top_k)
@@ -293,7 +295,7 @@ def _train(impl, cfg, state, batches, n_steps, args, cuda) -> dict:
     device = "cuda" if cuda else "cpu"
     out = {}
     compiled = impl.endswith("compiled")
-    model = build_model(impl, cfg, device)
+    model = build_model(impl, cfg, device, args.gemm)
     model.load_state_dict(state)
     if compiled:
         _set_recompile_limit(64)
@@ -477,6 +479,7 @@ def parse_args(argv=None):
     )
     add_run_args(ap, steps=30, compile_help="torch.compile backend (default inductor)")
     ap.add_argument("--out", default="out/bench-train")
+    ap.add_argument("--gemm", default="auto", choices=GEMMS, help="the fused layers' gemm= (default auto)")
     ap.add_argument(
         "--framework",
         choices=("torch", "jax"),
