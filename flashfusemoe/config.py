@@ -11,9 +11,8 @@ import torch
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 SCORE_FUNCS = ("softmax", "sigmoid")
 GEMMS = ("auto", "grouped", "gathered", "bmm")
-# "auto" runs "gathered" up to this expert width F and above it "gathered_up": the gathered
-# up-projection with the grouped backward (docs/benchmarks.md: the backward GEMMs that read the
-# output gradient by token index beat the scatter + grouped GEMMs at F=256 and trail at F>=1408).
+# "auto" runs "gathered" up to this expert width F and "grouped" above (docs/benchmarks.md: the
+# gathered up-projection beat gather + grouped GEMM + GLU at F=256 and tied or trailed at F>=1408).
 GATHERED_MAX_FFN = 512
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,7 +74,7 @@ class MoEOptions:
       ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing expert grows it with one host
       sync in eager mode, and raises ``CapacityOverflowError`` where it can't grow). ``"auto"``
       (default): ``"gathered"`` for experts of width F <= ``GATHERED_MAX_FFN`` (512), else
-      ``"gathered"``'s forward with ``"grouped"``'s backward: the same rule in torch and JAX.
+      ``"grouped"``: the same rule in torch and JAX.
     - ``max_tokens_per_expert``: the padded layout's rows per expert with ``gemm="bmm"`` (default:
       twice the mean load; see ``calibrate_max_tokens``).
     - ``recompute``: save only x and the routing metadata for backward and recompute the
@@ -145,11 +144,11 @@ class MoEOptions:
             )
 
     def resolved_gemm(self, ffn_dim: int) -> str:
-        """What ``gemm`` runs for experts of width ``ffn_dim`` (F), a ``core.Plan.gemm``: ``"auto"`` is
-        ``"gathered"`` up to ``GATHERED_MAX_FFN``, else ``"gathered_up"``."""
+        """What ``gemm`` runs for experts of width ``ffn_dim`` (F): ``"auto"`` is ``"gathered"`` up to
+        ``GATHERED_MAX_FFN``, else ``"grouped"``."""
         if self.gemm != "auto":
             return self.gemm
-        return "gathered" if ffn_dim <= GATHERED_MAX_FFN else "gathered_up"
+        return "gathered" if ffn_dim <= GATHERED_MAX_FFN else "grouped"
 
     def capacity(self, num_tokens: int, num_experts: int) -> int:
         """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``, at most N

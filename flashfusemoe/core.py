@@ -39,22 +39,11 @@ class CapacityOverflowError(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How a call runs: ``gemm`` is "grouped", "gathered_up" or "gathered" (the dropless layout,
-    R = N*K; "gathered_up" runs the gathered up-projection with the GLU in its epilogue, "gathered"
-    also reads the output gradient by token index in backward) or "bmm" (padded, R = E*M)."""
+    """How a call runs: ``gemm`` is "grouped" or "gathered" (the dropless layout, R = N*K; "gathered"
+    runs the gathered up-projection with the GLU in its epilogue) or "bmm" (padded, R = E*M)."""
 
     gemm: str
     rows_per_expert: int = 0  # M of the padded layout; 0 for grouped
-
-    @property
-    def gathered_up(self) -> bool:
-        """The forward's up-projection reads x by token index (no ``[R, D]`` copy of x)."""
-        return self.gemm in ("gathered", "gathered_up")
-
-    @property
-    def dy_by_index(self) -> bool:
-        """The backward's two GEMMs that read the output gradient per row read it by token index."""
-        return self.gemm == "gathered"
 
     def num_rows(self, num_tokens: int, top_k: int, num_experts: int) -> int:
         return self.rows_per_expert * num_experts if self.gemm == "bmm" else num_tokens * top_k
@@ -184,16 +173,16 @@ def _fit_padded_layout(make_layout, plan: Plan, allow_grow: bool, check: bool, h
 def _rows_to_gather(x, plan: Plan):
     """What the layout kernel copies into expert order: x, or nothing (a zero-width view) where the
     gathered up-projection reads x by token index itself."""
-    return x[:, :0] if plan.gathered_up else x
+    return x[:, :0] if plan.gemm == "gathered" else x
 
 
 def _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
                  options: MoEOptions, plan: Plan, h_into=None, out_into=None):
-    """The experts on a laid-out ``x_sorted [R, D]`` (unused with ``plan.gathered_up``, which reads
+    """The experts on a laid-out ``x_sorted [R, D]`` (unused with ``gemm="gathered"``, which reads
     x by token index) and their weighted combine. Returns ``(out [N, D], h)``, ``h`` the
     pre-activation (``[0, 2F]`` with ``recompute``)."""
     h_into = None if options.recompute else h_into
-    if plan.gathered_up:
+    if plan.gemm == "gathered":
         a, h = gathered_gemm.up_proj_glu(x, w_up, row_to_assign, expert_ends, topk_weights.shape[1],
                                          options.activation, h_out=h_into, save_h=not options.recompute)
         if options.recompute:
@@ -218,7 +207,7 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     # "gathered": the two GEMMs that read dy per row take it by token index, so only x is laid out.
-    dy_by_index = plan.dy_by_index
+    dy_by_index = plan.gemm == "gathered"
     second = None if dy_by_index else grad_out
     if every_row_assigned:
         laid_out = permute.scatter_rows(x, r.assign_to_row, K, second=second)

@@ -61,8 +61,7 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
       reads x by token index with the GLU in its epilogue) or "bmm" (padded layout of twice the
       mean load per expert, grown with one host sync when an expert overflows it; under
       ``torch.compile`` an overflow raises ``CapacityOverflowError``). "auto": "gathered" for
-      experts of width F <= ``GATHERED_MAX_FFN``, else "gathered"'s forward with "grouped"'s
-      backward (the rule of ``fused_moe``).
+      experts of width F <= ``GATHERED_MAX_FFN``, else "grouped" (the rule of ``fused_moe``).
     - ``recompute``: recompute the pre-activation in backward instead of saving it.
     Under torch autocast, x and the expert weights are cast to its dtype (float32 weights inside the
     op, and their gradients come back in float32, as in ``fused_moe``).
@@ -148,7 +147,7 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
 
 
 def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int) -> core.Plan:
-    """The plan of a resolved ``gemm``: "grouped", "gathered" and "gathered_up" the dropless layout; "bmm" padded
+    """The plan of a resolved ``gemm``: "grouped" and "gathered" the dropless layout; "bmm" padded
     to twice the mean load, at most N*K."""
     if gemm == "bmm":
         mean = -(-num_tokens * top_k // num_experts)

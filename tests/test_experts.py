@@ -138,11 +138,11 @@ def test_float32_kernels_match_reference(routing, activation, gemm):
 
 
 def test_auto_resolves_by_expert_width():
-    """"auto" runs "gathered" up to GATHERED_MAX_FFN and "gathered_up" above, as fused_moe does."""
+    """"auto" runs "gathered" up to GATHERED_MAX_FFN and "grouped" above, as fused_moe does."""
     from flashfusemoe.config import GATHERED_MAX_FFN
     from flashfusemoe.experts import experts_plan
 
-    for f, expected in ((GATHERED_MAX_FFN, "gathered"), (GATHERED_MAX_FFN + 1, "gathered_up")):
+    for f, expected in ((GATHERED_MAX_FFN, "gathered"), (GATHERED_MAX_FFN + 1, "grouped")):
         x, ids, weights, w_up, w_down = (t.to("meta") for t in problem(4, 8, 1, 3, 2, torch.float32))
         w_up, w_down = w_up.new_empty(3, 2 * f, 8), w_down.new_empty(3, 8, f)
         _, plan = experts_plan(x, ids, weights, w_up, w_down, activation="swiglu", gemm="auto",
