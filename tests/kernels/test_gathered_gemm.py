@@ -545,11 +545,15 @@ def test_gpu_bf16(act):
     torch.testing.assert_close(h.double().cpu(), ref_h, **tol)
     hr = ref_h.to(torch.bfloat16).double()
     torch.testing.assert_close(a.double().cpu(), _act64(hr[:, :F], act) * hr[:, F:], rtol=2**-6, atol=3e-2)
-    dh, aw, gw = gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, act)
     rdh, raw, rgw = _ref_dgrad(dy, w_down, h, r2a, counts, tw, K, act)
-    torch.testing.assert_close(dh.double().cpu(), rdh, rtol=2**-6, atol=3e-2)
-    torch.testing.assert_close(aw.double().cpu(), raw, rtol=2**-6, atol=3e-2)
-    torch.testing.assert_close(gw.double().cpu(), rgw, rtol=1e-4, atol=1e-3)
+    dy_sorted = _sorted_dy(dy, r2a, K)
+    for dgrad in (gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, act),
+                  gth.sorted_dgrad_glu(dy_sorted, w_down, h, r2a, ends, tw, K, act)):
+        dh, aw, gw = dgrad
+        torch.testing.assert_close(dh.double().cpu(), rdh, rtol=2**-6, atol=3e-2)
+        torch.testing.assert_close(aw.double().cpu(), raw, rtol=2**-6, atol=3e-2)
+        torch.testing.assert_close(gw.double().cpu(), rgw, rtol=1e-4, atol=1e-3)
+    dh, aw, gw = gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, act)
     for gather, (ga, gb) in (("a", (dy, aw)), ("b", (dh, x))):
         out = gth.gathered_weight_grad(ga, gb, r2a, ends, K, gather)
         rows_a = _gathered64(ga, r2a, K) if gather == "a" else ga.double().cpu()
@@ -566,6 +570,8 @@ def test_gpu_deterministic():
     tw = torch.rand(N, K, device="cuda")
     dy = torch.randn(N, D, device="cuda").bfloat16()
 
+    dy_sorted = _sorted_dy(dy, r2a, K)
+
     def run():
         a, h = gth.up_proj_glu(x, w_up, r2a, ends, K, "swiglu")
         dh, aw, gw = gth.gathered_dgrad_glu(dy, w_down, h, r2a, ends, tw, K, "swiglu")
@@ -575,6 +581,7 @@ def test_gpu_deterministic():
             dh,
             aw,
             gw,
+            *gth.sorted_dgrad_glu(dy_sorted, w_down, h, r2a, ends, tw, K, "swiglu"),
             gth.gathered_weight_grad(dy, aw, r2a, ends, K, "a"),
             gth.gathered_weight_grad(dh, x, r2a, ends, K, "b"),
         )
