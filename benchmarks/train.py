@@ -448,6 +448,7 @@ def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> 
         help="torch.compile mode of every compiled run (reduce-overhead: CUDA graphs; default: none given)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gemm", default="auto", choices=GEMMS, help="torch fused layers' gemm= (default auto)")
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny model on CPU (smoke test)")
 
 
@@ -479,7 +480,6 @@ def parse_args(argv=None):
     )
     add_run_args(ap, steps=30, compile_help="torch.compile backend (default inductor)")
     ap.add_argument("--out", default="out/bench-train")
-    ap.add_argument("--gemm", default="auto", choices=GEMMS, help="the fused layers' gemm= (default auto)")
     ap.add_argument(
         "--framework",
         choices=("torch", "jax"),
