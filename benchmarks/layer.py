@@ -56,6 +56,7 @@ TORCH_IMPLS = (
     "ffmoe-bmm-cal",
     "ffmoe-grouped",
     "ffmoe-gathered",
+    "ffmoe-fused_dgrad",
     "ffmoe-auto",
 )
 JAX_IMPLS = ("jax-bridge", "jax-ragged_dot")
@@ -380,8 +381,9 @@ def build_torch_impl(impl: str, p: Problem, cfg):
         ), note
     if impl == "ffmoe-grouped":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm="grouped")), ""
-    if impl == "ffmoe-gathered":
-        return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm="gathered")), ""
+    if impl in ("ffmoe-gathered", "ffmoe-fused_dgrad"):
+        gemm = impl.removeprefix("ffmoe-")
+        return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm=gemm)), ""
     if impl == "ffmoe-auto":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K)), "gemm='auto'"
     raise ValueError(f"unknown torch implementation {impl!r}")

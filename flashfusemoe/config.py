@@ -10,10 +10,13 @@ import torch
 
 ACTIVATIONS = ("swiglu", "geglu", "relu2")
 SCORE_FUNCS = ("softmax", "sigmoid")
-GEMMS = ("auto", "grouped", "gathered", "bmm")
-# "auto" runs "gathered" up to this expert width F and "grouped" above (docs/benchmarks.md: the
-# gathered up-projection beat gather + grouped GEMM + GLU at F=256 and tied or trailed at F>=1408).
+GEMMS = ("auto", "grouped", "gathered", "fused_dgrad", "bmm")
+# "auto" runs "gathered" up to this expert width F and "fused_dgrad" or "grouped" above
+# (docs/benchmarks.md: the gathered up-projection beat gather + grouped GEMM + GLU at F=256 and tied
+# or trailed at F>=1408; the fused input gradient of the down-projection beat the grouped GEMM + GLU
+# backward at D=1024 and 2048 and trailed at D=4096).
 GATHERED_MAX_FFN = 512
+FUSED_DGRAD_MAX_D_MODEL = 2048
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -70,11 +73,15 @@ class MoEOptions:
       tokens gathered into expert order, grouped GEMMs (CUTLASS / cuBLAS), a GLU kernel.
       ``"gathered"``: the same layout, but the up-projection reads its rows from x by token index
       and applies the GLU in its epilogue (no copy of x, no GLU pass); in backward the two GEMMs
-      that read the output gradient per row read it by token index (no copy of it). ``"bmm"``: the padded
+      that read the output gradient per row read it by token index (no copy of it).
+      ``"fused_dgrad"``: ``"grouped"``, except that the down-projection's input-gradient GEMM runs
+      the GLU backward in its epilogue (a Triton kernel; 16-bit on sm90+, else the grouped GEMM and
+      the GLU backward kernel). ``"bmm"``: the padded
       ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing expert grows it with one host
       sync in eager mode, and raises ``CapacityOverflowError`` where it can't grow). ``"auto"``
       (default): ``"gathered"`` for experts of width F <= ``GATHERED_MAX_FFN`` (512), else
-      ``"grouped"``: the same rule in torch and JAX.
+      ``"fused_dgrad"`` for d_model <= ``FUSED_DGRAD_MAX_D_MODEL`` (2048), else ``"grouped"``: the
+      same rule in torch and JAX.
     - ``max_tokens_per_expert``: the padded layout's rows per expert with ``gemm="bmm"`` (default:
       twice the mean load; see ``calibrate_max_tokens``).
     - ``recompute``: save only x and the routing metadata for backward and recompute the
@@ -143,12 +150,15 @@ class MoEOptions:
                 f"of n_group={self.n_group} groups leave"
             )
 
-    def resolved_gemm(self, ffn_dim: int) -> str:
-        """What ``gemm`` runs for experts of width ``ffn_dim`` (F): ``"auto"`` is ``"gathered"`` up to
-        ``GATHERED_MAX_FFN``, else ``"grouped"``."""
+    def resolved_gemm(self, d_model: int, ffn_dim: int) -> str:
+        """What ``gemm`` runs for ``d_model`` (D) and experts of width ``ffn_dim`` (F): ``"auto"`` is
+        ``"gathered"`` up to ``GATHERED_MAX_FFN``, else ``"fused_dgrad"`` up to
+        ``FUSED_DGRAD_MAX_D_MODEL``, else ``"grouped"``."""
         if self.gemm != "auto":
             return self.gemm
-        return "gathered" if ffn_dim <= GATHERED_MAX_FFN else "grouped"
+        if ffn_dim <= GATHERED_MAX_FFN:
+            return "gathered"
+        return "fused_dgrad" if d_model <= FUSED_DGRAD_MAX_D_MODEL else "grouped"
 
     def capacity(self, num_tokens: int, num_experts: int) -> int:
         """Assignments each expert keeps in capacity mode: ``ceil(cf * N * top_k / E)``, at most N

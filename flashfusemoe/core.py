@@ -39,8 +39,10 @@ class CapacityOverflowError(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How a call runs: ``gemm`` is "grouped" or "gathered" (the dropless layout, R = N*K; "gathered"
-    runs the gathered up-projection with the GLU in its epilogue) or "bmm" (padded, R = E*M)."""
+    """How a call runs: ``gemm`` is "grouped", "gathered" or "fused_dgrad" (the dropless layout,
+    R = N*K; "gathered" runs the gathered up-projection with the GLU in its epilogue, "fused_dgrad"
+    the GLU backward in the epilogue of the down-projection's input gradient) or "bmm" (padded,
+    R = E*M)."""
 
     gemm: str
     rows_per_expert: int = 0  # M of the padded layout; 0 for grouped
@@ -215,12 +217,16 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         laid_out = permute.gather_rows(x, r.row_to_assign, K, second=second)
     x_sorted, dy = (laid_out, None) if dy_by_index else laid_out
     h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
-    if dy_by_index:
-        da = gathered_gemm.gathered_mm(grad_out, w_down, r.row_to_assign, r.expert_ends, K)
+    if plan.gemm == "fused_dgrad" and gathered_gemm.sorted_dgrad_glu_runs(dy):
+        dh, a_weighted, grad_w_row = gathered_gemm.sorted_dgrad_glu(
+            dy, w_down, h, r.row_to_assign, r.expert_ends, topk_weights, K, options.activation)
     else:
-        da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
-    dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
-                                                         topk_weights)
+        if dy_by_index:
+            da = gathered_gemm.gathered_mm(grad_out, w_down, r.row_to_assign, r.expert_ends, K)
+        else:
+            da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
+        dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
+                                                             topk_weights)
     if dy_by_index:
         grad_w_down = gathered_gemm.gathered_weight_grad(grad_out, a_weighted, r.row_to_assign, r.expert_ends,
                                                          K, "a", out=g.w_down)
@@ -439,7 +445,7 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         if plan.gemm == "bmm":
             x_sorted = permute.gather_rows(x, row_to_assign, K)
-        elif plan.gemm == "grouped":  # dropless: assign_to_row is a permutation of the rows
+        elif plan.gemm in ("grouped", "fused_dgrad"):  # dropless: assign_to_row permutes the rows
             x_sorted = permute.scatter_rows(x, assign_to_row, K)
         else:
             x_sorted = None

@@ -58,10 +58,12 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
       range, a repeat raising ``ValueError`` or tripping the device-side assert): the dropless layout
       and the row gather then take one launch instead of two.
     - ``gemm``: as ``fused_moe``'s: "grouped" (dropless), "gathered" (dropless; the up-projection
-      reads x by token index with the GLU in its epilogue) or "bmm" (padded layout of twice the
-      mean load per expert, grown with one host sync when an expert overflows it; under
+      reads x by token index with the GLU in its epilogue), "fused_dgrad" (dropless; the GLU
+      backward in the epilogue of the down-projection's input gradient) or "bmm" (padded layout of
+      twice the mean load per expert, grown with one host sync when an expert overflows it; under
       ``torch.compile`` an overflow raises ``CapacityOverflowError``). "auto": "gathered" for
-      experts of width F <= ``GATHERED_MAX_FFN``, else "grouped" (the rule of ``fused_moe``).
+      experts of width F <= ``GATHERED_MAX_FFN``, else "fused_dgrad" for D <=
+      ``FUSED_DGRAD_MAX_D_MODEL``, else "grouped" (the rule of ``fused_moe``).
     - ``recompute``: recompute the pre-activation in backward instead of saving it.
     Under torch autocast, x and the expert weights are cast to its dtype (float32 weights inside the
     op, and their gradients come back in float32, as in ``fused_moe``).
@@ -141,14 +143,14 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
     check_bool("check_ids", check_ids)
     check_bool("distinct_ids", distinct_ids)
     autocast = isinstance(x, torch.Tensor) and autocast_dtype(x) is not None
-    N, _, E, F, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
+    N, D, E, F, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
     options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute)
-    return options, make_experts_plan(options.resolved_gemm(F), N, K, E)
+    return options, make_experts_plan(options.resolved_gemm(D, F), N, K, E)
 
 
 def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int) -> core.Plan:
-    """The plan of a resolved ``gemm``: "grouped" and "gathered" the dropless layout; "bmm" padded
-    to twice the mean load, at most N*K."""
+    """The plan of a resolved ``gemm``: "grouped", "gathered" and "fused_dgrad" the dropless layout;
+    "bmm" padded to twice the mean load, at most N*K."""
     if gemm == "bmm":
         mean = -(-num_tokens * top_k // num_experts)
         return core.Plan("bmm", max(1, min(num_tokens * top_k, 2 * mean)))

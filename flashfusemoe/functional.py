@@ -81,7 +81,7 @@ def moe_outputs(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_b
     lead_shape = x.shape[:-1]
     # A reshape, even to the same shape, adds an autograd node; 2-D inputs skip it.
     x2d = x.contiguous() if x.dim() == 2 else x.reshape(-1, D).contiguous()
-    plan = make_plan(options, x2d.shape[0], router_weight.shape[0], w_down.shape[2])
+    plan = make_plan(options, x2d.shape[0], router_weight.shape[0], D, w_down.shape[2])
     # Growing an overflowing padded layout changes residual shapes, which a traced graph can't follow.
     allow_grow = not torch.compiler.is_compiling()
     outputs = ops.moe_forward_call(
@@ -130,10 +130,11 @@ def _aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_fun
     return {"load_balance_loss": load_balance, "z_loss": z_loss}
 
 
-def make_plan(options: MoEOptions, num_tokens: int, num_experts: int, ffn_dim: int) -> core.Plan:
-    """How a call runs: ``options.resolved_gemm(ffn_dim)`` and, for ``"bmm"``, the padded size
+def make_plan(options: MoEOptions, num_tokens: int, num_experts: int, d_model: int,
+              ffn_dim: int) -> core.Plan:
+    """How a call runs: ``options.resolved_gemm(d_model, ffn_dim)`` and, for ``"bmm"``, the padded size
     (the capacity, ``max_tokens_per_expert``, or twice the mean load)."""
-    gemm = options.resolved_gemm(ffn_dim)
+    gemm = options.resolved_gemm(d_model, ffn_dim)
     if gemm != "bmm":
         return core.Plan(gemm)
     if options.capacity_factor is not None:

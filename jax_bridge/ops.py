@@ -126,7 +126,7 @@ def _validate_and_plan(x, router_weight, w_up, w_down, expert_bias, options: MoE
         )
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace(", device meta", "")) from None
-    plan = make_plan(options, standins["x"].reshape(-1, D).shape[0], standins["router_weight"].shape[0],
+    plan = make_plan(options, standins["x"].reshape(-1, D).shape[0], standins["router_weight"].shape[0], D,
                      standins["w_down"].shape[2])
     arrays = [None if a is None else jnp.asarray(a) for a in (x, router_weight, w_up, w_down, expert_bias)]
     return (*arrays, plan)

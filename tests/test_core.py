@@ -15,11 +15,11 @@ from tests.moe_cases import random_moe
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
     x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=dtype, device=device)
     opts = MoEOptions(top_k=2, gemm=gemm)
-    plan = make_plan(opts, x.shape[0], router_weight.shape[0], w_down.shape[2])
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
     grad_out = torch.randn_like(x)
     outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
     grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
@@ -48,7 +48,7 @@ def test_into_writes_in_place_and_changes_nothing(device, gemm, dtype):
 def test_destination_that_does_not_fit_raises(device):
     x, router_weight, w_up, w_down = random_moe(12, 16, 8, 4, dtype=torch.float32, device=device)
     opts = MoEOptions(top_k=2, gemm="grouped")
-    plan = make_plan(opts, x.shape[0], router_weight.shape[0], w_down.shape[2])
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
     wrong_dtype = core.Outputs(out=torch.empty(12, 16, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match=r"must be a contiguous \(12, 16\) torch.float32"):
         core.forward(x, router_weight, w_up, w_down, None, opts, plan, outputs_into=wrong_dtype)

@@ -88,7 +88,7 @@ ROUTINGS = {
 }
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_float64_matches_reference(routing, gemm):
     N, K, ids = ROUTINGS[routing]
@@ -128,7 +128,7 @@ def test_distinct_ids_refuses_a_repeat():
             moe_experts(x, ids, weights, w_up, w_down, distinct_ids=True, check_ids=False)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad"])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
 @pytest.mark.parametrize("routing", ["random", "repeated_ids_in_a_row"])
 def test_float32_kernels_match_reference(routing, activation, gemm):
@@ -137,17 +137,20 @@ def test_float32_kernels_match_reference(routing, activation, gemm):
     check_against_reference(x, ids, weights, w_up, w_down, 2e-5, activation=activation, gemm=gemm)
 
 
-def test_auto_resolves_by_expert_width():
-    """"auto" runs "gathered" up to GATHERED_MAX_FFN and "grouped" above, as fused_moe does."""
-    from flashfusemoe.config import GATHERED_MAX_FFN
+def test_auto_resolves_by_expert_width_and_d_model():
+    """"auto" runs "gathered" up to GATHERED_MAX_FFN, above it "fused_dgrad" up to
+    FUSED_DGRAD_MAX_D_MODEL and "grouped" beyond, as fused_moe does."""
+    from flashfusemoe.config import FUSED_DGRAD_MAX_D_MODEL, GATHERED_MAX_FFN
     from flashfusemoe.experts import experts_plan
 
-    for f, expected in ((GATHERED_MAX_FFN, "gathered"), (GATHERED_MAX_FFN + 1, "grouped")):
+    f_big, d_big = GATHERED_MAX_FFN + 1, FUSED_DGRAD_MAX_D_MODEL + 8
+    for d, f, expected in ((8, GATHERED_MAX_FFN, "gathered"), (d_big, GATHERED_MAX_FFN, "gathered"),
+                           (FUSED_DGRAD_MAX_D_MODEL, f_big, "fused_dgrad"), (d_big, f_big, "grouped")):
         x, ids, weights, w_up, w_down = (t.to("meta") for t in problem(4, 8, 1, 3, 2, torch.float32))
-        w_up, w_down = w_up.new_empty(3, 2 * f, 8), w_down.new_empty(3, 8, f)
+        x, w_up, w_down = x.new_empty(4, d), w_up.new_empty(3, 2 * f, d), w_down.new_empty(3, d, f)
         _, plan = experts_plan(x, ids, weights, w_up, w_down, activation="swiglu", gemm="auto",
                                recompute=False, check_ids=False)
-        assert plan.gemm == expected
+        assert plan.gemm == expected, (d, f)
 
 
 def test_repeated_weights_and_int32_ids_and_recompute():
@@ -240,7 +243,7 @@ def test_bad_options(kw, match):
         moe_experts(x, ids, weights, w_up, w_down, **kw)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_opcheck(gemm):
     x, ids, weights, w_up, w_down = (t.requires_grad_(t.is_floating_point())
                                      for t in problem(8, 16, 8, 4, 2, torch.float64))
@@ -267,7 +270,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["grouped", "gathered"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad"])
 @pytest.mark.parametrize("routing", ["random", "one_expert_takes_all", "repeated_ids_in_a_row"])
 def test_bfloat16_on_gpu(routing, gemm):
     """bf16 on the GPU kernels (torch._grouped_mm): within bf16 rounding of the float64 loop."""
@@ -277,7 +280,7 @@ def test_bfloat16_on_gpu(routing, gemm):
     check_against_reference(x, ids, weights.float(), w_up, w_down, 2e-2, gemm=gemm)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_autocast_float32_weights_get_float32_gradients(gemm):
     """fp16 autocast with float32 expert weights: every gradient against the float64 loop on the
     fp16-rounded operands, the weights' in float32 (the Triton kernels' accumulator, not a 16-bit

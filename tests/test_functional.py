@@ -17,7 +17,7 @@ TOL64 = 1e-9
 
 
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "relu2"])
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_matches_reference(act, gemm, recompute):
     tensors = random_moe(N=48, D=32, F=24, E=6, dtype=torch.float64)
@@ -32,7 +32,7 @@ def test_leading_dims_and_gemm_auto():
     assert_close(fused, ref, TOL64)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_capacity_drops_are_counted_and_consistent(gemm):
     tensors = random_moe(N=40, D=16, F=8, E=4)
     x, router_weight, w_up, w_down = tensors
@@ -121,7 +121,7 @@ def test_ties_pick_lower_index(top_k, E, copies, always_chosen, never_chosen):
     assert_close(fused, ref, TOL64, "ties")
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_capacity_ties_keep_the_lower_token(gemm):
     """Identical tokens route identically with equal weights: capacity keeps the first ones."""
     N, E, top_k, capacity_factor = 12, 4, 2, 0.5
@@ -164,7 +164,7 @@ def test_expert_bias_gets_no_gradient():
     [(1, 16, 8, 4, 2), (7, 37, 5, 3, 3), (9, 16, 8, 1, 1), (12, 24, 8, 5, 5), (5, 8, 4, 8, 1)],
     ids=["N=1", "odd-D-F-topk=E", "E=1", "topk=E", "more-experts-than-tokens"],
 )
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_edge_shapes(N, D, F, E, top_k, gemm):
     tensors = random_moe(N=N, D=D, F=F, E=E)
     # top_k=1 with normalised weights has a zero router gradient: test the unnormalised one there
@@ -229,7 +229,7 @@ def test_aux_loss_values_and_gradients(aux_key, score_func):
     assert torch.count_nonzero(grads_f[1]) > 0
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_gradcheck(gemm):
     x, router_weight, w_up, w_down = far_from_ties(N=6, D=8, F=4, E=4, top_k=2)
     leaves = [t.clone().requires_grad_(True) for t in (x, router_weight, w_up, w_down)]
@@ -241,7 +241,7 @@ def test_plain_torch_path_without_triton(monkeypatch):
     """CPU tensors without the interpreter run torch fallbacks; they must match too."""
     for module in (activation, gathered_gemm, grouped_gemm, permute, routing):
         monkeypatch.setattr(module, "use_triton", lambda t: False)
-    for gemm in ("grouped", "gathered", "bmm"):
+    for gemm in ("grouped", "gathered", "fused_dgrad", "bmm"):
         tensors = random_moe(N=40, D=16, F=8, E=5)
         fused, ref = fused_and_reference(tensors, top_k=2, gemm=gemm, capacity_factor=0.8)
         assert_close(fused, ref, TOL64, f"torch path {gemm}")
@@ -260,10 +260,12 @@ def test_low_precision_inputs(dtype):
     assert_close(fused, ref, 1e-5 if dtype == torch.float32 else 5e-2, str(dtype))
 
 
+@pytest.mark.parametrize("gemm", ["gathered", "fused_dgrad"])
 @pytest.mark.parametrize("routing", ["capacity", "one-expert"])
-def test_gathered_float32_adversarial_routing(routing):
-    """The gathered kernels (interpreted on CPU) in float32 against a float64 reference: capacity
-    drops (rows without an assignment), and every token on one expert (the others empty)."""
+def test_gathered_float32_adversarial_routing(routing, gemm):
+    """The gathered / fused-dgrad kernels (interpreted on CPU) in float32 against a float64
+    reference: capacity drops (rows without an assignment), and every token on one expert (the
+    others empty)."""
     x, router_weight, w_up, w_down = random_moe(N=40, D=32, F=16, E=6)
     if routing == "capacity":
         router_weight[0] += 2.0 * x.mean(0)
@@ -273,7 +275,7 @@ def test_gathered_float32_adversarial_routing(routing):
         router_weight = _one_expert_router(x, 6, winner=4, losers=(0, 1))
         top_k, options = 1, dict(norm_topk_prob=False)
     tensors = [t.float() for t in (x, router_weight, w_up, w_down)]
-    options["gemm"] = "gathered"
+    options["gemm"] = gemm
     fused, ref = fused_and_reference(tensors, top_k, ref_dtype=torch.float64, return_aux=True, **options)
     assert_close(fused, ref, 1e-5, routing)
     if routing == "capacity":

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("act", ["swiglu", "geglu", "relu2"])
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference(act, gemm, recompute, dtype):
@@ -30,7 +30,7 @@ def test_gpu_matches_reference(act, gemm, recompute, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_gpu_dtypes_capacity_and_odd_shapes(dtype, gemm):
     tensors = [t.to(dtype) for t in random_moe(N=333, D=136, F=72, E=6, dtype=torch.float32, device="cuda")]
     tensors[1][0] += 0.5 * tensors[0].float().mean(0).to(dtype)  # imbalance: capacity must drop
@@ -41,7 +41,7 @@ def test_gpu_dtypes_capacity_and_odd_shapes(dtype, gemm):
     assert int(fused[1]["dropped_tokens"]) == int(ref[1]["dropped_tokens"]) > 0
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_gpu_autocast_float32_weights_get_float32_gradients(gemm):
     """bf16 autocast with float32 parameters (mixed-precision training): every gradient against a
     float64 reference on the bf16-rounded operands; the expert weights' in float32, stored by the
@@ -69,7 +69,7 @@ def test_gpu_autocast_float32_weights_get_float32_gradients(gemm):
             assert not torch.equal(g, g.bfloat16().float())
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_gpu_fwd_bwd_is_deterministic(gemm):
     """The same fwd+bwd twice: output and every gradient bitwise equal (no atomics in any sum)."""
     tensors = [t.to(torch.bfloat16).requires_grad_(True)

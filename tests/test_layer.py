@@ -87,7 +87,7 @@ def test_autocast_bf16_cpu():
     assert rel_err(out, exact) < 5e-2  # bf16 intermediates: ~4e-3 per rounding, two GEMMs
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_autocast_float32_weights_get_float32_gradients(gemm):
     """fp32 master weights under fp16 autocast: every gradient against a float64 reference on the
     fp16-rounded operands, the weight gradients in float32. The Triton weight-gradient kernels

@@ -10,7 +10,7 @@ from flashfusemoe.config import MoEOptions
 from flashfusemoe.core import Plan
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_opcheck(gemm):
     x, r, u, d = (t.requires_grad_(True) for t in random_moe(N=8, D=16, F=8, E=4))
     options = MoEOptions(top_k=2)
@@ -55,7 +55,7 @@ class TinyModel(torch.nn.Module):
         return (out ** 2).mean() + 0.01 * aux["load_balance_loss"] + 0.001 * aux["z_loss"]
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 def test_compile_fullgraph_matches_eager(gemm):
     torch._dynamo.reset()
     model = TinyModel(16, gemm)

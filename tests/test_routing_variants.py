@@ -40,7 +40,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-@pytest.mark.parametrize("gemm", ["grouped", "gathered", "bmm"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_matches_reference(variant, gemm, dev):
     tensors = random_moe(N=40, D=16, F=8, E=8, device=dev)

@@ -517,7 +517,7 @@ def _gathered_wgrad_kernel(
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
 
-KINDS = ("up", "dgrad", "mm", "wgrad_a", "wgrad_b")
+KINDS = ("up", "dgrad", "dgrad_sorted", "mm", "wgrad_a", "wgrad_b")
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
@@ -534,13 +534,15 @@ def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPR
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, num_warps=8, num_stages=stages)
     elif kind == "dgrad":
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    elif kind == "dgrad_sorted":  # capped registers: 1.06x / 1.14x the tile above at seed / mid
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, maxnreg=128)
     elif kind == "mm":  # BLOCK_N 256 won at the fine, mid and seed shapes (3-13%)
         cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=5)
-    if kind == "dgrad":  # 4 chunks: 40 bytes of spills at 128x128 (ptxas, sm_90a), against 2.9 KB in one
+    if kind.startswith("dgrad"):  # 4 chunks: 40 bytes of spills at 128x128 (ptxas, sm_90a), 2.9 KB in one
         cfg["EPI_SPLIT"] = 4
-    if kind in ("dgrad", "mm"):
+    if kind.startswith("dgrad") or kind == "mm":
         cfg["N_ACC"] = 1
     if kind.startswith("wgrad"):
         cfg["IDX64"] = False  # 64-bit token offsets even where 32 bits suffice (tests)
@@ -549,11 +551,12 @@ def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPR
 
 def _resolve_config(kind: str, dtype: torch.dtype, config: dict | None, F: int = 0) -> tuple[dict, bool]:
     """``(launch config, tma allowed)``: ``config`` (benchmarks, tests) overrides keys of the
-    fixed one; its key ``"tma"`` (default True) allows the TMA loads where they apply."""
+    fixed one; its key ``"tma"`` (default True) allows the TMA loads where they apply, ``"maxnreg"``
+    caps the registers per thread (a Triton launch option)."""
     cfg = _config(kind, dtype, F)
     tma = True
     if config is not None:
-        allowed = set(cfg) | set(_CONFIG_KEYS) | {"tma"}
+        allowed = set(cfg) | set(_CONFIG_KEYS) | {"tma", "maxnreg"}
         unknown = set(config) - allowed
         if unknown:
             raise ValueError(
@@ -580,6 +583,16 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         if not INTERPRET and not (t.is_cuda and _device_capability(t.get_device())[0] >= 9):
             return False
     return True
+
+
+def sorted_dgrad_glu_runs(dy: torch.Tensor) -> bool:
+    """Whether ``sorted_dgrad_glu`` runs its kernel on ``dy`` (what ``gemm="fused_dgrad"`` needs
+    to pay): 16-bit on an sm90+ GPU (TMA rows), or fp16/bf16/fp32 under the interpreter. Elsewhere
+    the grouped GEMM and ``activation.glu_backward`` run instead."""
+    if INTERPRET:
+        return dy.dtype != torch.float64
+    sixteen_bit = dy.dtype in (torch.float16, torch.bfloat16)
+    return dy.is_cuda and sixteen_bit and _device_capability(dy.get_device())[0] >= 9
 
 
 def _block_e(num_experts: int) -> int:
@@ -860,7 +873,7 @@ def _dgrad_glu(src, src_sorted, w_down, h, row_to_assign, expert_ends, topk_weig
     if h.stride(1) != 1:
         h = h.contiguous()
     weights = topk_weights.reshape(-1).to(cdt).contiguous()
-    cfg, tma = _resolve_config("dgrad", dtype, config, F)
+    cfg, tma = _resolve_config("dgrad_sorted" if src_sorted else "dgrad", dtype, config, F)
     tiles_n = cdiv(F, cfg["N_ACC"] * cfg["BLOCK_N"])
     partial = gw if tiles_n == 1 else torch.empty(R, tiles_n, device=dev, dtype=torch.float32)
     _launch_gathered_nn(src, w_down, row_to_assign, expert_ends, top_k, dh, cfg, tma,

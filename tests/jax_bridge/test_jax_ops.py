@@ -145,7 +145,7 @@ def test_bit_identical_to_torch(case):
         assert_equal(gj, gt, f"grad_{name}")
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "gathered"])
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad"])
 def test_results_are_written_into_xla_buffers_without_copies(gemm, monkeypatch):
     """Every output, residual and gradient is written by its kernel straight into XLA's buffer:
     no torch copy runs inside the callbacks (D and F multiples of 16: every GEMM path applies)."""
