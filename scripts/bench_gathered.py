@@ -244,8 +244,10 @@ def _dgrad_shape(name, act, budget, t_start) -> bool:
         if time.time() - t_start > budget:
             return False
 
-        def fn(cfg={"maxnreg": None, **cfg}):  # (the fixed configuration caps the registers)
-            return gathered_gemm.sorted_dgrad_glu(dys, w_down, h, r2a, ends, tw, K, act, config=cfg)
+        run_cfg = {"maxnreg": None, **cfg}  # (the fixed configuration caps the registers)
+
+        def fn(run_cfg=run_cfg):
+            return gathered_gemm.sorted_dgrad_glu(dys, w_down, h, r2a, ends, tw, K, act, config=run_cfg)
 
         try:
             got = fn()
