@@ -349,6 +349,33 @@ def test_dgrad_glu_tail_outputs_and_partial_sums(layout, device):
     assert torch.equal(res[0], res2[0]) and torch.equal(res[1], res2[1])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dgrad_glu_bad_inputs(layout, device):
+    """Each bad argument raises naming it; nothing is computed on a mis-shaped input."""
+    N, K = 6, 2
+    dy, w_down, h, r2a, ends, _, tw = _h_like_forward(N, K, 4, torch.float32, device)
+    R = r2a.numel()
+    if layout == "sorted":
+        fn, src = gth.sorted_dgrad_glu, torch.zeros(R, D_DIM, device=device)
+    else:
+        fn, src = gth.gathered_dgrad_glu, dy
+    with pytest.raises(ValueError, match="activation"):
+        fn(src, w_down, h, r2a, ends, tw, K, "tanh")
+    with pytest.raises(ValueError, match=r"h must be \[R, 2F\]"):
+        fn(src, w_down, h[:, :-1], r2a, ends, tw, K, "swiglu")
+    with pytest.raises(ValueError, match="topk_weights"):
+        fn(src, w_down, h, r2a, ends, tw[:, :1], K, "swiglu")
+    with pytest.raises(TypeError, match="w_down"):
+        fn(src, w_down.double(), h, r2a, ends, tw, K, "swiglu")
+    with pytest.raises(ValueError, match="w_down"):
+        fn(src, w_down[:, :-1], h, r2a, ends, tw, K, "swiglu")
+    with pytest.raises(ValueError, match="dh_out"):
+        fn(src, w_down, h, r2a, ends, tw, K, "swiglu", dh_out=torch.empty(R, F_DIM, device=device))
+    if layout == "sorted":
+        with pytest.raises(ValueError, match=f"R = {R} rows"):
+            fn(src[:-1], w_down, h, r2a, ends, tw, K, "swiglu")
+
+
 @pytest.mark.parametrize("split, n_acc", [(1, 1), (4, 1), (1, 2), (2, 2), (4, 2)])
 def test_dgrad_glu_epilogue_chunks(split, n_acc, device):
     """The epilogue on 1, 2 or 4 column chunks of each of 1 or 2 accumulators gives the
