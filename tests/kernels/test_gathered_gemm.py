@@ -690,7 +690,8 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 consts.setdefault("EPI_SPLIT", 1)
                 sig.update({k: "constexpr" for k in consts})
                 specs.append((gth._dgrad_glu_kernel, sig, consts))
-                if act is not None:  # sorted_dgrad_glu: dy in expert order, TMA rows where allowed
+                if act == "swiglu":  # sorted_dgrad_glu (dy in expert order, TMA rows where allowed): the
+                    # prologue differs, the epilogue is the one compiled above for every activation
                     sorted_sig = dict(sig, dy_desc=f"tensordesc<{t}[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>"
                                       if use_tma else f"*{t}")
                     sorted_consts = dict(consts, DY_SORTED=True, DY_TMA=use_tma)
