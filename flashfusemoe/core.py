@@ -204,36 +204,51 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
                   every_row_assigned: bool):
     """Backward of ``_mlp_forward`` up to the combine: ``r`` holds the layout maps and ``h``; ``g``
     the weight gradients' destinations. Returns ``(dx_sorted [R, D], grad_w_row [R], grad_w_up,
-    grad_w_down)``, ``grad_w_row`` the gradient of each row's routing weight."""
+    grad_w_down)``, ``grad_w_row`` the gradient of each row's routing weight.
+
+    Each ``[R, *]`` temporary is released as soon as its last reader is enqueued (the weight
+    gradients before ``dx_sorted``), so at most two ``[R, D]`` buffers are alive at once.
+    """
     K, E = topk_weights.shape[1], w_up.shape[0]
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    # "gathered": the two GEMMs that read dy per row take it by token index, so only x is laid out.
-    dy_by_index = plan.gemm == "gathered"
-    second = None if dy_by_index else grad_out
-    if every_row_assigned:
-        laid_out = permute.scatter_rows(x, r.assign_to_row, K, second=second)
+    # "gathered": every GEMM that reads x or dy per row takes it by token index; nothing is laid out.
+    by_index = plan.gemm == "gathered"
+    x_sorted = dy = None
+    if not by_index:
+        lay_out = permute.scatter_rows if every_row_assigned else permute.gather_rows
+        x_sorted, dy = lay_out(x, r.assign_to_row if every_row_assigned else r.row_to_assign, K,
+                               second=grad_out)
+    if not options.recompute:
+        h = r.h
+    elif by_index:  # the forward's own kernel, so h is bit-identical to the forward's
+        h = gathered_gemm.up_proj_glu(x, w_up, r.row_to_assign, r.expert_ends, K, options.activation,
+                                      save_a=False)[1]
     else:
-        laid_out = permute.gather_rows(x, r.row_to_assign, K, second=second)
-    x_sorted, dy = (laid_out, None) if dy_by_index else laid_out
-    h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True) if options.recompute else r.h
+        h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True)
     if plan.gemm == "fused_dgrad" and gathered_gemm.sorted_dgrad_glu_runs(dy):
         dh, a_weighted, grad_w_row = gathered_gemm.sorted_dgrad_glu(
             dy, w_down, h, r.row_to_assign, r.expert_ends, topk_weights, K, options.activation)
     else:
-        if dy_by_index:
+        if by_index:
             da = gathered_gemm.gathered_mm(grad_out, w_down, r.row_to_assign, r.expert_ends, K)
         else:
             da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
         dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
                                                              topk_weights)
-    if dy_by_index:
+        del da
+    del h
+    if by_index:
         grad_w_down = gathered_gemm.gathered_weight_grad(grad_out, a_weighted, r.row_to_assign, r.expert_ends,
                                                          K, "a", out=g.w_down)
+        grad_w_up = gathered_gemm.gathered_weight_grad(dh, x, r.row_to_assign, r.expert_ends, K, "b",
+                                                       out=g.w_up)
     else:
         grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
+        del dy, a_weighted
+        grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
+        del x_sorted
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
-    grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
     return dx_sorted, grad_w_row, grad_w_up, grad_w_down
 
 

@@ -59,3 +59,41 @@ def test_destination_that_does_not_fit_raises(device):
     with pytest.raises(ValueError, match="Grads.router_weight must be a contiguous"):
         core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, torch.randn_like(x), None,
                       opts, plan, into=core.Grads(router_weight=torch.empty(4, 17, device=device)))
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad"])
+def test_recompute_gives_bitwise_the_same_gradients(device, gemm):
+    """The backward's recompute of h runs the forward's own kernel, so nothing changes by a bit."""
+    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=torch.float32, device=device)
+    grad_out = torch.randn_like(x)
+    grads = []
+    for recompute in (False, True):
+        opts = MoEOptions(top_k=2, gemm=gemm, recompute=recompute)
+        plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
+        outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
+        assert residuals.h.shape[0] == (0 if recompute else 80)
+        grads.append(core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None,
+                                   opts, plan))
+    for name, without, with_ in zip(core.Grads._fields, *grads, strict=True):
+        assert torch.equal(without, with_), f"{gemm}: grad of {name} changed with recompute=True"
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gathered_backward_lays_out_no_rows(device, monkeypatch, recompute):
+    """``gemm="gathered"``: the backward reads x and dy by token index; no [N*K, D] copy is made."""
+    from flashfusemoe.kernels import permute
+
+    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm="gathered", recompute=recompute)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
+    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the gathered backward laid out token rows")
+
+    monkeypatch.setattr(permute, "scatter_rows", no_copy)
+    monkeypatch.setattr(permute, "gather_rows", no_copy)
+    grad_out = torch.randn_like(x)
+    grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
+                          plan)
+    assert all(torch.isfinite(g).all() for g in grads)
