@@ -25,6 +25,8 @@ _NEG = tl.constexpr(-1.0e30)
 # Where a NaN selection score goes (a NaN in x, the router or the bias): below every number, above
 # the masked columns, so a token picks K distinct real experts even when all its scores are NaN.
 _NAN_SEL = tl.constexpr(-0.5e30)
+# A picked column's selection key: below the key of every float (int64's minimum).
+_PICKED_KEY = tl.constexpr(-(2**63))
 
 
 def _block_e(E: int) -> int:
@@ -76,6 +78,18 @@ def _argmax_low(vals, cols, BLOCK_E: tl.constexpr):
     return tl.min(tl.where(vals == mx[:, None], cols[None, :], BLOCK_E), axis=1)
 
 
+@triton.jit
+def _selection_keys(vals, cols, BLOCK_E: tl.constexpr):
+    """int64 keys of fp32 ``vals [BN, BE]`` ordered as the values, equal values by the lower
+    column first: the high word maps the float's bits to a signed int of the same order, the low
+    word is ``BLOCK_E - 1 - col``. One max reduction over a row then yields both its largest value
+    and that value's lowest column. (No NaN, and no -0.0, which would rank below +0.0: selection
+    scores are scores >= +0.0 plus a bias, never -0.0.)"""
+    bits = vals.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols)[None, :].to(tl.int64)
+
+
 @fast_launch
 def _route_fwd_kernel(
     x_ptr,
@@ -98,13 +112,15 @@ def _route_fwd_kernel(
     TOPK_GROUP: tl.constexpr,
     NORM: tl.constexpr,
     DOT_IEEE: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    """One program routes ``BLOCK_N`` tokens. ``N_GROUP == 0`` disables group limiting."""
+    """One program routes ``BLOCK_N`` tokens. ``N_GROUP == 0`` disables group limiting. PACKED
+    (fp32 routing): each pick is one max over ``_selection_keys``, else (fp64) ``_argmax_low``."""
     acc_ty = logits_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,14 +186,21 @@ def _route_fwd_kernel(
     kcols = tl.arange(0, BLOCK_K)
     ids = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
     wts = tl.zeros([BLOCK_N, BLOCK_K], dtype=acc_ty)
-    block_counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    chosen = (rows < 0)[:, None] & col_mask[None, :]
+    if PACKED:  # one reduction per pick instead of two; a picked column drops below every key
+        keys = _selection_keys(tl.where(allowed, sel, _NEG), cols, BLOCK_E)
     for k in range(K):
-        idx = _argmax_low(tl.where(allowed, sel, _NEG), cols, BLOCK_E)
+        if PACKED:
+            idx = BLOCK_E - 1 - (tl.max(keys, axis=1) & 0xFFFFFFFF).to(tl.int32)
+        else:
+            idx = _argmax_low(tl.where(allowed, sel, _NEG), cols, BLOCK_E)
         hit = cols[None, :] == idx[:, None]
-        if COUNTS:
-            block_counts += tl.sum((hit & row_mask[:, None]).to(tl.int32), axis=0)
+        chosen = chosen | hit
         r = tl.sum(tl.where(hit, s, 0.0), axis=1)
-        allowed = allowed & (~hit)
+        if PACKED:
+            keys = tl.where(hit, _PICKED_KEY, keys)
+        else:
+            allowed = allowed & (~hit)
         ids = tl.where(kcols[None, :] == k, idx[:, None], ids)
         wts = tl.where(kcols[None, :] == k, r[:, None], wts)
     if NORM:
@@ -189,6 +212,7 @@ def _route_fwd_kernel(
     tl.store(ids_ptr + k_offs, ids, mask=k_mask)
     tl.store(weights_ptr + k_offs, wts, mask=k_mask)
     if COUNTS:  # this token block's assignments per expert, for permute.layout_and_gather
+        block_counts = tl.sum((chosen & row_mask[:, None]).to(tl.int32), axis=0)
         tl.store(counts_ptr + pid * E + cols, block_counts, mask=cols < E)
 
 
@@ -370,6 +394,7 @@ def route_forward(
         TOPK_GROUP=0 if topk_group is None else topk_group,
         NORM=bool(norm_topk_prob),
         DOT_IEEE=x.dtype in (torch.float32, torch.float64),
+        PACKED=cdt == torch.float32,
         BLOCK_E=block_e,
         BLOCK_K=next_power_of_2(top_k),
         BLOCK_G=next_power_of_2(max(ng, 1)),

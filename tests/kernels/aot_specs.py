@@ -202,6 +202,7 @@ def _routing() -> list:
                 "TOPK_GROUP": topk_group,
                 "NORM": True,
                 "DOT_IEEE": dtype != torch.bfloat16,
+                "PACKED": compute_dtype(dtype) == torch.float32,
                 "BLOCK_N": cfg["BLOCK_N"],
                 "BLOCK_D": cfg["BLOCK_D"],
                 "BLOCK_E": block_e,
