@@ -178,47 +178,61 @@ def _rows_to_gather(x, plan: Plan):
     return x[:, :0] if plan.gemm == "gathered" else x
 
 
-def _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
-                 options: MoEOptions, plan: Plan, h_into=None, out_into=None):
-    """The experts on a laid-out ``x_sorted [R, D]`` (unused with ``gemm="gathered"``, which reads
-    x by token index) and their weighted combine. Returns ``(out [N, D], h)``, ``h`` the
-    pre-activation (``[0, 2F]`` with ``recompute``)."""
-    h_into = None if options.recompute else h_into
+def _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, top_k: int, options: MoEOptions, plan: Plan,
+                   h_into=None):
+    """The up-projection and GLU on a laid-out ``x_sorted [R, D]`` (unused with
+    ``gemm="gathered"``, which reads x by token index). Returns ``(a [R, F], h)``, ``h`` the
+    pre-activation (in ``h_into`` when given; ``[0, 2F]`` with ``recompute``). The caller drops
+    ``x_sorted`` after this call, and a full ``h`` that only feeds the GLU dies on return, so
+    neither is alive while the down-projection allocates its ``[R, D]`` output."""
+    if options.recompute:
+        h_into = None
     if plan.gemm == "gathered":
-        a, h = gathered_gemm.up_proj_glu(x, w_up, row_to_assign, expert_ends, topk_weights.shape[1],
-                                         options.activation, h_out=h_into, save_h=not options.recompute)
-        if options.recompute:
-            h = x.new_empty((0, w_up.shape[1]))
+        a, h = gathered_gemm.up_proj_glu(x, w_up, row_to_assign, expert_ends, top_k, options.activation,
+                                         h_out=h_into, save_h=not options.recompute)
     else:
         h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
         a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
-    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
-    out = permute.combine_rows(y, assign_to_row, topk_weights.shape[1], weights=topk_weights,
-                               out_dtype=x.dtype, out=out_into)
     if options.recompute:
-        return out, h.new_empty((0, h.shape[1]))
-    return out, h if h_into is None else h_into
+        return a, x.new_empty((0, w_up.shape[1]))
+    return a, h if h_into is None else h_into
+
+
+def _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, out_dtype, plan: Plan,
+                     out_into=None):
+    """The down-projection of ``a [R, F]`` and the weighted combine: ``out [N, D]``."""
+    y = _expert_mm(a, w_down, expert_ends, plan, trans_b=True)
+    return permute.combine_rows(y, assign_to_row, topk_weights.shape[1], weights=topk_weights,
+                                out_dtype=out_dtype, out=out_into)
 
 
 def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOptions, plan: Plan, g,
                   every_row_assigned: bool):
-    """Backward of ``_mlp_forward`` up to the combine: ``r`` holds the layout maps and ``h``; ``g``
-    the weight gradients' destinations. Returns ``(dx_sorted [R, D], grad_w_row [R], grad_w_up,
-    grad_w_down)``, ``grad_w_row`` the gradient of each row's routing weight.
+    """Backward of ``_up_projection`` and ``_down_projection`` up to the combine: ``r`` holds the
+    layout maps and ``h``; ``g`` the weight gradients' destinations. Returns ``(dx_sorted [R, D],
+    grad_w_row [R], grad_w_up, grad_w_down)``, ``grad_w_row`` the gradient of each row's routing
+    weight.
 
-    Each ``[R, *]`` temporary is released as soon as its last reader is enqueued (the weight
-    gradients before ``dx_sorted``), so at most two ``[R, D]`` buffers are alive at once.
+    Each ``[R, *]`` temporary is released once its last reader is enqueued: dy and ``a * w`` after
+    the w_down gradient, then x is laid out (without recompute), and freed after the w_up gradient,
+    before ``dx_sorted`` is allocated. So at most one ``[R, D]`` buffer is alive beside ``dh``.
     """
     K, E = topk_weights.shape[1], w_up.shape[0]
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     # "gathered": every GEMM that reads x or dy per row takes it by token index; nothing is laid out.
     by_index = plan.gemm == "gathered"
+
+    def lay_out(src, second=None):  # token rows [N, D] into expert order [R, D]
+        if every_row_assigned:
+            return permute.scatter_rows(src, r.assign_to_row, K, second=second)
+        return permute.gather_rows(src, r.row_to_assign, K, second=second)
+
     x_sorted = dy = None
-    if not by_index:
-        lay_out = permute.scatter_rows if every_row_assigned else permute.gather_rows
-        x_sorted, dy = lay_out(x, r.assign_to_row if every_row_assigned else r.row_to_assign, K,
-                               second=grad_out)
+    if not by_index and options.recompute:  # h needs x first: both in one launch
+        x_sorted, dy = lay_out(x, second=grad_out)
+    elif not by_index:  # x is laid out once dy and a * w are freed
+        dy = lay_out(grad_out)
     if not options.recompute:
         h = r.h
     elif by_index:  # the forward's own kernel, so h is bit-identical to the forward's
@@ -246,6 +260,8 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
     else:
         grad_w_down = _expert_weight_grad(dy, a_weighted, r.expert_ends, plan, E, out=g.w_down)
         del dy, a_weighted
+        if x_sorted is None:
+            x_sorted = lay_out(x)
         grad_w_up = _expert_weight_grad(dh, x_sorted, r.expert_ends, plan, E, out=g.w_up)
         del x_sorted
     dx_sorted = _expert_mm(dh, w_up, r.expert_ends, plan, trans_b=False)
@@ -291,8 +307,9 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
             hint="Pass a larger max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'.")
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         x_sorted = permute.gather_rows(x, row_to_assign, K)
-    out, h = _mlp_forward(x, x_sorted, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
-                          options, plan, h_into=r.h, out_into=o.out)
+    a, h = _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
+    del x_sorted
+    out = _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, x.dtype, plan, out_into=o.out)
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
@@ -464,8 +481,9 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
             x_sorted = permute.scatter_rows(x, assign_to_row, K)
         else:
             x_sorted = None
-    out, h = _mlp_forward(x, x_sorted, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
-                          options, plan, h_into=r.h, out_into=o.out)
+    a, h = _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
+    del x_sorted
+    out = _down_projection(a, w_down, assign_to_row, expert_ends, weights, x.dtype, plan, out_into=o.out)
     outputs = ExpertsOutputs(out, tokens_per_expert)
     residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
