@@ -206,6 +206,20 @@ def _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, out_dt
                                 out_dtype=out_dtype, out=out_into)
 
 
+def _borrowed(buffer: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A contiguous ``shape`` view of ``dtype`` over the start of ``buffer``'s memory, or None when
+    there is no buffer or it is too small. For scratch data that dies before ``buffer``'s own
+    result is written there."""
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    if buffer is None or not buffer.is_contiguous() or buffer.numel() * buffer.element_size() < nbytes:
+        return None
+    if buffer.data_ptr() % 16:
+        return None
+    return buffer.view(-1).view(torch.uint8)[:nbytes].view(dtype).view(shape)
+
+
 def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOptions, plan: Plan, g,
                   every_row_assigned: bool):
     """Backward of ``_up_projection`` and ``_down_projection`` up to the combine: ``r`` holds the
@@ -223,16 +237,18 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
     # "gathered": every GEMM that reads x or dy per row takes it by token index; nothing is laid out.
     by_index = plan.gemm == "gathered"
 
-    def lay_out(src, second=None):  # token rows [N, D] into expert order [R, D]
+    def lay_out(src, second=None, out=None):  # token rows [N, D] into expert order [R, D]
         if every_row_assigned:
-            return permute.scatter_rows(src, r.assign_to_row, K, second=second)
-        return permute.gather_rows(src, r.row_to_assign, K, second=second)
+            return permute.scatter_rows(src, r.assign_to_row, K, second=second, out=out)
+        return permute.gather_rows(src, r.row_to_assign, K, second=second, out=out)
 
     x_sorted = dy = None
     if not by_index and options.recompute:  # h needs x first: both in one launch
         x_sorted, dy = lay_out(x, second=grad_out)
     elif not by_index:  # x is laid out once dy and a * w are freed
-        dy = lay_out(grad_out)
+        # dy lives in the w_up gradient's destination when there is one (the JAX bridge's XLA
+        # buffer, a float32 gradient under autocast) until that gradient overwrites it.
+        dy = lay_out(grad_out, out=_borrowed(g.w_up, (r.row_to_assign.numel(), x.shape[1]), grad_out.dtype))
     if not options.recompute:
         h = r.h
     elif by_index:  # the forward's own kernel, so h is bit-identical to the forward's

@@ -97,3 +97,35 @@ def test_gathered_backward_lays_out_no_rows(device, monkeypatch, recompute):
     grads = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
                           plan)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "fused_dgrad", "bmm"])
+def test_dy_is_laid_out_in_the_w_up_gradient_destination(device, monkeypatch, gemm):
+    """A caller's w_up-gradient buffer (the JAX bridge's) holds the laid-out dy until the gradient
+    overwrites it: one [N*K, D] allocation less. The results are those computed without it.
+    (Here E * 2F = 128 holds the R = 48 rows of the dropless layout and the padded layout's.)"""
+    from flashfusemoe.kernels import permute
+
+    x, router_weight, w_up, w_down = random_moe(24, 16, 16, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm=gemm)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
+    grad_out = torch.randn_like(x)
+    outputs, residuals, plan = core.forward(x, router_weight, w_up, w_down, None, opts, plan, allow_grow=True)
+    want = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
+                         plan)
+    destinations = []
+    for name in ("scatter_rows", "gather_rows"):
+        copy = getattr(permute, name)
+
+        def spy(*args, copy=copy, out=None, **kwargs):
+            destinations.append(out)
+            return copy(*args, out=out, **kwargs)
+
+        monkeypatch.setattr(permute, name, spy)
+    into = core.Grads(w_up=torch.full_like(w_up, float("nan")))
+    got = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts, plan,
+                        into=into)
+    assert got.w_up is into.w_up
+    assert [o is not None and o.data_ptr() == into.w_up.data_ptr() for o in destinations] == [True, False]
+    for name, a, b in zip(core.Grads._fields, got, want, strict=True):
+        assert torch.equal(a, b), name

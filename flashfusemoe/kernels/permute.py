@@ -542,22 +542,24 @@ def _gather_rows_torch(src, row_to_assign, top_k):
 
 
 def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
-                second: torch.Tensor | None = None):
+                second: torch.Tensor | None = None, *, out: torch.Tensor | None = None):
     """``out[r] = src[row_to_assign[r] // top_k]``, zeros where ``row_to_assign[r] == -1``.
 
-    ``src`` ``[N, D]``, ``row_to_assign`` ``[R]`` int32; returns ``[R, D]`` like ``src``. With
-    ``second`` (``[N, D]``, same dtype) both are gathered in one launch: returns ``(out, out2)``.
+    ``src`` ``[N, D]``, ``row_to_assign`` ``[R]`` int32; returns ``[R, D]`` like ``src``, in
+    ``out`` when given (one source only). With ``second`` (``[N, D]``, same dtype) both are
+    gathered in one launch: returns ``(out, out2)``.
     """
+    _check_single_source(second, out)
     if second is not None and (second.dtype != src.dtype or second.shape != src.shape or not use_triton(src)):
         return gather_rows(src, row_to_assign, top_k), gather_rows(second, row_to_assign, top_k)
     r_total = row_to_assign.numel()
     n, d = src.shape
     if r_total == 0 or d == 0 or n == 0:
-        out = torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
-        return out if second is None else (out, out.clone())
+        zeros = torch.zeros(r_total, d, device=src.device, dtype=src.dtype)
+        return deliver(zeros, out, "out") if second is None else (zeros, zeros.clone())
     if not use_triton(src):
-        return _gather_rows_torch(src, row_to_assign, top_k)
-    src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
+        return deliver(_gather_rows_torch(src, row_to_assign, top_k), out, "out")
+    src, src2, out, out2 = _row_copy_buffers(src, second, r_total, out)
     block_r, block_d = row_blocks(d, _GATHER_ELEMS, 256)
     grid = (cdiv(r_total, block_r), cdiv(d, block_d))
     _gather_rows_kernel[grid](
@@ -567,11 +569,16 @@ def gather_rows(src: torch.Tensor, row_to_assign: torch.Tensor, top_k: int,
     return out if second is None else (out, out2)
 
 
-def _row_copy_buffers(src, second, r_total: int):
-    """Unit-stride sources and fresh ``[r_total, D]`` outputs of a one- or two-source row copy
-    (``second`` None: the second source and output alias the first)."""
+def _check_single_source(second, out) -> None:
+    if second is not None and out is not None:
+        raise ValueError("out is for a one-source row copy; pass second=None with out")
+
+
+def _row_copy_buffers(src, second, r_total: int, out=None):
+    """Unit-stride sources and ``[r_total, D]`` outputs (``out`` when given, else fresh) of a one- or
+    two-source row copy (``second`` None: the second source and output alias the first)."""
     src = src if src.stride(1) == 1 else src.contiguous()
-    out = torch.empty(r_total, src.shape[1], device=src.device, dtype=src.dtype)
+    out = out_buffer(out, (r_total, src.shape[1]), src.dtype, src.device, "out")
     if second is None:
         return src, src, out, out
     second = second if second.stride(1) == 1 else second.contiguous()
@@ -622,15 +629,17 @@ def _scatter_rows_torch(src, assign_to_row, top_k):
 
 
 def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
-                 second: torch.Tensor | None = None):
+                 second: torch.Tensor | None = None, *, out: torch.Tensor | None = None):
     """``out[assign_to_row[n*K + k]] = src[n]`` for a layout in which every row has an assignment.
 
     The token-major twin of ``gather_rows`` for the dropless layout (``R = N*K``, ``assign_to_row``
     a permutation): each source row is read once. ``src`` ``[N, D]``, ``assign_to_row`` ``[N*K]``
-    int32; returns ``[N*K, D]`` (and the same for ``second`` when given, in the same launch).
-    Rows no assignment maps to (``-1`` entries: capacity drops) are not written by the kernel;
-    layouts with such rows must use ``gather_rows``, which zeros them.
+    int32; returns ``[N*K, D]``, in ``out`` when given (one source only), or the same for
+    ``second`` too, in the same launch. Rows no assignment maps to (``-1`` entries: capacity
+    drops) are not written by the kernel; layouts with such rows must use ``gather_rows``, which
+    zeros them.
     """
+    _check_single_source(second, out)
     if second is not None and (second.dtype != src.dtype or second.shape != src.shape):
         return scatter_rows(src, assign_to_row, top_k), scatter_rows(second, assign_to_row, top_k)
     n, d = src.shape
@@ -638,9 +647,11 @@ def scatter_rows(src: torch.Tensor, assign_to_row: torch.Tensor, top_k: int,
     if r_total != n * top_k:
         raise ValueError(f"assign_to_row has {r_total} entries, expected N*K = {n}*{top_k}")
     if not use_triton(src) or r_total == 0 or d == 0:
-        out = _scatter_rows_torch(src, assign_to_row, top_k)
-        return out if second is None else (out, _scatter_rows_torch(second, assign_to_row, top_k))
-    src, src2, out, out2 = _row_copy_buffers(src, second, r_total)
+        rows = _scatter_rows_torch(src, assign_to_row, top_k)
+        if second is None:
+            return deliver(rows, out, "out")
+        return rows, _scatter_rows_torch(second, assign_to_row, top_k)
+    src, src2, out, out2 = _row_copy_buffers(src, second, r_total, out)
     block_n, block_d = row_blocks(d, _SCATTER_ELEMS, 256)
     _scatter_rows_kernel[(cdiv(n, block_n), cdiv(d, block_d))](
         src, src2, assign_to_row, out, out2, n, d, top_k, src.stride(0), src2.stride(0),

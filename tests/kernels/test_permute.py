@@ -356,6 +356,24 @@ def test_scatter_rows_equals_gather_rows(backend, device, n, k, e):
     assert torch.equal(out2.cpu(), g.cpu()[r2a.long().cpu() // k])
 
 
+@pytest.mark.parametrize("n", [0, 37])
+def test_row_copies_into_out(backend, device, n):
+    """``out=``: the rows land in the caller's buffer (NaN-filled first: every row is written);
+    a buffer of the wrong shape or dtype, or one given with a second source, is refused."""
+    k, e, d = 2, 5, 24
+    a2r, r2a, *_ = layout_for(n, k, e, 0, device, drop=False)
+    x = torch.randn(n, d, device=device)
+    for copy, layout_map in ((permute.scatter_rows, a2r), (permute.gather_rows, r2a)):
+        want = copy(x, layout_map, k)
+        out = torch.full((n * k, d), float("nan"), device=device)
+        assert copy(x, layout_map, k, out=out) is out
+        assert torch.equal(out, want)
+        with pytest.raises(ValueError, match=r"out must be a contiguous"):
+            copy(x, layout_map, k, out=torch.empty(n * k, d, device=device, dtype=torch.float64))
+        with pytest.raises(ValueError, match="out is for a one-source row copy"):
+            copy(x, layout_map, k, second=x, out=out)
+
+
 def test_scatter_rows_empty_and_bad_map(backend, device):
     x = torch.randn(0, 8, device=device)
     assert permute.scatter_rows(x, torch.zeros(0, dtype=torch.int32, device=device), 2).shape == (0, 8)
