@@ -178,13 +178,15 @@ def _rows_to_gather(x, plan: Plan):
     return x[:, :0] if plan.gemm == "gathered" else x
 
 
-def _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, top_k: int, options: MoEOptions, plan: Plan,
-                   h_into=None):
-    """The up-projection and GLU on a laid-out ``x_sorted [R, D]`` (unused with
-    ``gemm="gathered"``, which reads x by token index). Returns ``(a [R, F], h)``, ``h`` the
-    pre-activation (in ``h_into`` when given; ``[0, 2F]`` with ``recompute``). The caller drops
-    ``x_sorted`` after this call, and a full ``h`` that only feeds the GLU dies on return, so
-    neither is alive while the down-projection allocates its ``[R, D]`` output."""
+def _up_projection(x, laid_out: list, w_up, row_to_assign, expert_ends, top_k: int, options: MoEOptions,
+                   plan: Plan, h_into=None):
+    """The up-projection and GLU on the laid-out ``x_sorted [R, D]`` that ``laid_out`` holds (a
+    one-item list this call empties, so those rows are freed as soon as the GEMM that reads them
+    is enqueued; unused with ``gemm="gathered"``, which reads x by token index). Returns
+    ``(a [R, F], h)``, ``h`` the pre-activation (in ``h_into`` when given; ``[0, 2F]`` with
+    ``recompute``). A full ``h`` that only feeds the GLU (the one copied into ``h_into``) dies on
+    return, before the down-projection allocates its ``[R, D]`` output."""
+    x_sorted = laid_out.pop()
     if options.recompute:
         h_into = None
     if plan.gemm == "gathered":
@@ -192,6 +194,7 @@ def _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, top_k: int, op
                                          h_out=h_into, save_h=not options.recompute)
     else:
         h = _expert_mm(x_sorted, w_up, expert_ends, plan, trans_b=True)
+        del x_sorted
         a = activation.glu_forward(h, options.activation, h_copy=h_into)  # h_into receives h too
     if options.recompute:
         return a, x.new_empty((0, w_up.shape[1]))
@@ -323,8 +326,9 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
             hint="Pass a larger max_tokens_per_expert (see calibrate_max_tokens) or use gemm='grouped'.")
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         x_sorted = permute.gather_rows(x, row_to_assign, K)
-    a, h = _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
-    del x_sorted
+    laid_out = [x_sorted]
+    del x_sorted  # (_up_projection frees it after its GEMM)
+    a, h = _up_projection(x, laid_out, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
     out = _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, x.dtype, plan, out_into=o.out)
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
@@ -497,8 +501,9 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
             x_sorted = permute.scatter_rows(x, assign_to_row, K)
         else:
             x_sorted = None
-    a, h = _up_projection(x, x_sorted, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
-    del x_sorted
+    laid_out = [x_sorted]
+    del x_sorted  # (_up_projection frees it after its GEMM)
+    a, h = _up_projection(x, laid_out, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
     out = _down_projection(a, w_down, assign_to_row, expert_ends, weights, x.dtype, plan, out_into=o.out)
     outputs = ExpertsOutputs(out, tokens_per_expert)
     residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)

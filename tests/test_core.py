@@ -129,3 +129,35 @@ def test_dy_is_laid_out_in_the_w_up_gradient_destination(device, monkeypatch, ge
     assert [o is not None and o.data_ptr() == into.w_up.data_ptr() for o in destinations] == [True, False]
     for name, a, b in zip(core.Grads._fields, got, want, strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "fused_dgrad", "bmm"])
+def test_forward_frees_the_laid_out_rows_before_the_glu(device, monkeypatch, gemm):
+    """The laid-out x [N*K, D] is freed once the up-projection's GEMM is enqueued: it is gone when
+    the GLU runs (so it, h and a are never alive together)."""
+    import weakref
+
+    from flashfusemoe.kernels import activation, permute
+
+    refs, alive_at_glu = [], []
+    for name in ("layout_and_gather", "gather_rows"):
+        copy = getattr(permute, name)
+
+        def spy(*args, copy=copy, **kwargs):
+            result = copy(*args, **kwargs)
+            refs.append(weakref.ref(result[0] if isinstance(result, tuple) else result))
+            return result
+
+        monkeypatch.setattr(permute, name, spy)
+    glu_forward = activation.glu_forward
+
+    def glu_spy(*args, **kwargs):
+        alive_at_glu.append([ref() is not None for ref in refs])
+        return glu_forward(*args, **kwargs)
+
+    monkeypatch.setattr(activation, "glu_forward", glu_spy)
+    x, router_weight, w_up, w_down = random_moe(24, 16, 8, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm=gemm)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
+    core.forward(x, router_weight, w_up, w_down, None, opts, plan, allow_grow=True)
+    assert len(refs) == 1 and alive_at_glu == [[False]]
