@@ -8,6 +8,7 @@ See ``docs/design.md`` for the layout and the launch sequence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -213,12 +214,10 @@ def _borrowed(buffer: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.
     """A contiguous ``shape`` view of ``dtype`` over the start of ``buffer``'s memory, or None when
     there is no buffer or it is too small. For scratch data that dies before ``buffer``'s own
     result is written there."""
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
-    if buffer is None or not buffer.is_contiguous() or buffer.numel() * buffer.element_size() < nbytes:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if buffer is None or not buffer.is_contiguous() or buffer.data_ptr() % 16:
         return None
-    if buffer.data_ptr() % 16:
+    if buffer.numel() * buffer.element_size() < nbytes:
         return None
     return buffer.view(-1).view(torch.uint8)[:nbytes].view(dtype).view(shape)
 
