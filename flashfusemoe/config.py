@@ -74,9 +74,10 @@ class MoEOptions:
       ``"gathered"``: the same layout, but the up-projection reads its rows from x by token index
       and applies the GLU in its epilogue (no copy of x, no GLU pass); in backward the two GEMMs
       that read the output gradient per row read it by token index (no copy of it).
-      ``"fused_dgrad"``: ``"grouped"``, except that the down-projection's input-gradient GEMM runs
-      the GLU backward in its epilogue (a Triton kernel; 16-bit on sm90+, else the grouped GEMM and
-      the GLU backward kernel). ``"bmm"``: the padded
+      ``"fused_dgrad"``: the forward of ``"gathered"`` (x read by token index, the GLU in the
+      up-projection's epilogue), and the backward of ``"grouped"`` except that the
+      down-projection's input-gradient GEMM runs the GLU backward in its epilogue (a Triton kernel;
+      16-bit on sm90+, else the grouped GEMM and the GLU backward kernel). ``"bmm"``: the padded
       ``[E, max_tokens, D]`` layout and ``torch.bmm`` (an overflowing expert grows it with one host
       sync in eager mode, and raises ``CapacityOverflowError`` where it can't grow). ``"auto"``
       (default): ``"gathered"`` for experts of width F <= ``GATHERED_MAX_FFN`` (512), else

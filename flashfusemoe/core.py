@@ -173,24 +173,31 @@ def _fit_padded_layout(make_layout, plan: Plan, allow_grow: bool, check: bool, h
     return layout, plan
 
 
+def _up_reads_by_index(plan: Plan) -> bool:
+    """Whether the up-projection reads x by token index (``up_proj_glu``, the GLU in its epilogue,
+    ``h`` written straight to its destination) instead of from laid-out rows: ``"gathered"`` and
+    ``"fused_dgrad"``."""
+    return plan.gemm in ("gathered", "fused_dgrad")
+
+
 def _rows_to_gather(x, plan: Plan):
     """What the layout kernel copies into expert order: x, or nothing (a zero-width view) where the
-    gathered up-projection reads x by token index itself."""
-    return x[:, :0] if plan.gemm == "gathered" else x
+    up-projection reads x by token index itself."""
+    return x[:, :0] if _up_reads_by_index(plan) else x
 
 
 def _up_projection(x, laid_out: list, w_up, row_to_assign, expert_ends, top_k: int, options: MoEOptions,
                    plan: Plan, h_into=None):
     """The up-projection and GLU on the laid-out ``x_sorted [R, D]`` that ``laid_out`` holds (a
     one-item list this call empties, so those rows are freed as soon as the GEMM that reads them
-    is enqueued; unused with ``gemm="gathered"``, which reads x by token index). Returns
+    is enqueued; unused where the up-projection reads x by token index). Returns
     ``(a [R, F], h)``, ``h`` the pre-activation (in ``h_into`` when given; ``[0, 2F]`` with
     ``recompute``). A full ``h`` that only feeds the GLU (the one copied into ``h_into``) dies on
     return, before the down-projection allocates its ``[R, D]`` output."""
     x_sorted = laid_out.pop()
     if options.recompute:
         h_into = None
-    if plan.gemm == "gathered":
+    if _up_reads_by_index(plan):
         a, h = gathered_gemm.up_proj_glu(x, w_up, row_to_assign, expert_ends, top_k, options.activation,
                                          h_out=h_into, save_h=not options.recompute)
     else:
@@ -238,6 +245,7 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         grad_out = torch.zeros_like(x)
     # "gathered": every GEMM that reads x or dy per row takes it by token index; nothing is laid out.
     by_index = plan.gemm == "gathered"
+    recompute_by_index = options.recompute and _up_reads_by_index(plan)
 
     def lay_out(src, second=None, out=None):  # token rows [N, D] into expert order [R, D]
         if every_row_assigned:
@@ -245,7 +253,7 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         return permute.gather_rows(src, r.row_to_assign, K, second=second, out=out)
 
     x_sorted = dy = None
-    if not by_index and options.recompute:  # h needs x first: both in one launch
+    if not by_index and options.recompute and not recompute_by_index:  # h needs x first: one launch
         x_sorted, dy = lay_out(x, second=grad_out)
     elif not by_index:  # x is laid out once dy and a * w are freed
         # dy lives in the w_up gradient's destination when there is one (the JAX bridge's XLA
@@ -253,7 +261,7 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         dy = lay_out(grad_out, out=_borrowed(g.w_up, (r.row_to_assign.numel(), x.shape[1]), grad_out.dtype))
     if not options.recompute:
         h = r.h
-    elif by_index:  # the forward's own kernel, so h is bit-identical to the forward's
+    elif recompute_by_index:  # the forward's own kernel, so h is bit-identical to the forward's
         h = gathered_gemm.up_proj_glu(x, w_up, r.row_to_assign, r.expert_ends, K, options.activation,
                                       save_a=False)[1]
     else:
@@ -496,7 +504,7 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
         assign_to_row, row_to_assign, expert_ends, tokens_per_expert, num_unplaced = layout
         if plan.gemm == "bmm":
             x_sorted = permute.gather_rows(x, row_to_assign, K)
-        elif plan.gemm in ("grouped", "fused_dgrad"):  # dropless: assign_to_row permutes the rows
+        elif not _up_reads_by_index(plan):  # dropless: assign_to_row permutes the rows
             x_sorted = permute.scatter_rows(x, assign_to_row, K)
         else:
             x_sorted = None

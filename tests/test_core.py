@@ -131,7 +131,40 @@ def test_dy_is_laid_out_in_the_w_up_gradient_destination(device, monkeypatch, ge
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "fused_dgrad", "bmm"])
+@pytest.mark.parametrize("gemm", ["gathered", "fused_dgrad"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_up_projection_reads_x_by_token_index(device, monkeypatch, gemm, recompute):
+    """``"gathered"`` and ``"fused_dgrad"``: the forward lays out no x rows (the layout kernel gets
+    a zero-width x) and runs no separate GLU; ``h`` is written straight into its destination."""
+    from flashfusemoe.kernels import activation, permute
+
+    widths = []
+    layout_and_gather = permute.layout_and_gather
+
+    def spy(x, *args, **kwargs):
+        widths.append(x.shape[1])
+        return layout_and_gather(x, *args, **kwargs)
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("a row copy or a separate GLU ran in the forward")
+
+    monkeypatch.setattr(permute, "layout_and_gather", spy)
+    for name in ("scatter_rows", "gather_rows"):
+        monkeypatch.setattr(permute, name, no_call)
+    monkeypatch.setattr(activation, "glu_forward", no_call)
+    x, router_weight, w_up, w_down = random_moe(40, 16, 8, 4, dtype=torch.float32, device=device)
+    opts = MoEOptions(top_k=2, gemm=gemm, recompute=recompute)
+    plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
+    h_into = None if recompute else torch.full((80, 16), float("nan"), device=device)
+    outputs, residuals, _ = core.forward(x, router_weight, w_up, w_down, None, opts, plan,
+                                         residuals_into=core.Residuals(h=h_into))
+    assert widths == [0]
+    if not recompute:
+        assert residuals.h is h_into and torch.isfinite(h_into).all()
+    assert torch.isfinite(outputs.out).all()
+
+
+@pytest.mark.parametrize("gemm", ["grouped", "bmm"])
 def test_forward_frees_the_laid_out_rows_before_the_glu(device, monkeypatch, gemm):
     """The laid-out x [N*K, D] is freed once the up-projection's GEMM is enqueued: it is gone when
     the GLU runs (so it, h and a are never alive together)."""
