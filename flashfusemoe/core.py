@@ -217,16 +217,28 @@ def _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, out_dt
                                 out_dtype=out_dtype, out=out_into)
 
 
-def _borrowed(buffer: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-    """A contiguous ``shape`` view of ``dtype`` over the start of ``buffer``'s memory, or None when
-    there is no buffer or it is too small. For scratch data that dies before ``buffer``'s own
-    result is written there."""
-    nbytes = math.prod(shape) * dtype.itemsize
+def _scratch_in(buffer: torch.Tensor | None, *specs: tuple[tuple[int, ...], torch.dtype]) -> list:
+    """Views over ``buffer``'s memory for scratch tensors that die before ``buffer``'s own result
+    is written there: one contiguous ``shape`` view of ``dtype`` per ``(shape, dtype)`` in
+    ``specs``, or None for one that gets no room. All of them end to end (16-byte aligned) when
+    they fit together, else the largest that fits alone; none without a contiguous buffer."""
+    views = [None] * len(specs)
     if buffer is None or not buffer.is_contiguous() or buffer.data_ptr() % 16:
-        return None
-    if buffer.numel() * buffer.element_size() < nbytes:
-        return None
-    return buffer.view(-1).view(torch.uint8)[:nbytes].view(dtype).view(shape)
+        return views
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    capacity = buffer.numel() * buffer.element_size()
+    starts = [sum(-(-n // 16) * 16 for n in sizes[:i]) for i in range(len(sizes))]
+    if starts[-1] + sizes[-1] <= capacity:
+        placed = list(range(len(specs)))
+    else:
+        fitting = [i for i, n in enumerate(sizes) if n <= capacity]
+        placed = [max(fitting, key=sizes.__getitem__)] if fitting else []
+        starts = [0] * len(specs)
+    memory = buffer.view(-1).view(torch.uint8)
+    for i in placed:
+        (shape, dtype), start = specs[i], starts[i]
+        views[i] = memory[start:start + sizes[i]].view(dtype).view(shape)
+    return views
 
 
 def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOptions, plan: Plan, g,
@@ -252,13 +264,16 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
             return permute.scatter_rows(src, r.assign_to_row, K, second=second, out=out)
         return permute.gather_rows(src, r.row_to_assign, K, second=second, out=out)
 
+    # a * w and dy live in the w_up gradient's destination when there is one (the JAX bridge's
+    # XLA buffer, a float32 gradient under autocast) until that gradient overwrites it.
+    R, F = r.row_to_assign.numel(), w_down.shape[2]
+    aw_into, dy_into = _scratch_in(g.w_up, ((R, F), x.dtype),
+                                   ((0 if by_index else R, x.shape[1]), grad_out.dtype))
     x_sorted = dy = None
     if not by_index and options.recompute and not recompute_by_index:  # h needs x first: one launch
         x_sorted, dy = lay_out(x, second=grad_out)
     elif not by_index:  # x is laid out once dy and a * w are freed
-        # dy lives in the w_up gradient's destination when there is one (the JAX bridge's XLA
-        # buffer, a float32 gradient under autocast) until that gradient overwrites it.
-        dy = lay_out(grad_out, out=_borrowed(g.w_up, (r.row_to_assign.numel(), x.shape[1]), grad_out.dtype))
+        dy = lay_out(grad_out, out=dy_into)
     if not options.recompute:
         h = r.h
     elif recompute_by_index:  # the forward's own kernel, so h is bit-identical to the forward's
@@ -268,14 +283,15 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         h = _expert_mm(x_sorted, w_up, r.expert_ends, plan, trans_b=True)
     if plan.gemm == "fused_dgrad" and gathered_gemm.sorted_dgrad_glu_runs(dy):
         dh, a_weighted, grad_w_row = gathered_gemm.sorted_dgrad_glu(
-            dy, w_down, h, r.row_to_assign, r.expert_ends, topk_weights, K, options.activation)
+            dy, w_down, h, r.row_to_assign, r.expert_ends, topk_weights, K, options.activation,
+            a_weighted_out=aw_into)
     else:
         if by_index:
             da = gathered_gemm.gathered_mm(grad_out, w_down, r.row_to_assign, r.expert_ends, K)
         else:
             da = _expert_mm(dy, w_down, r.expert_ends, plan, trans_b=False)
         dh, a_weighted, grad_w_row = activation.glu_backward(h, da, options.activation, r.row_to_assign,
-                                                             topk_weights)
+                                                             topk_weights, a_weighted_out=aw_into)
         del da
     del h
     if by_index:

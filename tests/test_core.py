@@ -99,36 +99,74 @@ def test_gathered_backward_lays_out_no_rows(device, monkeypatch, recompute):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("gemm", ["grouped", "fused_dgrad", "bmm"])
-def test_dy_is_laid_out_in_the_w_up_gradient_destination(device, monkeypatch, gemm):
-    """A caller's w_up-gradient buffer (the JAX bridge's) holds the laid-out dy until the gradient
-    overwrites it: one [N*K, D] allocation less. The results are those computed without it.
-    (Here E * 2F = 128 holds the R = 48 rows of the dropless layout and the padded layout's.)"""
-    from flashfusemoe.kernels import permute
+def _within(t, buffer) -> bool:
+    start = buffer.data_ptr()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + buffer.nbytes
 
-    x, router_weight, w_up, w_down = random_moe(24, 16, 16, 4, dtype=torch.float32, device=device)
+
+@pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad", "bmm"])
+def test_scratch_lives_in_the_w_up_gradient_destination(device, monkeypatch, gemm):
+    """A caller's w_up-gradient buffer (the JAX bridge's) holds ``a * w`` and the laid-out dy until
+    the gradient overwrites it: two [N*K, *] allocations less. The results are those computed
+    without it. (E * 2F * D = 8192 holds both for the R = 48 rows of the dropless layout and the
+    padded layout's 96.)"""
+    from flashfusemoe.kernels import activation, gathered_gemm, permute
+
+    x, router_weight, w_up, w_down = random_moe(24, 32, 32, 4, dtype=torch.float32, device=device)
     opts = MoEOptions(top_k=2, gemm=gemm)
     plan = make_plan(opts, x.shape[0], router_weight.shape[0], x.shape[1], w_down.shape[2])
     grad_out = torch.randn_like(x)
     outputs, residuals, plan = core.forward(x, router_weight, w_up, w_down, None, opts, plan, allow_grow=True)
     want = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts,
                          plan)
-    destinations = []
+    row_copies, a_weighted = [], []
     for name in ("scatter_rows", "gather_rows"):
         copy = getattr(permute, name)
 
         def spy(*args, copy=copy, out=None, **kwargs):
-            destinations.append(out)
+            row_copies.append(out)
             return copy(*args, out=out, **kwargs)
 
         monkeypatch.setattr(permute, name, spy)
+    glu_backward = activation.glu_backward
+
+    def glu_spy(*args, a_weighted_out=None, **kwargs):
+        a_weighted.append(a_weighted_out)
+        return glu_backward(*args, a_weighted_out=a_weighted_out, **kwargs)
+
+    monkeypatch.setattr(activation, "glu_backward", glu_spy)
+    sorted_dgrad_glu = gathered_gemm.sorted_dgrad_glu
+
+    def dgrad_spy(*args, a_weighted_out=None, **kwargs):
+        a_weighted.append(a_weighted_out)
+        return sorted_dgrad_glu(*args, a_weighted_out=a_weighted_out, **kwargs)
+
+    monkeypatch.setattr(gathered_gemm, "sorted_dgrad_glu", dgrad_spy)
     into = core.Grads(w_up=torch.full_like(w_up, float("nan")))
     got = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts, plan,
                         into=into)
     assert got.w_up is into.w_up
-    assert [o is not None and o.data_ptr() == into.w_up.data_ptr() for o in destinations] == [True, False]
+    assert len(a_weighted) == 1 and _within(a_weighted[0], into.w_up)
+    if gemm == "gathered":
+        assert row_copies == []
+    else:  # dy, then x laid out on its own
+        assert len(row_copies) == 2 and _within(row_copies[0], into.w_up) and row_copies[1] is None
     for name, a, b in zip(core.Grads._fields, got, want, strict=True):
         assert torch.equal(a, b), name
+
+
+def test_scratch_in_places_views_end_to_end_or_the_largest_alone():
+    buffer = torch.empty(64, dtype=torch.float32)  # 256 bytes
+    small, large = ((3,), torch.float32), ((8, 4), torch.float32)  # 12 and 128 bytes
+    a, b = core._scratch_in(buffer, small, large)
+    assert a.data_ptr() == buffer.data_ptr() and b.data_ptr() == buffer.data_ptr() + 16  # 16-byte aligned
+    assert a.shape == (3,) and b.shape == (8, 4) and b.dtype == torch.float32
+    a, b = core._scratch_in(buffer, ((70,), torch.float32), ((40,), torch.float64))  # 280, 320: neither fits
+    assert a is None and b is None
+    a, b = core._scratch_in(buffer, ((60,), torch.float32), ((30,), torch.float32))  # 240 + 120: one fits
+    assert a is not None and a.data_ptr() == buffer.data_ptr() and b is None
+    assert core._scratch_in(None, small) == [None]
+    assert core._scratch_in(buffer[::2], small) == [None]  # not contiguous
 
 
 @pytest.mark.parametrize("gemm", ["gathered", "fused_dgrad"])

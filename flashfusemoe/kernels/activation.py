@@ -13,6 +13,7 @@ from flashfusemoe.kernels import (
     check_out,
     compute_dtype,
     deliver,
+    out_buffer,
     row_blocks,
     use_triton,
 )
@@ -247,24 +248,29 @@ def glu_backward(
     activation: str,
     row_to_assign: torch.Tensor,
     topk_weights: torch.Tensor,
+    *,
+    a_weighted_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the weighted GLU.
 
     ``h`` ``[R, 2F]``, ``da`` ``[R, F]`` (gradient of the unweighted ``a``), ``row_to_assign``
     ``[R]`` int32, ``topk_weights`` ``[N, K]``. With ``w_r = topk_weights.flatten()[row_to_assign[r]]``:
     returns ``dh = w_r * da * da/dh`` ``[R, 2F]`` and ``a_weighted = w_r * a`` ``[R, F]`` (both
-    ``h.dtype``), and ``grad_w_row = sum_f da * a`` ``[R]`` (fp32, fp64 for fp64). Rows with
-    ``row_to_assign == -1`` get exact zeros whatever ``h`` and ``da`` hold there.
+    ``h.dtype``; ``a_weighted`` in ``a_weighted_out`` when given), and ``grad_w_row = sum_f da * a``
+    ``[R]`` (fp32, fp64 for fp64). Rows with ``row_to_assign == -1`` get exact zeros whatever ``h``
+    and ``da`` hold there.
     """
     code = _check_activation(activation)
     r_total, two_f = h.shape
     f = two_f // 2
     dev = h.device
     cdt = compute_dtype(h.dtype)
+    if a_weighted_out is not None:
+        check_out(a_weighted_out, (r_total, f), h.dtype, dev, "a_weighted_out")
     if r_total == 0 or f == 0:
         return (
             torch.zeros(r_total, two_f, device=dev, dtype=h.dtype),
-            torch.zeros(r_total, f, device=dev, dtype=h.dtype),
+            torch.zeros(r_total, f, device=dev, dtype=h.dtype) if a_weighted_out is None else a_weighted_out,
             torch.zeros(r_total, device=dev, dtype=cdt),
         )
     if h.stride(1) != 1:
@@ -273,9 +279,10 @@ def glu_backward(
         da = da.contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     if not use_triton(h):
-        return _glu_backward_torch(h, da, activation, row_to_assign, weights)
+        dh, a_weighted, grad_w_row = _glu_backward_torch(h, da, activation, row_to_assign, weights)
+        return dh, deliver(a_weighted, a_weighted_out, "a_weighted_out"), grad_w_row
     dh = torch.empty(r_total, two_f, device=dev, dtype=h.dtype)
-    a_weighted = torch.empty(r_total, f, device=dev, dtype=h.dtype)
+    a_weighted = out_buffer(a_weighted_out, (r_total, f), h.dtype, dev, "a_weighted_out")
     grad_w_row = torch.empty(r_total, device=dev, dtype=cdt)
     block_r, block_f = row_blocks(f, 2048, 128)
     _glu_backward_kernel[(cdiv(r_total, block_r),)](

@@ -137,6 +137,18 @@ def test_glu_backward(backend, device, dtype, act):
     assert bool((grad_w_row.cpu()[invalid] == 0).all())
 
 
+def test_glu_backward_writes_a_weighted_into_a_given_buffer(backend, device):
+    h, da, row_to_assign, topk_weights = make_backward_inputs(45, 300, 30, 2, torch.float32, device)
+    want = activation.glu_backward(h, da, "geglu", row_to_assign, topk_weights)
+    out = torch.full((45, 300), float("nan"), device=device)
+    got = activation.glu_backward(h, da, "geglu", row_to_assign, topk_weights, a_weighted_out=out)
+    assert got[1] is out
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="a_weighted_out must be a contiguous \\(45, 300\\)"):
+        activation.glu_backward(h, da, "geglu", row_to_assign, topk_weights, a_weighted_out=out[:, :299])
+
+
 def test_empty_and_bad_activation(backend, device):
     h = torch.randn(0, 16, device=device)
     assert activation.glu_forward(h, "swiglu").shape == (0, 8)
