@@ -14,6 +14,7 @@ import sys
 
 import torch
 import triton
+from profile_layer import random_layer_inputs  # (scripts/ is on sys.path when a script runs)
 
 import flashfusemoe
 from flashfusemoe import core
@@ -32,14 +33,7 @@ def _relative_difference(grads, reference) -> float:
 
 def ab_shape(shape: str) -> None:
     N, D, F, E, K = SHAPES[shape]
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def leaf(*size, scale):
-        return (torch.randn(*size, device="cuda", generator=g) * scale).bfloat16().requires_grad_(True)
-
-    leaves = [leaf(N, D, scale=1), leaf(E, D, scale=D ** -0.5), leaf(E, 2 * F, D, scale=D ** -0.5),
-              leaf(E, D, F, scale=F ** -0.5)]
-    grad_out = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+    leaves, grad_out = random_layer_inputs(N, D, F, E)
 
     def fwd():
         return flashfusemoe.fused_moe(*leaves, K, gemm="fused_dgrad")

@@ -19,19 +19,26 @@ def _table(prof, title):
         print(f"  {e.device_time:9.1f} us  {e.name[:110]}")
 
 
+def random_layer_inputs(N, D, F, E, seed=0):
+    """bf16 CUDA leaves ``[x, router_weight, w_up, w_down]`` at unit-variance scales, and a
+    ``grad_out [N, D]``."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def leaf(*shape, scale):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().requires_grad_(True)
+
+    leaves = [leaf(N, D, scale=1), leaf(E, D, scale=D ** -0.5), leaf(E, 2 * F, D, scale=D ** -0.5),
+              leaf(E, D, F, scale=F ** -0.5)]
+    return leaves, torch.randn(N, D, device="cuda", generator=g).bfloat16()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", type=int, nargs=5, default=[8192, 1024, 1536, 8, 2])
     parser.add_argument("--gemm", default="grouped")
     args = parser.parse_args()
     N, D, F, E, K = args.shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    def mk(*shape, scale):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().requires_grad_(True)
-
-    leaves = [mk(N, D, scale=1), mk(E, D, scale=D ** -0.5), mk(E, 2 * F, D, scale=D ** -0.5),
-              mk(E, D, F, scale=F ** -0.5)]
-    grad_out = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+    leaves, grad_out = random_layer_inputs(N, D, F, E)
     fn = lambda: flashfusemoe.fused_moe(*leaves, K, gemm=args.gemm)
     for _ in range(3):
         torch.autograd.grad(fn(), leaves, grad_out)
