@@ -257,7 +257,7 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
         grad_out = torch.zeros_like(x)
     # "gathered": every GEMM that reads x or dy per row takes it by token index; nothing is laid out.
     by_index = plan.gemm == "gathered"
-    recompute_by_index = options.recompute and _up_reads_by_index(plan)
+    up_by_index = _up_reads_by_index(plan)  # (then recompute needs no laid-out x either)
 
     def lay_out(src, second=None, out=None):  # token rows [N, D] into expert order [R, D]
         if every_row_assigned:
@@ -270,13 +270,13 @@ def _mlp_backward(x, grad_out, topk_weights, w_up, w_down, r, options: MoEOption
     aw_into, dy_into = _scratch_in(g.w_up, ((R, F), x.dtype),
                                    ((0 if by_index else R, x.shape[1]), grad_out.dtype))
     x_sorted = dy = None
-    if not by_index and options.recompute and not recompute_by_index:  # h needs x first: one launch
+    if options.recompute and not up_by_index:  # h needs the laid-out x first: both in one launch
         x_sorted, dy = lay_out(x, second=grad_out)
     elif not by_index:  # x is laid out once dy and a * w are freed
         dy = lay_out(grad_out, out=dy_into)
     if not options.recompute:
         h = r.h
-    elif recompute_by_index:  # the forward's own kernel, so h is bit-identical to the forward's
+    elif up_by_index:  # the forward's own kernel, so h is bit-identical to the forward's
         h = gathered_gemm.up_proj_glu(x, w_up, r.row_to_assign, r.expert_ends, K, options.activation,
                                       save_a=False)[1]
     else:
