@@ -217,6 +217,17 @@ def _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, out_dt
                                 out_dtype=out_dtype, out=out_into)
 
 
+def _mlp_forward(x, laid_out: list, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                 options: MoEOptions, plan: Plan, h_into=None, out_into=None):
+    """``_up_projection`` then ``_down_projection``: ``(out [N, D], h)``. ``laid_out`` as for
+    ``_up_projection`` (the caller keeps no other reference to those rows)."""
+    a, h = _up_projection(x, laid_out, w_up, row_to_assign, expert_ends, topk_weights.shape[1], options,
+                          plan, h_into=h_into)
+    out = _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, x.dtype, plan,
+                           out_into=out_into)
+    return out, h
+
+
 def _scratch_in(buffer: torch.Tensor | None, *specs: tuple[tuple[int, ...], torch.dtype]) -> list:
     """Views over ``buffer``'s memory for scratch tensors that die before ``buffer``'s own result
     is written there: one contiguous ``shape`` view of ``dtype`` per ``(shape, dtype)`` in
@@ -351,8 +362,8 @@ def forward(x, router_weight, w_up, w_down, expert_bias, options: MoEOptions, pl
         x_sorted = permute.gather_rows(x, row_to_assign, K)
     laid_out = [x_sorted]
     del x_sorted  # (_up_projection frees it after its GEMM)
-    a, h = _up_projection(x, laid_out, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
-    out = _down_projection(a, w_down, assign_to_row, expert_ends, topk_weights, x.dtype, plan, out_into=o.out)
+    out, h = _mlp_forward(x, laid_out, topk_weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                          options, plan, h_into=r.h, out_into=o.out)
     outputs = Outputs(out, logits, tokens_per_expert, num_unplaced.reshape(()))
     residuals = Residuals(topk_ids, topk_weights, assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
@@ -526,8 +537,8 @@ def experts_forward(x, topk_ids, topk_weights, w_up, w_down, options: MoEOptions
             x_sorted = None
     laid_out = [x_sorted]
     del x_sorted  # (_up_projection frees it after its GEMM)
-    a, h = _up_projection(x, laid_out, w_up, row_to_assign, expert_ends, K, options, plan, h_into=r.h)
-    out = _down_projection(a, w_down, assign_to_row, expert_ends, weights, x.dtype, plan, out_into=o.out)
+    out, h = _mlp_forward(x, laid_out, weights, w_up, w_down, assign_to_row, row_to_assign, expert_ends,
+                          options, plan, h_into=r.h, out_into=o.out)
     outputs = ExpertsOutputs(out, tokens_per_expert)
     residuals = ExpertsResiduals(assign_to_row, row_to_assign, expert_ends, h)
     return _settle(outputs, outputs_into), _settle(residuals, residuals_into), plan
