@@ -128,20 +128,14 @@ def test_scratch_lives_in_the_w_up_gradient_destination(device, monkeypatch, gem
             return copy(*args, out=out, **kwargs)
 
         monkeypatch.setattr(permute, name, spy)
-    glu_backward = activation.glu_backward
+    for module, name in ((activation, "glu_backward"), (gathered_gemm, "sorted_dgrad_glu")):
+        glu = getattr(module, name)
 
-    def glu_spy(*args, a_weighted_out=None, **kwargs):
-        a_weighted.append(a_weighted_out)
-        return glu_backward(*args, a_weighted_out=a_weighted_out, **kwargs)
+        def glu_spy(*args, glu=glu, a_weighted_out=None, **kwargs):
+            a_weighted.append(a_weighted_out)
+            return glu(*args, a_weighted_out=a_weighted_out, **kwargs)
 
-    monkeypatch.setattr(activation, "glu_backward", glu_spy)
-    sorted_dgrad_glu = gathered_gemm.sorted_dgrad_glu
-
-    def dgrad_spy(*args, a_weighted_out=None, **kwargs):
-        a_weighted.append(a_weighted_out)
-        return sorted_dgrad_glu(*args, a_weighted_out=a_weighted_out, **kwargs)
-
-    monkeypatch.setattr(gathered_gemm, "sorted_dgrad_glu", dgrad_spy)
+        monkeypatch.setattr(module, name, glu_spy)
     into = core.Grads(w_up=torch.full_like(w_up, float("nan")))
     got = core.backward(x, router_weight, w_up, w_down, outputs.logits, residuals, grad_out, None, opts, plan,
                         into=into)
