@@ -2,18 +2,26 @@
 
     PYTHONPATH=. python scripts/host_overhead.py [--shape N D F E K] [--gemm G]
     PYTHONPATH=. python scripts/host_overhead.py --stub     # no GPU needed
+    PYTHONPATH=. python scripts/host_overhead.py --compare  # launch paths, one process
 
 On a GPU it prints the fwd+bwd time, the host's enqueue time per step and a profile. ``--stub``
 runs the GPU path's Python on CPU instead: Triton's interpreter is selected (so every wrapper
 takes its Triton branch) and each kernel launch is replaced by a no-op, so what is timed is the
 package's own host work (checks, allocations, autograd) without the kernels. Compare two
 checkouts by running it in each, one after the other, on an otherwise idle machine.
+
+``--compare`` times the three launch paths in one process, alternating: ``triton`` (Triton's own
+dispatch), ``fast`` (``FastLaunch`` through Triton's Python launcher) and ``direct`` (``FastLaunch``
+calling the C launcher itself); per path the host's enqueue time, the synced fwd+bwd per call
+and the pipelined one (``do_bench``), then each kernel's host time per launch on each path.
 """
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
+import statistics
 import time
 
 
@@ -24,6 +32,7 @@ def main():
     parser.add_argument("--gemm", default="grouped")
     parser.add_argument("--stub", action="store_true", help="CPU, kernel launches replaced by no-ops")
     parser.add_argument("--profile", type=int, default=25, help="cProfile rows to print (0: none)")
+    parser.add_argument("--compare", action="store_true", help="the launch paths, alternating (GPU)")
     args = parser.parse_args()
     if args.stub:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, at import
@@ -50,6 +59,9 @@ def main():
         return torch.autograd.grad(forward(), leaves, grad_out)
 
     sync = (lambda: None) if args.stub else torch.cuda.synchronize
+    if args.compare:
+        compare_launch_paths(step, sync)
+        return
     if not args.stub:
         print(f"fwd+bwd median: {median_ms(step, warmup=5, iters=20):.3f} ms")
     for name, fn in (("forward", forward), ("fwd+bwd", step)):
@@ -71,6 +83,78 @@ def main():
         sync()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+
+
+def _set_path(path: str) -> None:
+    from flashfusemoe.kernels.launch import FastLaunch
+
+    FastLaunch.enabled = path != "triton"
+    FastLaunch.direct = path == "direct"
+
+
+def _host_us(fn, sync, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+        sync()
+    return statistics.median(times)
+
+
+def compare_launch_paths(step, sync, rounds: int = 5) -> None:
+    """Host enqueue time, synced and pipelined fwd+bwd per launch path; then per kernel."""
+    import torch
+    import triton
+
+    from flashfusemoe.kernels.launch import FastLaunch
+    from flashfusemoe.profiling import median_ms
+
+    paths = ("triton", "fast", "direct")
+    rows = {p: {"host": [], "synced": [], "pipelined": []} for p in paths}
+    for _ in range(rounds):
+        for path in paths:
+            _set_path(path)
+            for _ in range(3):
+                step()
+            sync()
+            rows[path]["host"].append(_host_us(step, sync, 20))
+            rows[path]["synced"].append(median_ms(step, warmup=2, iters=20))
+            rows[path]["pipelined"].append(triton.testing.do_bench(step, warmup=25, rep=200))
+    print(f"fwd+bwd, median of {rounds} alternating rounds")
+    print("| launch path | host enqueue us | synced ms | pipelined ms |\n|---|---|---|---|")
+    for path in paths:
+        r = {k: statistics.median(v) for k, v in rows[path].items()}
+        print(f"| {path} | {r['host']:.0f} | {r['synced']:.3f} | {r['pipelined']:.3f} |")
+
+    # Per kernel: record one step's launches, then time each again on one program (grid (1,)) so
+    # the GPU keeps up and what is timed is the host's launch cost.
+    launches = []
+    original = FastLaunch.launch
+
+    def record(self, grid, launch_args, kwargs):
+        launches.append((self, launch_args, kwargs))
+        return original(self, grid, launch_args, kwargs)
+
+    _set_path("direct")
+    FastLaunch.launch = record
+    step()
+    FastLaunch.launch = original
+    sync()
+    print("\nhost us per launch (grid (1,), median of 200)")
+    print("| kernel | args | descriptors | " + " | ".join(paths) + " |\n|---|---|---|" + "---|" * len(paths))
+    for kernel, launch_args, kwargs in launches:
+        times = []
+        for path in paths:
+            _set_path(path)
+            fn = functools.partial(kernel.launch, (1,), launch_args, kwargs)
+            fn()
+            times.append(_host_us(fn, lambda: None, 200))
+            torch.cuda.synchronize()
+        descs = sum(a.__class__.__name__ == "TensorDescriptor" for a in launch_args)
+        print(f"| {kernel.fn.__name__} | {len(launch_args)} | {descs} | "
+              + " | ".join(f"{t:.1f}" for t in times) + " |")
+    _set_path("direct")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
 FAST_LAUNCH_TRITON = ("3.6.",)
 
 
+# Encoded tensor maps kept per compiled kernel before its table is cleared.
+_MAX_DESCRIPTORS = 256
+
+try:
+    from triton.backends.nvidia.driver import make_tensordesc_arg as _make_tensordesc_arg
+except ImportError:  # another Triton layout: FastLaunch keeps Triton's launcher
+    _make_tensordesc_arg = None
+
 # Launches kept per kernel before the table is cleared (a key holds raw int arguments, so every
 # new shape adds one).
 _MAX_SPECIALIZATIONS = 4096
@@ -38,6 +46,7 @@ class FastLaunch:
     """
 
     enabled = not INTERPRET and triton.__version__.startswith(FAST_LAUNCH_TRITON)
+    direct = True  # call the compiled kernel's C launcher itself (``_DirectLauncher``) where it can
 
     def __init__(self, fn):
         self.fn = fn  # the JITFunction (tests/kernels/aot_compile.py unwraps .fn)
@@ -85,17 +94,84 @@ class FastLaunch:
             if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
                 if len(self.compiled) >= _MAX_SPECIALIZATIONS:
                     self.compiled.clear()
-                self.compiled[key] = (compiled, self._trailing_args(len(args), kwargs))
+                trailing = self._trailing_args(len(args), kwargs)
+                descs = [i for i, a in enumerate((*args, *trailing)) if a.__class__ is TensorDescriptor]
+                self.compiled[key] = (compiled, trailing, _direct_launcher(compiled, descs))
             return
-        compiled, trailing = entry
+        compiled, trailing, direct = entry
         grid = (*grid, 1, 1)
-        compiled.run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *launch_args, *trailing)
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        if direct is None or not FastLaunch.direct:
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                         None, None, None, *launch_args, *trailing)
+        else:
+            direct(grid, stream, launch_args, trailing)
 
     def _trailing_args(self, num_positional: int, kwargs: dict) -> tuple:
         """The parameters after the positional ones, in order: keyword values, else defaults."""
         params = self.fn.params[num_positional:]
         return tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
+
+
+class _DirectLauncher:
+    """Calls a compiled kernel's C launcher itself, skipping the Python layers Triton 3.6 puts in
+    front of it (``CudaLauncher.__call__`` and its tensor-descriptor wrapper).
+
+    Each host-side ``TensorDescriptor`` argument becomes a CUDA tensor map (TMA descriptor) plus
+    its shape and strides, as Triton's wrapper makes it; the encoded map is kept per
+    (address, shape, strides, padding), so a weight's descriptor is encoded once rather than at
+    every launch. The launcher copies the map into the kernel's parameters at launch, so reusing
+    the object is safe.
+    """
+
+    def __init__(self, compiled, launcher, desc_positions, desc_meta):
+        self.function = compiled.function
+        self.packed_metadata = compiled.packed_metadata
+        self.cooperative = compiled.run.launch_cooperative_grid
+        self.pdl = compiled.run.launch_pdl
+        self.launcher = launcher
+        # (argument position, Triton's metadata for it), last first: expanding one in place
+        # leaves the positions before it valid.
+        self.descs = list(zip(desc_positions, desc_meta))[::-1]
+        self.desc_cache: dict[tuple, list] = {}
+
+    def __call__(self, grid, stream, launch_args, trailing):
+        args = [*launch_args, *trailing]
+        cache = self.desc_cache
+        for pos, meta in self.descs:
+            a = args[pos]
+            key = (a.base.data_ptr(), *a.shape, *a.strides, a.padding, pos)
+            parts = cache.get(key)
+            if parts is None:
+                if len(cache) >= _MAX_DESCRIPTORS:
+                    cache.clear()
+                parts = cache[key] = _make_tensordesc_arg(a, meta)
+            args[pos:pos + 1] = parts
+        self.launcher(grid[0], grid[1], grid[2], stream, self.function, self.cooperative, self.pdl,
+                      None, None, self.packed_metadata, None, None, None, *args)
+
+
+def _direct_launcher(compiled, desc_positions: list[int]) -> "_DirectLauncher | None":
+    """A ``_DirectLauncher`` for ``compiled`` (its descriptor arguments at ``desc_positions``), or
+    None where Triton's own launcher must run: a kernel that needs scratch memory, descriptors
+    lowered without TMA, or launcher internals other than Triton 3.6's."""
+    run = compiled.run
+    if _make_tensordesc_arg is None:
+        return None
+    if any(getattr(run, a, 1) for a in ("global_scratch_size", "profile_scratch_size")):
+        return None
+    launch = getattr(run, "launch", None)
+    code = getattr(launch, "__code__", None)
+    if launch is None or (code is None) != (not desc_positions):
+        return None
+    if code is None:  # the C launcher itself: the kernel takes no descriptors
+        return _DirectLauncher(compiled, launch, [], [])
+    # Triton's descriptor wrapper: a closure over the C launcher and the descriptors' metadata.
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in launch.__closure__ or ())))
+    launcher, meta = cells.get("launcher"), cells.get("tensordesc_meta")
+    if launcher is None or not meta or len(meta) != len(desc_positions) or any(m is None for m in meta):
+        return None
+    return _DirectLauncher(compiled, launcher, desc_positions, list(meta))
 
 
 def fast_launch(fn) -> FastLaunch:

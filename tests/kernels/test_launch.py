@@ -132,6 +132,94 @@ def test_specialization_table_is_bounded(fake, monkeypatch):
     assert len(jit.jit_launches) == 5 and len(jit.direct_launches) == 1
 
 
+class FakeCLauncher:
+    """Stands in for Triton's compiled C launcher (an object without ``__code__``)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def _fake_compiled(launch, **sizes):
+    run = types.SimpleNamespace(launch=launch, launch_cooperative_grid=False, launch_pdl=True,
+                                global_scratch_size=sizes.get("scratch", 0), profile_scratch_size=0)
+    return types.SimpleNamespace(run=run, function="fn", packed_metadata="meta")
+
+
+def _descriptor_wrapper(launcher, tensordesc_meta):
+    """The shape of Triton 3.6's wrapper: a closure over the launcher and the descriptors' metadata."""
+    def inner(*args):
+        return launcher, tensordesc_meta
+    return inner
+
+
+def test_direct_launcher_calls_the_c_launcher_with_triton_s_leading_arguments():
+    c = FakeCLauncher()
+    direct = launch._direct_launcher(_fake_compiled(c), [])
+    direct((3, 2, 1), 1234, [111, 32], (16, False))
+    # grid, stream, function, cooperative, pdl, no scratch, metadata, no launch metadata or hooks
+    assert c.calls == [(3, 2, 1, 1234, "fn", False, True, None, None, "meta", None, None, None,
+                        111, 32, 16, False)]
+
+
+def test_direct_launcher_encodes_each_descriptor_once(monkeypatch):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    encoded = []
+
+    def fake_encode(desc, meta):
+        encoded.append((desc.base.data_ptr(), meta))
+        return [f"map{len(encoded)}", *desc.shape, *desc.strides]
+
+    monkeypatch.setattr(launch, "_make_tensordesc_arg", fake_encode)
+    c = FakeCLauncher()
+    direct = launch._direct_launcher(_fake_compiled(_descriptor_wrapper(c, ["m0", "m1"])), [1, 3])
+    w, other = torch.zeros(64, 32), torch.zeros(64, 32)
+    a = TensorDescriptor(w, [64, 32], [32, 1], [16, 16])
+    b = TensorDescriptor(w, [32, 64], [64, 1], [16, 16])  # same address, another shape: another map
+    direct((1, 1, 1), 0, [7, a, 8, b], ())
+    assert c.calls[-1][13:] == (7, "map2", 64, 32, 32, 1, 8, "map1", 32, 64, 64, 1)
+    direct((1, 1, 1), 0, [7, a, 8, b], ())  # both maps reused
+    assert len(encoded) == 2 and c.calls[-1] == c.calls[-2]
+    direct((1, 1, 1), 0, [7, TensorDescriptor(other, [64, 32], [32, 1], [16, 16]), 8, b], ())
+    assert len(encoded) == 3 and encoded[-1] == (other.data_ptr(), "m0")
+    assert c.calls[-1][14] == "map3"
+
+
+@pytest.mark.parametrize("case", ["scratch", "descriptor count", "metadata missing", "no launcher"])
+def test_direct_launcher_declines_what_it_cannot_launch(case):
+    c = FakeCLauncher()
+    if case == "scratch":
+        compiled = _fake_compiled(c, scratch=128)
+        positions = []
+    elif case == "descriptor count":
+        compiled = _fake_compiled(_descriptor_wrapper(c, ["m0"]))
+        positions = [0, 2]
+    elif case == "metadata missing":  # descriptors lowered without TMA
+        compiled = _fake_compiled(_descriptor_wrapper(c, [None]))
+        positions = [0]
+    else:
+        compiled = _fake_compiled(_descriptor_wrapper(None, ["m0"]))
+        positions = [0]
+    assert launch._direct_launcher(compiled, positions) is None
+
+
+def test_direct_launch_is_taken_and_can_be_turned_off(fake, monkeypatch):
+    jit, kernel = fake
+    c = FakeCLauncher()
+    monkeypatch.setattr(launch, "_direct_launcher", lambda compiled, positions: launch._DirectLauncher(
+        _fake_compiled(c), c, [], []))
+    src = torch.zeros(16)
+    for _ in range(2):
+        kernel[(1,)](src, 16, BLOCK=16)
+    assert len(c.calls) == 1 and not jit.direct_launches
+    monkeypatch.setattr(FastLaunch, "direct", False)
+    kernel[(1,)](src, 16, BLOCK=16)
+    assert len(c.calls) == 1 and len(jit.direct_launches) == 1
+
+
 def test_every_launched_kernel_is_wrapped():
     """Each module's kernels go through FastLaunch (helpers called inside kernels stay plain)."""
     from aot_specs import SPECS
@@ -188,3 +276,41 @@ def test_interpreted_launches_from_two_threads():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["gathered", "fused_dgrad", "grouped"])
+def test_launch_paths_agree_through_a_whole_step(monkeypatch, gemm):
+    """A bf16 fwd+bwd (TMA-descriptor kernels on sm90) gives bitwise the same output and gradients
+    through Triton's dispatch, FastLaunch with Triton's launcher, and FastLaunch's direct call of
+    the C launcher, over fresh inputs (new addresses, so new descriptors) on each path."""
+    import flashfusemoe
+
+    N, D, F, E, K = 256, 128, 128, 4, 2
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        mk = lambda *s: (torch.randn(*s, device="cuda", generator=g) * s[-1] ** -0.5).to(  # noqa: E731
+            torch.bfloat16).requires_grad_(True)
+        return mk(N, D), mk(E, D), mk(E, 2 * F, D), mk(E, D, F), torch.randn(N, D, device="cuda", generator=g)
+
+    results = {}
+    for path in ("triton", "fast", "direct", "direct"):
+        monkeypatch.setattr(FastLaunch, "enabled", path != "triton")
+        monkeypatch.setattr(FastLaunch, "direct", path == "direct")
+        for seed in (0, 1, 0):
+            x, wr, wu, wd, dy = inputs(seed)
+            out = flashfusemoe.fused_moe(x, wr, wu, wd, K, gemm=gemm)
+            grads = torch.autograd.grad(out, (x, wr, wu, wd), dy.to(out.dtype))
+            got = [out.detach(), *grads]
+            want = results.setdefault(seed, got)
+            for name, a, b in zip(("out", "dx", "dw_router", "dw_up", "dw_down"), got, want):
+                assert torch.equal(a, b), (path, seed, name)
+    from flashfusemoe.kernels import gathered_gemm, grouped_gemm
+
+    modules = (gathered_gemm, grouped_gemm)
+    kernels = [k for m in modules for k in vars(m).values() if isinstance(k, FastLaunch)]
+    directs = [e[2] for k in kernels for e in k.compiled.values() if e[2] is not None]
+    assert directs, "no kernel was launched directly"
+    if torch.cuda.get_device_capability()[0] >= 9 and gemm != "grouped":
+        assert any(d.descs and d.desc_cache for d in directs), "no descriptor took the direct launcher"
