@@ -42,7 +42,9 @@ class FastLaunch:
     descriptor's dtype and block shape, the types of other arguments, and the keyword arguments
     (constexprs and launch options). Triton's own path runs instead under the interpreter, on
     Triton versions outside ``FAST_LAUNCH_TRITON``, while launch hooks are installed, or with
-    ``FastLaunch.enabled = False``.
+    ``FastLaunch.enabled = False``. Repeat launches call the compiled C launcher itself
+    (``_DirectLauncher``) unless ``FastLaunch.direct = False`` or the kernel needs what only
+    Triton's Python launcher does (scratch memory); then they go through ``compiled.run``.
     """
 
     enabled = not INTERPRET and triton.__version__.startswith(FAST_LAUNCH_TRITON)
