@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe.config import FLOAT_DTYPES, dtype_name
 from flashfusemoe.kernels import INTERPRET, INTERPRETER_LOCK
+from jax_bridge import ffi
 
 _DL_CUDA, _DL_ROCM = 2, 10
 _PREALLOCATION_CHECKED = False
@@ -160,10 +162,38 @@ class _TorchScope:
         self.restore.close()
 
 
+def python_callback(fn, result_shape_dtypes, *, vmap_method: str = "sequential"):
+    """An XLA custom call that runs ``fn(ctx, outs, *args)`` on XLA's buffers: through
+    ``jax_bridge.ffi.python_call`` (the program keeps JAX's C++ dispatch) when ``USE_FFI``, else
+    through ``jax.experimental.buffer_callback``. Same arguments and callback contract."""
+    if USE_FFI:
+        return ffi.python_call(fn, result_shape_dtypes, vmap_method=vmap_method)
+    return buffer_callback(fn, result_shape_dtypes, vmap_method=vmap_method)
+
+
+# The custom-call mechanism of ``python_callback``.
+USE_FFI = True
+
+# Torch views of ``jax_bridge.ffi`` buffers, by (address, shape, dtype, device): XLA hands a
+# program's buffers the same addresses from call to call, so a view is made once, not per call.
+# A view owns nothing (XLA does); it is only used inside a callback, where XLA keeps that memory
+# valid for the buffer it describes.
+_VIEWS: dict[tuple, torch.Tensor] = {}
+_MAX_VIEWS = 4096
+
+
 def _as_torch(buffer) -> torch.Tensor:
     """A zero-copy torch view of an XLA buffer (compact row-major; valid during the callback only).
 
     The plain (unversioned) capsule skips the DLPack 1.0 read-only flag, whose handling differs
     across torch versions, and the stream handshake, which the buffer ignores anyway.
     """
+    if buffer.__class__ is ffi.Buffer:
+        key = (buffer.data, buffer.shape, buffer.dtype, buffer._device)
+        view = _VIEWS.get(key)
+        if view is None:
+            if len(_VIEWS) >= _MAX_VIEWS:
+                _VIEWS.clear()
+            view = _VIEWS[key] = buffer.to_torch()
+        return view
     return torch.from_dlpack(buffer.__dlpack__())

@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
 from flashfusemoe.config import FLOAT_DTYPES
 from flashfusemoe.experts import experts_plan
-from jax_bridge.callback import _align_varying, _as_torch, _TorchScope, _vary, _vma
+from jax_bridge.callback import _align_varying, _as_torch, _TorchScope, _vary, _vma, python_callback
 
 __all__ = ["moe_experts"]
 
@@ -87,10 +86,9 @@ def _forward_call(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down
     N, K = topk_ids.shape
     specs = core.experts_result_specs(N, x.shape[1], w_up.shape[0], K, w_up.shape[1], options.recompute, plan)
     dtypes = {"input": x.dtype, "int32": jnp.int32}
-    call = buffer_callback(
+    call = python_callback(
         functools.partial(_forward_callback, options, plan, checks),
         tuple(jax.ShapeDtypeStruct(shape, dtypes[kind]) for shape, kind in specs),
-        vmap_method="sequential",
     )
     results = call(x, topk_ids, topk_weights, w_up, w_down)
     axes = frozenset().union(*(_vma(a) for a in (x, topk_ids, topk_weights, w_up, w_down)))
@@ -111,10 +109,9 @@ def _experts_fwd(options, plan, checks, x, topk_ids, topk_weights, w_up, w_down)
 def _experts_bwd(options, plan, checks, saved, grad_out):
     x, topk_ids, topk_weights, w_up, w_down, residuals = saved
     primals = (x, topk_weights, w_up, w_down)
-    call = buffer_callback(
+    call = python_callback(
         functools.partial(_backward_callback, options, plan),
         tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in primals),
-        vmap_method="sequential",
     )
     grads = call(x, topk_weights, w_up, w_down, tuple(residuals), grad_out)
     grad_x, grad_w, grad_w_up, grad_w_down = (_vary(g, _vma(p)) for g, p in zip(grads, primals))

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
-from jax.experimental.buffer_callback import buffer_callback
 
 from flashfusemoe import core
 from flashfusemoe.config import (
@@ -29,7 +28,7 @@ from flashfusemoe.config import (
     validate_inputs,
 )
 from flashfusemoe.functional import make_plan
-from jax_bridge.callback import _align_varying, _as_torch, _standin, _TorchScope, _vary, _vma
+from jax_bridge.callback import _align_varying, _as_torch, _standin, _TorchScope, _vary, _vma, python_callback
 
 __all__ = ["aux_losses", "fused_moe", "moe"]
 
@@ -162,10 +161,9 @@ def _forward_shapes(x, router_weight, w_up, options: MoEOptions, plan: core.Plan
 
 def _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias):
     """Runs the core forward. Returns ``(*core.Outputs, *core.Residuals)`` as JAX arrays."""
-    call = buffer_callback(
+    call = python_callback(
         functools.partial(_forward_callback, options, plan),
         _forward_shapes(x, router_weight, w_up, options, plan),
-        vmap_method="sequential",
     )
     results = call(x, router_weight, w_up, w_down, expert_bias)
     axes = frozenset().union(*(_vma(a) for a in (x, router_weight, w_up, w_down)))
@@ -174,10 +172,9 @@ def _forward_call(options, plan, x, router_weight, w_up, w_down, expert_bias):
 
 def _backward_call(options, plan, x, router_weight, w_up, w_down, logits, residuals, grad_out, grad_logits):
     primals = (x, router_weight, w_up, w_down)
-    call = buffer_callback(
+    call = python_callback(
         functools.partial(_backward_callback, options, plan),
         tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in primals),
-        vmap_method="sequential",
     )
     grads = call(x, router_weight, w_up, w_down, logits, tuple(residuals), grad_out, grad_logits)
     return tuple(_vary(g, _vma(p)) for g, p in zip(grads, primals))
