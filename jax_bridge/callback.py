@@ -1,4 +1,4 @@
-"""XLA buffer callbacks that run torch: zero-copy DLPack views of XLA's buffers, the torch state a
+"""XLA custom calls that run torch: zero-copy views of XLA's buffers, the torch state a
 callback runs in (XLA's CUDA stream, no autograd, no autocast), ``shard_map``'s varying-axes types,
 and the shape-only stand-ins that let torch's own checks validate JAX arguments. Shared by
 ``jax_bridge.ops``, ``jax_bridge.experts`` and ``jax_bridge.parallel``.
@@ -183,11 +183,10 @@ _MAX_VIEWS = 4096
 
 
 def _as_torch(buffer) -> torch.Tensor:
-    """A zero-copy torch view of an XLA buffer (compact row-major; valid during the callback only).
-
-    The plain (unversioned) capsule skips the DLPack 1.0 read-only flag, whose handling differs
-    across torch versions, and the stream handshake, which the buffer ignores anyway.
-    """
+    """A zero-copy torch view of an XLA buffer (compact row-major; used during the call only):
+    cached for ``jax_bridge.ffi`` buffers, by DLPack for ``buffer_callback``'s. (The plain,
+    unversioned capsule skips the DLPack 1.0 read-only flag, whose handling differs across torch
+    versions, and the stream handshake, which the buffer ignores anyway.)"""
     if buffer.__class__ is ffi.Buffer:
         key = (buffer.data, buffer.shape, buffer.dtype, buffer._device)
         view = _VIEWS.get(key)

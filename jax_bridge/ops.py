@@ -1,8 +1,8 @@
 """``fused_moe`` on JAX arrays: the torch functional core run inside XLA buffer callbacks.
 
-A ``jax.custom_vjp`` whose forward and backward each call ``flashfusemoe.core`` through
-``jax.experimental.buffer_callback``: XLA's buffers are viewed as torch tensors by DLPack
-(zero-copy), torch launches on XLA's own stream, and the core writes its results straight into
+A ``jax.custom_vjp`` whose forward and backward each call ``flashfusemoe.core`` through one XLA
+custom call (``callback.python_callback``): XLA's buffers are viewed as torch tensors (zero-copy),
+torch launches on XLA's own stream, and the core writes its results straight into
 XLA's output buffers (its destinations). Residuals leave the forward as extra JAX outputs, so
 nothing torch-side outlives a callback. ``docs/design.md`` (JAX bridge) covers the shapes, the
 ``gemm="bmm"`` overflow, GPU memory, and ``vmap``/``shard_map``.
