@@ -100,7 +100,8 @@ _ORDINAL_GET = C.CFUNCTYPE(C.c_void_p, C.POINTER(_OrdinalGetArgs))
 # Offsets into XLA_FFI_Api of its first function pointers: struct_size, extension_start,
 # api_version (24 bytes), internal_api, then Error_Create, Error_GetMessage, Error_Destroy,
 # Handler_Register, Stream_Get.
-_API_ERROR_CREATE = 8 + 8 + C.sizeof(_ApiVersion) + 8
+_API_VERSION = 8 + 8
+_API_ERROR_CREATE = _API_VERSION + C.sizeof(_ApiVersion) + 8
 _API_STREAM_GET = _API_ERROR_CREATE + 4 * 8
 _API_DEVICE_ORDINAL_GET = _API_ERROR_CREATE + 17 * 8  # the 18th function (API 0.1+)
 
@@ -198,7 +199,13 @@ def _make_handler(device_type: int):
         ext = frame.extension_start
         if ext and ext.contents.type == _EXTENSION_METADATA:
             meta = C.cast(ext, C.POINTER(_MetadataExtension)).contents.metadata.contents
-            meta.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, 0, 1)
+            # The runtime's own API version (the structs read here are those of 0.1, which later
+            # minor versions only extend), so any jaxlib accepts the handler.
+            major, minor = 0, 1
+            if frame.api:
+                version = _ApiVersion.from_address(frame.api + _API_VERSION)
+                major, minor = version.major_version, version.minor_version
+            meta.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, major, minor)
             meta.traits = 0
             return None
         if frame.stage != _STAGE_EXECUTE:
