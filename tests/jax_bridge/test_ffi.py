@@ -79,3 +79,31 @@ def test_the_program_has_no_host_callbacks():
     text = lowered.as_text()
     assert ffi._TARGET in text and "xla_buffer_python" not in text
     assert not lowered._lowering.compile_args.get("host_callbacks")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_bridge_on_the_ffi_call_is_bit_identical_to_buffer_callback(monkeypatch, jit):
+    """jax_bridge.fused_moe, output and every gradient, through both custom-call mechanisms."""
+    import jax_bridge
+    from jax_bridge import callback
+
+    N, D, F, E, K = 24, 16, 12, 4, 2
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    args = [jax.random.normal(keys[0], (N, D)), jax.random.normal(keys[1], (E, D)) * 0.3,
+            jax.random.normal(keys[2], (E, 2 * F, D)) * 0.2, jax.random.normal(keys[3], (E, D, F)) * 0.2]
+    cot = jax.random.normal(keys[4], (N, D))
+
+    def fwd_bwd(*a):
+        out, vjp = jax.vjp(lambda *p: jax_bridge.fused_moe(*p, K), *a)
+        return out, vjp(cot)
+
+    results = {}
+    for use_ffi in (False, True):
+        monkeypatch.setattr(callback, "USE_FFI", use_ffi)
+        jaxpr = str(jax.make_jaxpr(fwd_bwd)(*args))
+        assert ("ffi_call" in jaxpr) == use_ffi and ("buffer_callback" in jaxpr) != use_ffi
+        fn = jax.jit(fwd_bwd) if jit else fwd_bwd
+        results[use_ffi] = jax.tree.leaves(fn(*args))
+        jax.clear_caches()
+    for a, b in zip(results[False], results[True], strict=True):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
