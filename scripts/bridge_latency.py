@@ -1,6 +1,6 @@
 """Where one synced call of the JAX bridge spends its time, against torch-native.
 
-    PYTHONPATH=. python scripts/bridge_latency.py [--shape N D F E K] [--backward]
+    PYTHONPATH=. python scripts/bridge_latency.py [--shape N D F E K] [--backward] [--ffi]
 
 The bridge's callback is wrapped to stamp the host clock at its entry and exit and, on a GPU, to
 record CUDA events on XLA's stream there. Per call (median, us):
@@ -17,7 +17,10 @@ then torch-native's same call by wall clock (call + synchronize) and by CUDA eve
 no bridge involved: a chain of matmuls (``--floor-ms`` of GPU work each, on a GPU) as one
 ``jax.jit`` program and as torch calls, timed synced (call, wait, repeat) and pipelined (many
 calls, one wait). Synced minus pipelined is the framework's fixed cost per synced call (dispatch,
-the wait's wake-up); the bridge's per-call time cannot go below JAX's.
+the wait's wake-up); the bridge's per-call time cannot go below JAX's. The rows ``jax+bc`` and
+``jax+ffi`` add one custom call after the chain (torch copies 8 rows on XLA's stream), through
+``buffer_callback`` and through ``jax_bridge.ffi``: what each mechanism adds to a synced call.
+``--ffi`` runs the bridge itself on ``jax_bridge.ffi`` (``callback.USE_FFI``).
 """
 
 import argparse
@@ -27,10 +30,13 @@ import time
 import jax
 import jax.numpy as jnp
 import torch
+from jax.experimental.buffer_callback import buffer_callback
 
 import flashfusemoe
 import jax_bridge
+from jax_bridge import callback, ffi
 from jax_bridge import ops as bridge_ops
+from jax_bridge.callback import _as_torch, _TorchScope
 
 
 def _median(values):
@@ -46,7 +52,10 @@ def main():
     parser.add_argument("--floor", action="store_true", help="each framework's fixed cost per synced call")
     parser.add_argument("--floor-ms", type=float, nargs="+", default=[1.5, 4.5],
                         help="GPU work per call for --floor (ms, approximate)")
+    parser.add_argument("--ffi", action="store_true",
+                        help="run the bridge on its FFI custom call (jax_bridge.callback.USE_FFI)")
     args = parser.parse_args()
+    callback.USE_FFI = args.ffi
     cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
     if args.floor:
         return floor(args, cuda)
@@ -143,6 +152,11 @@ def main():
     print(f"torch {what}: wall clock {_median(wall):.1f} us{gpu_timing}")
 
 
+def _copy_rows(ctx, out, y):
+    with _TorchScope(ctx, y):
+        _as_torch(out).copy_(_as_torch(y)[:8])
+
+
 def floor(args, cuda: bool) -> None:
     """Synced and pipelined time per call of a matmul chain in JAX and in torch (see --floor)."""
     n, dtype = (8192, torch.bfloat16) if cuda else (256, torch.float32)
@@ -179,8 +193,17 @@ def floor(args, cuda: bool) -> None:
                 y = y @ x
             return y
 
-        for name, call, wait in (("jax", lambda f=jitted: f(x_jax), jax.block_until_ready),
-                                 ("torch", torch_chain, lambda r: sync())):
+        # The same chain, then one custom call that copies 8 rows with torch on XLA's stream:
+        # through buffer_callback (a host callback: JAX's Python dispatch) and through the FFI call.
+        spec = jax.ShapeDtypeStruct((8, n), x_jax.dtype)
+        rows = [("jax", lambda f=jitted: f(x_jax), jax.block_until_ready)]
+        for name, custom in (("jax+bc", buffer_callback), ("jax+ffi", ffi.python_call)):
+            copy = custom(_copy_rows, spec)
+            chain = lambda a, reps=reps: jax.lax.fori_loop(0, reps, lambda i, y: y @ a, a)  # noqa: E731
+            f = jax.jit(lambda a, chain=chain, copy=copy: copy(chain(a)))
+            rows.append((name, lambda f=f: f(x_jax), jax.block_until_ready))
+        rows.append(("torch", torch_chain, lambda r: sync()))
+        for name, call, wait in rows:
             synced = per_call(call, wait, args.iters, False)
             piped = per_call(call, wait, args.iters, True)
             print(f"  {name:9s} {reps:7d} {synced:9.1f} {piped:9.1f} {synced - piped:7.1f}")

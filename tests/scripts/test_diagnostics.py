@@ -15,6 +15,12 @@ def test_bridge_latency_floor_times_both_frameworks():
     out = run_on_cpu(["scripts/bridge_latency.py", "--floor", "--floor-ms", "0.5", "--iters", "3"])
     assert "synced" in out and "pipelined" in out
     assert "\n  jax " in out and "\n  torch " in out
+    assert "\n  jax+bc " in out and "\n  jax+ffi " in out
+
+
+def test_bridge_latency_on_the_ffi_call():
+    out = run_on_cpu(["scripts/bridge_latency.py", "--backward", "--iters", "3", "--ffi"])
+    assert "(2 callback(s) per call)" in out and "  total " in out
 
 
 def test_host_overhead_stub():
