@@ -107,3 +107,31 @@ def test_bridge_on_the_ffi_call_is_bit_identical_to_buffer_callback(monkeypatch,
         jax.clear_caches()
     for a, b in zip(results[False], results[True], strict=True):
         assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_experts_on_the_ffi_call_are_bit_identical_to_buffer_callback(monkeypatch):
+    """jax_bridge.moe_experts (the experts-only twin), output and its four gradients, under jit."""
+    import jax_bridge
+    from jax_bridge import callback
+
+    N, D, F, E, K = 20, 16, 12, 4, 2
+    keys = jax.random.split(jax.random.PRNGKey(1), 6)
+    x = jax.random.normal(keys[0], (N, D))
+    ids = jnp.argsort(jax.random.uniform(keys[1], (N, E)), axis=1)[:, :K].astype(jnp.int32)
+    weights = jax.nn.softmax(jax.random.normal(keys[2], (N, K)), axis=1)
+    w_up = jax.random.normal(keys[3], (E, 2 * F, D)) * 0.2
+    w_down = jax.random.normal(keys[4], (E, D, F)) * 0.2
+    cot = jax.random.normal(keys[5], (N, D))
+
+    def fwd_bwd(x, w, u, d):
+        out, vjp = jax.vjp(lambda x, w, u, d: jax_bridge.moe_experts(x, ids, w, u, d), x, w, u, d)
+        return out, vjp(cot)
+
+    results = {}
+    for use_ffi in (False, True):
+        monkeypatch.setattr(callback, "USE_FFI", use_ffi)
+        assert ("ffi_call" in str(jax.make_jaxpr(fwd_bwd)(x, weights, w_up, w_down))) == use_ffi
+        results[use_ffi] = jax.tree.leaves(jax.jit(fwd_bwd)(x, weights, w_up, w_down))
+        jax.clear_caches()
+    for a, b in zip(results[False], results[True], strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
