@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/host_overhead.py [--shape N D F E K] [--gemm G]
     PYTHONPATH=. python scripts/host_overhead.py --stub     # no GPU needed
     PYTHONPATH=. python scripts/host_overhead.py --compare  # launch paths, one process
+    PYTHONPATH=. python scripts/host_overhead.py --sample   # where a step's host time goes
 
 On a GPU it prints the fwd+bwd time, the host's enqueue time per step and a profile. ``--stub``
 runs the GPU path's Python on CPU instead: Triton's interpreter is selected (so every wrapper
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--stub", action="store_true", help="CPU, kernel launches replaced by no-ops")
     parser.add_argument("--profile", type=int, default=25, help="cProfile rows to print (0: none)")
     parser.add_argument("--compare", action="store_true", help="the launch paths, alternating (GPU)")
+    parser.add_argument("--sample", action="store_true", help="stack samples of 300 steps")
     args = parser.parse_args()
     if args.stub:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, at import
@@ -62,6 +64,9 @@ def main():
     if args.compare:
         compare_launch_paths(step, sync)
         return
+    if args.sample:
+        sample_stacks(step, sync)
+        return
     if not args.stub:
         print(f"fwd+bwd median: {median_ms(step, warmup=5, iters=20):.3f} ms")
     for name, fn in (("forward", forward), ("fwd+bwd", step)):
@@ -83,6 +88,53 @@ def main():
         sync()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+
+
+def sample_stacks(step, sync, steps: int = 300, top: int = 40) -> None:
+    """Counts of the innermost frame and of the innermost package frame over ``steps`` steps."""
+    import collections
+    import sys
+    import threading
+
+    for _ in range(10):
+        step()
+    sync()
+    leaf, ours, stop = collections.Counter(), collections.Counter(), threading.Event()
+
+    def where(frame, sep):
+        return f"{frame.f_code.co_filename.split(sep)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+
+    def sample():
+        me = threading.get_ident()
+        while not stop.is_set():
+            for tid, frame in sys._current_frames().items():
+                if tid == me:
+                    continue
+                leaf[where(frame, "/")] += 1
+                while frame is not None and "flashfusemoe" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is not None:
+                    ours[where(frame, "flashfusemoe/")] += 1
+            time.sleep(0.00005)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.00002)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+        sync()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    sys.setswitchinterval(interval)
+    total = sum(leaf.values())
+    print(f"{steps} steps in {elapsed * 1e3:.0f} ms, {total} samples (waits included)")
+    for title, counts in (("innermost frame", leaf), ("innermost flashfusemoe frame", ours)):
+        print(f"-- {title}")
+        for name, count in counts.most_common(top):
+            print(f"{count:6d} {100 * count / max(total, 1):5.1f}%  {name}")
 
 
 def _set_path(path: str) -> None:

@@ -28,6 +28,12 @@ def test_host_overhead_stub():
     assert "host time per fwd+bwd call" in out
 
 
+def test_host_overhead_samples_stacks():
+    out = run_on_cpu(["scripts/host_overhead.py", "--stub", "--sample"])
+    assert "300 steps in" in out and "-- innermost flashfusemoe frame" in out
+    assert "flashfusemoe/" not in out.split("-- innermost flashfusemoe frame")[1].split("\n")[1]
+
+
 def test_profile_hf_groups_a_step():
     out = run_on_cpu(["scripts/profile_hf.py", "--impl", "flashfusemoe", "--top", "3"])
     assert "qwen3-moe / flashfusemoe: CPU op time (tiny model)" in out
