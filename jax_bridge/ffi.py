@@ -19,6 +19,7 @@ import ctypes as C
 import functools
 import itertools
 import math
+import struct
 import threading
 import traceback
 
@@ -58,24 +59,8 @@ class _Buffer(C.Structure):
                 ("data", C.c_void_p), ("rank", C.c_int64), ("dims", C.POINTER(C.c_int64))]
 
 
-class _List(C.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
-                ("types", C.POINTER(C.c_int)), ("items", C.POINTER(C.POINTER(_Buffer)))]
-
-
-class _Attrs(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
-                ("types", C.POINTER(C.c_int)), ("names", C.c_void_p), ("attrs", C.POINTER(C.c_void_p))]
-
-
 class _Scalar(C.Structure):
     _fields_ = [("dtype", C.c_int), ("value", C.c_void_p)]
-
-
-class _CallFrame(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.POINTER(_ExtensionBase)),
-                ("api", C.c_void_p), ("ctx", C.c_void_p), ("stage", C.c_int), ("args", _List),
-                ("rets", _List), ("attrs", _Attrs), ("future", C.c_void_p)]
 
 
 class _StreamGetArgs(C.Structure):
@@ -93,7 +78,7 @@ class _OrdinalGetArgs(C.Structure):
                 ("device_ordinal", C.c_int32)]
 
 
-_HANDLER = C.CFUNCTYPE(C.c_void_p, C.POINTER(_CallFrame))
+_HANDLER = C.CFUNCTYPE(C.c_void_p, C.c_void_p)  # XLA_FFI_Error* (XLA_FFI_CallFrame*)
 _ERROR_CREATE = C.CFUNCTYPE(C.c_void_p, C.POINTER(_ErrorCreateArgs))
 _STREAM_GET = C.CFUNCTYPE(C.c_void_p, C.POINTER(_StreamGetArgs))
 _ORDINAL_GET = C.CFUNCTYPE(C.c_void_p, C.POINTER(_OrdinalGetArgs))
@@ -178,12 +163,30 @@ _registered_platforms: set[str] = set()
 _TARGET = "flashfusemoe_python_call"
 
 
-def _buffers(lst: _List, device) -> list[Buffer]:
+# XLA_FFI_CallFrame as read on each execution (64-bit): struct_size, extension_start, api, ctx,
+# stage (+4 bytes padding); args and rets (struct_size, extension_start, size, types, items each);
+# attrs (struct_size, extension_start, size, types, names, attrs); future.
+_FRAME = struct.Struct("<QQQQi4xQQqQQQQqQQQQqQQQQ")
+_BUFFER_DATA = 24  # offset of XLA_FFI_Buffer.data
+
+
+def _pointers(address: int, n: int) -> tuple[int, ...]:
+    return struct.unpack(f"<{n}Q", C.string_at(address, 8 * n)) if n else ()
+
+
+def _specs(items: int, n: int) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype name)`` of each of the ``n`` buffers at ``items`` (an XLA_FFI_Buffer**)."""
     out = []
-    for i in range(lst.size):
-        b = lst.items[i].contents
-        out.append(Buffer(tuple(b.dims[j] for j in range(b.rank)), _DTYPES[b.dtype], b.data or 0, device))
-    return out
+    for address in _pointers(items, n):
+        b = _Buffer.from_address(address)
+        out.append((tuple(b.dims[j] for j in range(b.rank)), _DTYPES[b.dtype]))
+    return tuple(out)
+
+
+def _buffers(items: int, specs, device) -> list[Buffer]:
+    """Buffers of this execution: the addresses are read, shapes and dtypes are the call's own."""
+    return [Buffer(shape, dtype, C.c_void_p.from_address(address + _BUFFER_DATA).value or 0, device)
+            for address, (shape, dtype) in zip(_pointers(items, len(specs)), specs)]
 
 
 def _error(api: int, message: str) -> int:
@@ -193,56 +196,81 @@ def _error(api: int, message: str) -> int:
     return create(C.byref(args))
 
 
+def _write_metadata(extension: int, api: int) -> None:
+    meta = _MetadataExtension.from_address(extension).metadata.contents
+    # The runtime's own API version (the structs read here are those of 0.1, which later minor
+    # versions only extend), so any jaxlib accepts the handler.
+    major, minor = 0, 1
+    if api:
+        version = _ApiVersion.from_address(api + _API_VERSION)
+        major, minor = version.major_version, version.minor_version
+    meta.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, major, minor)
+    meta.traits = 0
+
+
+def _stream_and_ordinal(api: int, ctx: int) -> tuple[int, int]:
+    """XLA's CUDA stream for this execution and its device ordinal (FFI API calls)."""
+    get = _STREAM_GET(C.c_void_p.from_address(api + _API_STREAM_GET).value)
+    sargs = _StreamGetArgs(C.sizeof(_StreamGetArgs), None, ctx, None)
+    err = get(C.byref(sargs))
+    if err:
+        raise _FfiError(err)
+    stream = sargs.stream or 0
+    ordinal = _ordinals.get(stream)
+    if ordinal is None:
+        ordinal = 0
+        if C.c_size_t.from_address(api).value >= _API_DEVICE_ORDINAL_GET + 8:
+            get = _ORDINAL_GET(C.c_void_p.from_address(api + _API_DEVICE_ORDINAL_GET).value)
+            oargs = _OrdinalGetArgs(C.sizeof(_OrdinalGetArgs), None, ctx, 0)
+            err = get(C.byref(oargs))
+            if err:
+                raise _FfiError(err)
+            ordinal = oargs.device_ordinal
+        _ordinals[stream] = ordinal
+    return stream, ordinal
+
+
+class _FfiError(Exception):
+    """An error an FFI API call returned, handed back to XLA as it is."""
+
+    def __init__(self, error: int):
+        super().__init__(error)
+        self.error = error
+
+
+_ordinals: dict[int, int] = {}  # XLA stream -> device ordinal
+_layouts: dict[int, tuple] = {}  # call id -> (argument specs, result specs)
+
+
 def _make_handler(device_type: int):
-    def handler(frame_ptr):
-        frame = frame_ptr.contents
-        ext = frame.extension_start
-        if ext and ext.contents.type == _EXTENSION_METADATA:
-            meta = C.cast(ext, C.POINTER(_MetadataExtension)).contents.metadata.contents
-            # The runtime's own API version (the structs read here are those of 0.1, which later
-            # minor versions only extend), so any jaxlib accepts the handler.
-            major, minor = 0, 1
-            if frame.api:
-                version = _ApiVersion.from_address(frame.api + _API_VERSION)
-                major, minor = version.major_version, version.minor_version
-            meta.api_version = _ApiVersion(C.sizeof(_ApiVersion), None, major, minor)
-            meta.traits = 0
+    def handler(frame_address):
+        frame = _FRAME.unpack(C.string_at(frame_address, _FRAME.size))
+        (_, extension, api, ctx, stage, _, _, n_args, _, arg_items, _, _, n_rets, _, ret_items,
+         _, _, n_attrs, attr_types, _, attr_values, _) = frame
+        if extension and C.c_int.from_address(extension + 8).value == _EXTENSION_METADATA:
+            _write_metadata(extension, api)
             return None
-        if frame.stage != _STAGE_EXECUTE:
+        if stage != _STAGE_EXECUTE:
             return None
         try:
-            call_id = _call_id(frame.attrs)
-            fn = _registry[call_id]
-            stream = None
-            device_id = 0
-            if device_type != 1:  # kDLCUDA / kDLROCM: XLA's stream and device for this call
-                get = _STREAM_GET(C.c_void_p.from_address(frame.api + _API_STREAM_GET).value)
-                sargs = _StreamGetArgs(C.sizeof(_StreamGetArgs), None, frame.ctx, None)
-                err = get(C.byref(sargs))
-                if err:
-                    return err
-                stream = sargs.stream or 0
-                if C.c_size_t.from_address(frame.api).value >= _API_DEVICE_ORDINAL_GET + 8:
-                    get = _ORDINAL_GET(C.c_void_p.from_address(frame.api + _API_DEVICE_ORDINAL_GET).value)
-                    oargs = _OrdinalGetArgs(C.sizeof(_OrdinalGetArgs), None, frame.ctx, 0)
-                    err = get(C.byref(oargs))
-                    if err:
-                        return err
-                    device_id = oargs.device_ordinal
-            device = (device_type, device_id)
-            fn(ExecutionContext(stream), _buffers(frame.rets, device), _buffers(frame.args, device))
+            if n_attrs != 1 or C.c_int.from_address(attr_types).value != _ATTR_SCALAR:
+                raise ValueError("expected one scalar attribute (the call id)")
+            scalar = _Scalar.from_address(C.c_void_p.from_address(attr_values).value)
+            call_id = C.c_int64.from_address(scalar.value).value
+            layout = _layouts.get(call_id)
+            if layout is None:
+                layout = _layouts[call_id] = (_specs(arg_items, n_args), _specs(ret_items, n_rets))
+            stream, ordinal = (None, 0) if device_type == 1 else _stream_and_ordinal(api, ctx)
+            device = (device_type, ordinal)
+            _registry[call_id](ExecutionContext(stream), _buffers(ret_items, layout[1], device),
+                               _buffers(arg_items, layout[0], device))
             return None
+        except _FfiError as e:
+            return e.error
         except BaseException:  # noqa: BLE001 (reported to XLA, which raises it in the caller)
-            return _error(frame.api, traceback.format_exc())
+            return _error(api, traceback.format_exc())
 
     return _HANDLER(handler)
-
-
-def _call_id(attrs: _Attrs) -> int:
-    if attrs.size != 1 or attrs.types[0] != _ATTR_SCALAR:
-        raise ValueError("expected one scalar attribute (the call id)")
-    scalar = C.cast(attrs.attrs[0], C.POINTER(_Scalar)).contents
-    return C.c_int64.from_address(scalar.value).value
 
 
 _handlers = {}  # platform -> ctypes function (kept alive)
@@ -276,13 +304,14 @@ def _function_key(fn):
     return key
 
 
-def _call_id_for(fn, in_tree, out_tree) -> int:
-    """The registry id of ``fn`` with these argument and result structures (one per distinct call,
-    so re-tracing, e.g. without ``jax.jit``, does not grow the registry)."""
+def _call_id_for(fn, in_tree, out_tree, avals) -> int:
+    """The registry id of ``fn`` with these argument and result structures and ``avals`` (their
+    shapes and dtypes, fixed per id): one per distinct call, so re-tracing, e.g. without
+    ``jax.jit``, does not grow the registry."""
     key = _function_key(fn)
     with _lock:
-        if key is not None and (key, in_tree, out_tree) in _interned:
-            return _interned[(key, in_tree, out_tree)]
+        if key is not None and (key, in_tree, out_tree, avals) in _interned:
+            return _interned[(key, in_tree, out_tree, avals)]
         call_id = next(_ids)
 
         def run(ctx, outs, args):
@@ -290,7 +319,7 @@ def _call_id_for(fn, in_tree, out_tree) -> int:
 
         _registry[call_id] = run
         if key is not None:
-            _interned[(key, in_tree, out_tree)] = call_id
+            _interned[(key, in_tree, out_tree, avals)] = call_id
         return call_id
 
 
@@ -304,7 +333,8 @@ def python_call(fn, result_shape_dtypes, *, vmap_method: str | None = None):
 
     def call(*args):
         flat_args, in_tree = jax.tree.flatten(args)
-        call_id = _call_id_for(fn, in_tree, out_tree)
+        avals = tuple((tuple(a.shape), str(a.dtype)) for a in (*flat_args, *flat_results))
+        call_id = _call_id_for(fn, in_tree, out_tree, avals)
         results = jax.ffi.ffi_call(_TARGET, flat_results, vmap_method=vmap_method)(
             *flat_args, call_id=np.int64(call_id))
         return jax.tree.unflatten(out_tree, results)
