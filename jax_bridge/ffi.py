@@ -88,7 +88,7 @@ _ORDINAL_GET = C.CFUNCTYPE(C.c_void_p, C.POINTER(_OrdinalGetArgs))
 _API_VERSION = 8 + 8
 _API_ERROR_CREATE = _API_VERSION + C.sizeof(_ApiVersion) + 8
 _API_STREAM_GET = _API_ERROR_CREATE + 4 * 8
-_API_DEVICE_ORDINAL_GET = _API_ERROR_CREATE + 17 * 8  # the 18th function (API 0.1+)
+_API_DEVICE_ORDINAL_GET = _API_ERROR_CREATE + 17 * 8  # the 18th function, read where the struct has it
 
 # XLA_FFI_DataType -> numpy dtype name
 _DTYPES = {1: "bool", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "uint8", 7: "uint16",
