@@ -172,10 +172,23 @@ def python_callback(fn, result_shape_dtypes, *, vmap_method: str = "sequential")
     return buffer_callback(fn, result_shape_dtypes, vmap_method=vmap_method)
 
 
+FFI_ENV = "FLASHFUSEMOE_JAX_FFI"
+
+
+def ffi_default(env=os.environ) -> bool:
+    """``USE_FFI``'s value at import: the environment variable ``FLASHFUSEMOE_JAX_FFI``, "1" (on)
+    or "0"/unset (off)."""
+    value = env.get(FFI_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FFI_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 # The custom-call mechanism of ``python_callback``: ``jax_bridge.ffi`` when True. Off by default
 # until it has run on a GPU (its CPU tests, and the whole bridge suite run with it on, pass);
-# ``buffer_callback`` is the path measured and checked on the H100.
-USE_FFI = False
+# ``buffer_callback`` is the path measured and checked on the H100. ``FLASHFUSEMOE_JAX_FFI=1``
+# turns it on for a whole process (a test run, a benchmark).
+USE_FFI = ffi_default()
 
 # Torch views of ``jax_bridge.ffi`` buffers, by (address, shape, dtype, device): XLA hands a
 # program's buffers the same addresses from call to call, so a view is made once, not per call.

@@ -16,6 +16,10 @@
 #   train-jax   python -m benchmarks.train --framework jax                (Flax model, both MoE layers)
 #   train-jax-compare  ... --framework jax --moe bridge --compare-torch   (loss curves vs torch fused)
 #   hf          python -m benchmarks.hf      transformers training step per experts implementation
+#   bridge      scripts/bridge_latency.py --floor, then --backward on each custom-call mechanism
+#               (buffer_callback, then --ffi)
+#   bridge-ffi  the bridge's tests and python -m jax_bridge.compare with FLASHFUSEMOE_JAX_FFI=1
+#               (jax_bridge.ffi instead of buffer_callback)
 #   ep          torchrun --nproc-per-node ${EP_GPUS:-1} -m benchmarks.ep   expert parallelism (NCCL)
 #   plots       python -m benchmarks.plot OUT_DIR --out OUT_DIR/plots
 # Each stage logs to OUT_DIR/<stage>.log; benchmark JSON/markdown land in OUT_DIR/<stage>/.
@@ -26,7 +30,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/gpu-check-$(date +%Y%m%d-%H%M%S)}
-STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare hf ep plots"}
+STAGES=${STAGES:-"gpu-tests tests demo jax-demo layer layer-skew train train-jax train-jax-compare hf bridge bridge-ffi ep plots"}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -97,11 +101,15 @@ for stage in $STAGES; do
       run_stage "$stage" "$PYTHON" -m benchmarks.train --framework jax \
         --moe bridge --compare-torch --out "$OUT_DIR/$stage" ${TRAIN_JAX_ARGS:-} ;;
     hf) run_stage "$stage" "$PYTHON" -m benchmarks.hf --out "$OUT_DIR/$stage" ${HF_ARGS:-} ;;
+    bridge) run_stage "$stage" bash -c "$PYTHON scripts/bridge_latency.py --floor \
+      && $PYTHON scripts/bridge_latency.py --backward && $PYTHON scripts/bridge_latency.py --backward --ffi" ;;
+    bridge-ffi) run_stage "$stage" env FLASHFUSEMOE_JAX_FFI=1 bash -c "$PYTHON -m pytest -v -rfE ${PYTEST_ARGS:-} \
+      tests/jax_bridge tests/benchmarks/test_flax_model.py && $PYTHON -m jax_bridge.compare" ;;
     ep) run_stage "$stage" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${EP_GPUS:-1}" \
       -m benchmarks.ep --out "$OUT_DIR/$stage" ${EP_ARGS:-} ;;
     plots) run_stage "$stage" "$PYTHON" -m benchmarks.plot "$OUT_DIR" --out "$OUT_DIR/plots" ;;
     *)
-      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare hf ep jax-demo plots)"
+      echo "unknown stage '$stage' (known: gpu-tests tests demo layer layer-skew train train-jax train-jax-compare hf bridge bridge-ffi ep jax-demo plots)"
       failed+=("$stage")
       ;;
   esac

@@ -37,3 +37,11 @@ def test_dynamic_slice_fusion_off_unless_the_user_set_it():
     env = {"XLA_FLAGS": "--xla_gpu_enable_dynamic_slice_fusion=true"}
     callback.default_xla_flags(env)
     assert env["XLA_FLAGS"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
+
+
+def test_ffi_mechanism_from_the_environment():
+    assert callback.ffi_default({}) is False
+    assert callback.ffi_default({callback.FFI_ENV: "0"}) is False
+    assert callback.ffi_default({callback.FFI_ENV: "1"}) is True
+    with pytest.raises(ValueError, match="FLASHFUSEMOE_JAX_FFI must be '0' or '1', got 'yes'"):
+        callback.ffi_default({callback.FFI_ENV: "yes"})
