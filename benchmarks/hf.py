@@ -173,9 +173,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    import transformers
-
-    args = parse_args(argv)
+    args = parse_args(argv)  # (--help needs no transformers)
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"benchmarks.hf needs transformers: pip install 'flashfusemoe[hf]' ({e})") from None
     cuda = not args.tiny
     env = environment("cuda" if cuda else "cpu", "benchmarks.hf")
     env["transformers"] = transformers.__version__

@@ -32,7 +32,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
 fi
-"$venv/bin/pip" install -q -c "$constraints" -e ".[test,jax,bench]"
+"$venv/bin/pip" install -q -c "$constraints" -e ".[test,jax,bench,hf]"
 "$venv/bin/python" -c "import sys, torch, triton, jax, flax, numpy
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__,
       '| jax', jax.__version__, '| flax', flax.__version__, '| numpy', numpy.__version__)"
