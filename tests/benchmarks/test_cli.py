@@ -39,6 +39,14 @@ def test_layer_skew_help_renders_the_percentage(capsys):
     assert f"~{layer.SKEW_FRACTION:.0%} of tokens pick expert 0" in capsys.readouterr().out
 
 
+def test_hf_without_transformers_names_the_extra(monkeypatch, tmp_path):
+    from benchmarks import hf
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(SystemExit, match=r"needs transformers: pip install 'flashfusemoe\[hf\]'"):
+        hf.main(["--tiny", "--out", str(tmp_path)])
+
+
 def _parse(module, argv):
     return layer.run_restoring_threads(module.parse_args, argv)  # --tiny lowers torch's threads
 
