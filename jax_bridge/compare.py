@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import flashfusemoe  # noqa: E402
 from flashfusemoe.config import ACTIVATIONS, GEMMS, SCORE_FUNCS  # noqa: E402
 from flashfusemoe.reference import moe_reference as torch_reference  # noqa: E402
+from jax_bridge import callback  # noqa: E402
 from jax_bridge.convert import torch_to_numpy  # noqa: E402
 from jax_bridge.ops import fused_moe as bridge_fused_moe  # noqa: E402
 from jax_bridge.reference import moe_reference as jax_reference  # noqa: E402
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
         f"top_k={K}, {dtype}, torch reference in {args.reference_dtype}, "
         + ", ".join(f"{k}={v}" for k, v in fused_options.items())
         + f", expert_bias={'random' if bias is not None else None}"
+        + f", custom call: {'jax_bridge.ffi' if callback.USE_FFI else 'buffer_callback'}"
     )
 
     runs = {
