@@ -520,22 +520,30 @@ def _(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, group_name, top_k):
     return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
 
 
-def _ep_dispatch_setup(ctx, inputs, output):
-    ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
-    ctx.save_for_backward(output[4], output[5], output[0], output[1])  # recv_to_comp, assign_to_row
-    ctx.mark_non_differentiable(*output[2:])
-    ctx.set_materialize_grads(False)
+def _register_dispatch_autograd(dispatch, dispatch_backward, layout_outputs: tuple[int, int],
+                                num_inputs: int) -> None:
+    """Autograd of an EP dispatch op ``(x, topk_weights, topk_ids, group_name, ...)``: its outputs 0
+    and 1 (the received rows and weights) are differentiable, and ``dispatch_backward(grad_x_recv,
+    grad_w_recv, *layout, group_name, top_k)`` returns the gradients of x and topk_weights, with
+    ``layout`` the two outputs at ``layout_outputs`` (unused gradients as zeros)."""
+
+    def setup(ctx, inputs, output):
+        ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
+        ctx.save_for_backward(*(output[i] for i in layout_outputs), output[0], output[1])
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.set_materialize_grads(False)
+
+    def grad(ctx, grad_x_recv, grad_w_recv, *_):
+        *layout, x_recv, w_recv = ctx.saved_tensors
+        grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
+        grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
+        grads = dispatch_backward(grad_x_recv, grad_w_recv, *layout, *ctx.args)
+        return (*grads, *([None] * (num_inputs - len(grads))))
+
+    dispatch.register_autograd(grad, setup_context=setup)
 
 
-def _ep_dispatch_grad(ctx, grad_x_recv, grad_w_recv, *_):
-    recv_to_comp, assign_to_row, x_recv, w_recv = ctx.saved_tensors
-    grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
-    grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
-    grads = _ep_dispatch_backward(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, *ctx.args)
-    return (*grads, *([None] * 5))
-
-
-_ep_dispatch.register_autograd(_ep_dispatch_grad, setup_context=_ep_dispatch_setup)
+_register_dispatch_autograd(_ep_dispatch, _ep_dispatch_backward, (4, 5), 7)  # recv_to_comp, assign_to_row
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_capacity", mutates_args=())
@@ -608,22 +616,7 @@ def _(grad_x_recv, grad_w_recv, assign_to_row, splits, group_name, top_k):
     return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
 
 
-def _ep_dispatch_dl_setup(ctx, inputs, output):
-    ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
-    ctx.save_for_backward(output[3], output[6], output[0], output[1])  # assign_to_row, splits, x/w_recv
-    ctx.mark_non_differentiable(*output[2:])
-    ctx.set_materialize_grads(False)
-
-
-def _ep_dispatch_dl_grad(ctx, grad_x_recv, grad_w_recv, *_):
-    assign_to_row, splits, x_recv, w_recv = ctx.saved_tensors
-    grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
-    grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
-    grads = _ep_dispatch_dl_backward(grad_x_recv, grad_w_recv, assign_to_row, splits, *ctx.args)
-    return (*grads, *([None] * 4))
-
-
-_ep_dispatch_dl.register_autograd(_ep_dispatch_dl_grad, setup_context=_ep_dispatch_dl_setup)
+_register_dispatch_autograd(_ep_dispatch_dl, _ep_dispatch_dl_backward, (3, 6), 6)  # assign_to_row, splits
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_dropless", mutates_args=())
