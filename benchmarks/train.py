@@ -426,6 +426,19 @@ def write_results(out: Path, stem: str, meta: dict, results: dict, check, table:
     (out / f"{stem}.md").write_text(header + table)
 
 
+def final_report(save, results: dict, out: Path, stem: str) -> int:
+    """Writes the results (``save()``: the loss check and the table), prints the table, and returns
+    the exit status: 1 if a run failed or a loss curve did not match, else 0."""
+    check, table = save()
+    log("\n" + table)
+    log(f"wrote {out / stem}.json and .md")
+    failed = [r["impl"] for r in results.values() if r["status"] == "error"]
+    mismatch = [k for k, v in check.items() if k.endswith("_match") and not v]
+    if failed or mismatch:
+        log(f"FAILED: {failed + mismatch}")
+    return 1 if failed or mismatch else 0
+
+
 def add_run_args(ap: argparse.ArgumentParser, steps: int, compile_help: str) -> None:
     """The arguments the torch and the Flax training benchmarks share."""
     ap.add_argument("--layers", type=int, default=None, help="total layers (default 24)")
@@ -546,14 +559,7 @@ def _main(argv=None) -> int:
             log(f"  {impl}: {r['status']}: {r['note']}")
         save()
 
-    check, table = save()
-    log("\n" + table)
-    log(f"wrote {out / stem}.json and .md")
-    failed = [r["impl"] for r in results.values() if r["status"] == "error"]
-    mismatch = [k for k, v in check.items() if k.endswith("_match") and not v]
-    if failed or mismatch:
-        log(f"FAILED: {failed + mismatch}")
-    return 1 if failed or mismatch else 0
+    return final_report(save, results, out, stem)
 
 
 if __name__ == "__main__":

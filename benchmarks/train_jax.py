@@ -444,11 +444,4 @@ def _main(argv=None) -> int:
         (out / f"{args.child_run}.result.json").write_text(json.dumps(results[args.child_run]))
         return 0
 
-    check, table = save()
-    log("\n" + table)
-    log(f"wrote {out / stem}.json and .md")
-    failed = [r["impl"] for r in results.values() if r["status"] == "error"]
-    mismatch = [k for k, v in check.items() if k.endswith("_match") and not v]
-    if failed or mismatch:
-        log(f"FAILED: {failed + mismatch}")
-    return 1 if failed or mismatch else 0
+    return train.final_report(save, results, out, stem)

@@ -83,3 +83,16 @@ def test_train_compile_mode_reaches_every_compiled_run(tmp_path):
     result = json.loads((tmp_path / "train-tiny.json").read_text())["results"]["fused-compiled"]
     assert result["status"] == "ok", result
     assert result["note"] == "torch.compile(backend=eager, mode=reduce-overhead), per block"
+
+
+def test_training_exit_status_counts_failed_runs_and_loss_mismatches(tmp_path, capsys):
+    ok, broken = {"impl": "a", "status": "ok"}, {"impl": "b", "status": "error"}
+
+    def report(results, check):
+        return train.final_report(lambda: (check, "| table |"), results, tmp_path, "train")
+
+    assert report({"a": ok}, {"b_match": True, "max_diff": 0.01}) == 0
+    assert report({"a": ok, "b": broken}, {"b_match": True}) == 1
+    assert report({"a": ok}, {"b_match": False}) == 1
+    out = capsys.readouterr().out
+    assert "| table |" in out and "FAILED: ['b']" in out and "FAILED: ['b_match']" in out
