@@ -520,8 +520,7 @@ def _(grad_x_recv, grad_w_recv, recv_to_comp, assign_to_row, group_name, top_k):
     return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
 
 
-def _register_dispatch_autograd(dispatch, dispatch_backward, layout_outputs: tuple[int, int],
-                                num_inputs: int) -> None:
+def _register_dispatch_autograd(dispatch, dispatch_backward, layout_outputs: tuple[int, int]) -> None:
     """Autograd of an EP dispatch op ``(x, topk_weights, topk_ids, group_name, ...)``: its outputs 0
     and 1 (the received rows and weights) are differentiable, and ``dispatch_backward(grad_x_recv,
     grad_w_recv, *layout, group_name, top_k)`` returns the gradients of x and topk_weights, with
@@ -529,6 +528,7 @@ def _register_dispatch_autograd(dispatch, dispatch_backward, layout_outputs: tup
 
     def setup(ctx, inputs, output):
         ctx.args = (inputs[3], inputs[2].shape[1])  # group_name, top_k
+        ctx.num_inputs = len(inputs)
         ctx.save_for_backward(*(output[i] for i in layout_outputs), output[0], output[1])
         ctx.mark_non_differentiable(*output[2:])
         ctx.set_materialize_grads(False)
@@ -538,12 +538,12 @@ def _register_dispatch_autograd(dispatch, dispatch_backward, layout_outputs: tup
         grad_x_recv = torch.zeros_like(x_recv) if grad_x_recv is None else grad_x_recv
         grad_w_recv = torch.zeros_like(w_recv) if grad_w_recv is None else grad_w_recv
         grads = dispatch_backward(grad_x_recv, grad_w_recv, *layout, *ctx.args)
-        return (*grads, *([None] * (num_inputs - len(grads))))
+        return (*grads, *([None] * (ctx.num_inputs - len(grads))))
 
     dispatch.register_autograd(grad, setup_context=setup)
 
 
-_register_dispatch_autograd(_ep_dispatch, _ep_dispatch_backward, (4, 5), 7)  # recv_to_comp, assign_to_row
+_register_dispatch_autograd(_ep_dispatch, _ep_dispatch_backward, (4, 5))  # recv_to_comp, assign_to_row
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_capacity", mutates_args=())
@@ -616,7 +616,7 @@ def _(grad_x_recv, grad_w_recv, assign_to_row, splits, group_name, top_k):
     return grad_x_recv.new_empty(N, grad_x_recv.shape[1]), grad_w_recv.new_empty(N, top_k)
 
 
-_register_dispatch_autograd(_ep_dispatch_dl, _ep_dispatch_dl_backward, (3, 6), 6)  # assign_to_row, splits
+_register_dispatch_autograd(_ep_dispatch_dl, _ep_dispatch_dl_backward, (3, 6))  # assign_to_row, splits
 
 
 @torch.library.custom_op("flashfusemoe::ep_combine_dropless", mutates_args=())

@@ -159,7 +159,6 @@ _registry: dict[int, object] = {}  # call id -> run(ctx, flat outs, flat args)
 _interned: dict[tuple, int] = {}  # (function key, argument tree, result tree) -> call id
 _ids = itertools.count(1)
 _lock = threading.Lock()
-_registered_platforms: set[str] = set()
 _TARGET = "flashfusemoe_python_call"
 
 
@@ -273,14 +272,13 @@ def _make_handler(device_type: int):
     return _HANDLER(handler)
 
 
-_handlers = {}  # platform -> ctypes function (kept alive)
+_handlers = {}  # platform -> its ctypes handler (kept alive; a platform here is registered)
 
 
 def _register(platform: str) -> None:
     with _lock:
-        if platform in _registered_platforms:
+        if platform in _handlers:
             return
-        _registered_platforms.add(platform)
         device_type = {"cpu": 1, "CUDA": 2, "ROCM": 10}[platform]
         handler = _handlers[platform] = _make_handler(device_type)
         try:

@@ -185,7 +185,10 @@ def floor(args, cuda: bool) -> None:
     print(f"  {'framework':9s} {'matmuls':>7s} {'synced':>9s} {'pipelined':>9s} {'fixed':>7s}")
     for target_ms in args.floor_ms:
         reps = max(1, round(target_ms * 1e3 / one))
-        jitted = jax.jit(lambda a, reps=reps: jax.lax.fori_loop(0, reps, lambda i, y: y @ a, a))
+        def chain(a, reps=reps):
+            return jax.lax.fori_loop(0, reps, lambda i, y: y @ a, a)
+
+        jitted = jax.jit(chain)
 
         def torch_chain(reps=reps):
             y = x
@@ -199,7 +202,6 @@ def floor(args, cuda: bool) -> None:
         rows = [("jax", lambda f=jitted: f(x_jax), jax.block_until_ready)]
         for name, custom in (("jax+bc", buffer_callback), ("jax+ffi", ffi.python_call)):
             copy = custom(_copy_rows, spec)
-            chain = lambda a, reps=reps: jax.lax.fori_loop(0, reps, lambda i, y: y @ a, a)  # noqa: E731
             f = jax.jit(lambda a, chain=chain, copy=copy: copy(chain(a)))
             rows.append((name, lambda f=f: f(x_jax), jax.block_until_ready))
         rows.append(("torch", torch_chain, lambda r: sync()))
