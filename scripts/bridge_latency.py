@@ -1,6 +1,6 @@
 """Where one synced call of the JAX bridge spends its time, against torch-native.
 
-    PYTHONPATH=. python scripts/bridge_latency.py [--shape N D F E K] [--backward] [--ffi]
+    PYTHONPATH=. python scripts/bridge_latency.py [--shape N D F E K] [--backward] [--ffi | --buffer-callback]
 
 The bridge's callback is wrapped to stamp the host clock at its entry and exit and, on a GPU, to
 record CUDA events on XLA's stream there. Per call (median, us):
@@ -20,7 +20,8 @@ calls, one wait). Synced minus pipelined is the framework's fixed cost per synce
 the wait's wake-up); the bridge's per-call time cannot go below JAX's. The rows ``jax+bc`` and
 ``jax+ffi`` add one custom call after the chain (torch copies 8 rows on XLA's stream), through
 ``buffer_callback`` and through ``jax_bridge.ffi``: what each mechanism adds to a synced call.
-``--ffi`` runs the bridge itself on ``jax_bridge.ffi`` (``callback.USE_FFI``).
+``--ffi`` / ``--buffer-callback`` run the bridge itself on ``jax_bridge.ffi`` / ``buffer_callback``
+(``callback.USE_FFI``; default: the process default, ``buffer_callback`` unless FLASHFUSEMOE_JAX_FFI=1).
 """
 
 import argparse
@@ -52,10 +53,14 @@ def main():
     parser.add_argument("--floor", action="store_true", help="each framework's fixed cost per synced call")
     parser.add_argument("--floor-ms", type=float, nargs="+", default=[1.5, 4.5],
                         help="GPU work per call for --floor (ms, approximate)")
-    parser.add_argument("--ffi", action="store_true",
-                        help="run the bridge on its FFI custom call (jax_bridge.callback.USE_FFI)")
+    mechanism = parser.add_mutually_exclusive_group()
+    mechanism.add_argument("--ffi", action="store_true",
+                           help="run the bridge on its FFI custom call (jax_bridge.callback.USE_FFI)")
+    mechanism.add_argument("--buffer-callback", action="store_true",
+                           help="run the bridge on jax.experimental.buffer_callback")
     args = parser.parse_args()
-    callback.USE_FFI = args.ffi
+    if args.ffi or args.buffer_callback:
+        callback.USE_FFI = args.ffi
     cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
     if args.floor:
         return floor(args, cuda)
@@ -119,7 +124,7 @@ def main():
         rows["total"].append((end - start) * 1e6)
     what = "fwd+bwd" if args.backward else "forward"
     print(f"bridge {what}, N={N} D={D} F={F} E={E} K={K} on {device} ({len(stamps)} callback(s) per call), "
-          f"median us:")
+          f"custom call {'jax_bridge.ffi' if callback.USE_FFI else 'buffer_callback'}, median us:")
     for name, values in rows.items():
         print(f"  {name:9s} {_median(values):9.1f}")
 

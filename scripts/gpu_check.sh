@@ -17,7 +17,7 @@
 #   train-jax-compare  ... --framework jax --moe bridge --compare-torch   (loss curves vs torch fused)
 #   hf          python -m benchmarks.hf      transformers training step per experts implementation
 #   bridge      scripts/bridge_latency.py --floor, then --backward on each custom-call mechanism
-#               (buffer_callback, then --ffi)
+#               (--buffer-callback, then --ffi)
 #   bridge-ffi  the bridge's tests and python -m jax_bridge.compare with FLASHFUSEMOE_JAX_FFI=1
 #               (jax_bridge.ffi instead of buffer_callback)
 #   ep          torchrun --nproc-per-node ${EP_GPUS:-1} -m benchmarks.ep   expert parallelism (NCCL)
@@ -102,7 +102,8 @@ for stage in $STAGES; do
         --moe bridge --compare-torch --out "$OUT_DIR/$stage" ${TRAIN_JAX_ARGS:-} ;;
     hf) run_stage "$stage" "$PYTHON" -m benchmarks.hf --out "$OUT_DIR/$stage" ${HF_ARGS:-} ;;
     bridge) run_stage "$stage" bash -c "$PYTHON scripts/bridge_latency.py --floor \
-      && $PYTHON scripts/bridge_latency.py --backward && $PYTHON scripts/bridge_latency.py --backward --ffi" ;;
+      && $PYTHON scripts/bridge_latency.py --backward --buffer-callback \
+      && $PYTHON scripts/bridge_latency.py --backward --ffi" ;;
     bridge-ffi) run_stage "$stage" env FLASHFUSEMOE_JAX_FFI=1 bash -c "$PYTHON -m pytest -v -rfE ${PYTEST_ARGS:-} \
       tests/jax_bridge tests/benchmarks/test_flax_model.py && $PYTHON -m jax_bridge.compare" ;;
     ep) run_stage "$stage" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${EP_GPUS:-1}" \
