@@ -112,8 +112,12 @@ def test_bridge_under_scan_and_remat_gradients_match_torch_and_pure_jax(problem)
         # fp32 through three blocks against fp64: measured <= 9e-7 of each tensor's largest entry
         # (exchanging two layers' w_up gradients gives 2.3)
         assert_grads_close(grads, grads_ref, 1e-5)
-    # Same kernels, other program structure: only fp32 summation order may differ (measured: none).
-    assert_grads_close(runs["bridge", True, True][2], runs["bridge", False, False][2], 1e-6)
+    # Same kernels, other program structure: only fp32 summation order may differ. On the CPU nothing
+    # differs (measured); on a GPU XLA may order a reduction of the pure-JAX blocks differently
+    # (an H200: one entry of a norm weight's gradient, 1.6e-6 of that tensor's largest), so there the
+    # bound is the one against float64 above.
+    same_program_rel = 1e-5 if jax.default_backend() == "gpu" else 1e-6
+    assert_grads_close(runs["bridge", True, True][2], runs["bridge", False, False][2], same_program_rel)
 
 
 def test_load_rejects_a_state_dict_that_does_not_fit(problem):

@@ -81,7 +81,7 @@ def test_adversarial_routing_and_recompute():
 
 
 def test_no_tokens():
-    no_ids = torch.zeros(0, 2, dtype=torch.int32)
+    no_ids = torch.zeros(0, 2, dtype=torch.int32, device=TORCH_DEVICE)
     x, ids, weights, w_up, w_down = problem(0, 16, 8, 4, 2, torch.float32, ids=no_ids)
     assert_bit_identical(*run_both(x, ids, weights, w_up, w_down))
 

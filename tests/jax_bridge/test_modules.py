@@ -293,7 +293,7 @@ def test_converters_reject_mismatches():
     # Wrong types: a clear TypeError/ValueError naming the entry, not an AttributeError or KeyError.
     sd = wrong.state_dict()
     with pytest.raises(TypeError, match=r"state_dict\['w_up'\] must be a torch.Tensor, got ndarray"):
-        convert.torch_state_dict_to_jax({**sd, "w_up": sd["w_up"].numpy()})
+        convert.torch_state_dict_to_jax({**sd, "w_up": sd["w_up"].cpu().numpy()})
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         convert.torch_state_dict_to_jax(list(sd.values()))
     with pytest.raises(TypeError, match="w_up must be real, got dtype complex64"):
