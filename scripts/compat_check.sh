@@ -22,7 +22,6 @@ trap 'rm -f "$constraints"' EXIT
 {
   echo "torch==$torch_version"
   echo "triton==$triton_version"
-  echo "numpy<2.4"  # Triton 3.6's interpreter breaks on numpy >= 2.4 (docs: facts)
   if [ -n "$jax_version" ]; then
     echo "jax==$jax_version"
     echo "jaxlib==$jax_version"

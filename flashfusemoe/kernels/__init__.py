@@ -7,6 +7,7 @@ fallback; otherwise it allocates its results (or takes the caller's ``*_out`` bu
 
 import os
 import threading
+import warnings
 
 import torch
 import triton.language as tl
@@ -18,6 +19,58 @@ INTERP = tl.constexpr(INTERPRET)  # the same, for branches inside kernels
 # torch on the main thread). Every interpreted launch holds this lock; the JAX bridge holds it for
 # a whole callback.
 INTERPRETER_LOCK = threading.RLock()
+
+
+def _numpy_deprecates_int_of_1d() -> bool:
+    """Whether ``int()`` of a one-element 1-D numpy array warns (numpy 1.25-2.3) or raises (2.4+)."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            int(np.zeros(1, dtype=np.int32))
+        except (TypeError, DeprecationWarning):
+            return True
+    return False
+
+
+def _scalar_index(self) -> int:
+    """``tensor.__index__`` for the interpreter: the one element of a scalar's array."""
+    data = self.handle.data
+    if data.size != 1:
+        raise TypeError(f"only a scalar converts to an int, got an array of shape {data.shape}")
+    return int(data.reshape(-1)[0])
+
+
+def interpreter_scalar_index_fix(interpreter=None) -> bool:
+    """Lets Triton 3.6's interpreter run with numpy >= 2.4; returns whether it patched anything.
+
+    That interpreter turns a scalar kernel argument into a Python int (``range(0, D, BLOCK)``) with
+    ``int(array)`` on a one-element 1-D array, which numpy 1.25 deprecated and 2.4 made an error
+    (later Triton versions squeeze the array first). With such a numpy, this wraps the
+    interpreter's tensor patch so that ``__index__`` reads the one element; a Triton without that
+    patch is left as it is.
+    ``interpreter``: the module to patch (default ``triton.runtime.interpreter``).
+    """
+    if interpreter is None:
+        from triton.runtime import interpreter
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "scalar_index_fixed", False):
+        return False
+    if not _numpy_deprecates_int_of_1d():
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", _scalar_index)
+
+    patch_lang_tensor.scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+if INTERPRET:
+    interpreter_scalar_index_fix()
 
 
 def use_triton(t: torch.Tensor) -> bool:
