@@ -59,11 +59,11 @@ TORCH_IMPLS = (
     "ffmoe-fused_dgrad",
     "ffmoe-auto",
 )
-JAX_IMPLS = ("jax-bridge", "jax-bridge-ffi", "jax-ragged_dot")
 # The bridge's custom-call mechanism per implementation: None is the process default
 # (``jax_bridge.callback.USE_FFI``: ``buffer_callback`` unless FLASHFUSEMOE_JAX_FFI=1), True
 # ``jax_bridge.ffi``.
 BRIDGE_FFI = {"jax-bridge": None, "jax-bridge-ffi": True}
+JAX_IMPLS = (*BRIDGE_FFI, "jax-ragged_dot")
 IMPLS = TORCH_IMPLS + JAX_IMPLS
 DENSE = "dense-limit"
 # By default the compiled reference runs only up to this many experts: its Python loop breaks the
@@ -492,7 +492,7 @@ def build_jax_impl(impl: str, K: int):
             from jax_bridge import fused_moe as jax_fused_moe
         except Exception as exc:  # noqa: BLE001
             return None, f"jax_bridge.fused_moe not importable: {exc}"
-        use_ffi = _uses_ffi(impl)
+        use_ffi = callback.USE_FFI if BRIDGE_FFI[impl] is None else BRIDGE_FFI[impl]
 
         def bridge(x, r, u, d):  # the custom-call mechanism is chosen when jax.jit traces this
             default, callback.USE_FFI = callback.USE_FFI, use_ffi
@@ -515,13 +515,6 @@ def _xla_call_bytes(jitted, *args) -> int | None:
     return stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
 
 
-def _uses_ffi(impl: str) -> bool:
-    """Whether bridge implementation ``impl`` runs on ``jax_bridge.ffi`` (else ``buffer_callback``)."""
-    from jax_bridge import callback
-
-    return callback.USE_FFI if BRIDGE_FFI[impl] is None else BRIDGE_FFI[impl]
-
-
 def measure_jax(impl: str, p: Problem, cfg, cuda: bool) -> dict:
     """jax.jit forward, and jax.jit of jax.vjp with the same cotangents (fwd+bwd); wall clock."""
     res = new_result(p, impl)
@@ -538,7 +531,9 @@ def measure_jax(impl: str, p: Problem, cfg, cuda: bool) -> dict:
         return res
     res["note"] = "wall clock around block_until_ready"
     if impl in BRIDGE_FFI:
-        res["note"] += f"; custom call: {'jax_bridge.ffi' if _uses_ffi(impl) else 'buffer_callback'}"
+        from jax_bridge import callback
+
+        res["note"] += f"; custom call: {callback.custom_call_name(BRIDGE_FFI[impl])}"
     try:
         _measure_jax(res, jax, fn, p, cfg, cuda)
     except Exception as exc:  # noqa: BLE001

@@ -190,6 +190,11 @@ def ffi_default(env=os.environ) -> bool:
 # turns it on for a whole process (a test run, a benchmark).
 USE_FFI = ffi_default()
 
+
+def custom_call_name(use_ffi: bool | None = None) -> str:
+    """The custom-call mechanism's name for logs: ``use_ffi``'s, by default ``USE_FFI``'s."""
+    return "jax_bridge.ffi" if (USE_FFI if use_ffi is None else use_ffi) else "buffer_callback"
+
 # Torch views of ``jax_bridge.ffi`` buffers, by (address, shape, dtype, device): XLA hands a
 # program's buffers the same addresses from call to call, so a view is made once, not per call.
 # A view owns nothing (XLA does); it is only used inside a callback, where XLA keeps that memory

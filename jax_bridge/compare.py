@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         f"top_k={K}, {dtype}, torch reference in {args.reference_dtype}, "
         + ", ".join(f"{k}={v}" for k, v in fused_options.items())
         + f", expert_bias={'random' if bias is not None else None}"
-        + f", custom call: {'jax_bridge.ffi' if callback.USE_FFI else 'buffer_callback'}"
+        + f", custom call: {callback.custom_call_name()}"
     )
 
     runs = {

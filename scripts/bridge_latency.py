@@ -124,7 +124,7 @@ def main():
         rows["total"].append((end - start) * 1e6)
     what = "fwd+bwd" if args.backward else "forward"
     print(f"bridge {what}, N={N} D={D} F={F} E={E} K={K} on {device} ({len(stamps)} callback(s) per call), "
-          f"custom call {'jax_bridge.ffi' if callback.USE_FFI else 'buffer_callback'}, median us:")
+          f"custom call {callback.custom_call_name()}, median us:")
     for name, values in rows.items():
         print(f"  {name:9s} {_median(values):9.1f}")
 
