@@ -3,6 +3,7 @@
     python -m benchmarks.hf                          # both models, every implementation (one GPU)
     python -m benchmarks.hf --model qwen3-moe --impl grouped_mm flashfusemoe+apply
     python -m benchmarks.hf --tiny                   # 2-layer tiny models on CPU (smoke test)
+    python -m benchmarks.hf --compile                # each decoder layer under torch.compile
 
 A step is forward + backward + AdamW on bf16 parameters (``model.to(bfloat16)``: fp32 AdamW states
 would not fit beside 5B parameters on one 80 GB card), causal-LM loss plus the router's
@@ -12,6 +13,9 @@ tokens, SDPA attention. Implementations: transformers' ``experts_implementation`
 ``flashfusemoe.integrations.transformers.apply(model)`` (router + experts fused). Each starts from
 the same weights (same seed) and batches, so first-step losses agree. Reported: median step time
 over the measured steps, tokens/s, peak allocated memory (``torch.cuda.max_memory_allocated``).
+``--compile`` runs every implementation with each decoder layer under ``torch.compile`` (regional
+compilation; the warm-up steps compile), so the model's own elementwise work (RMSNorm, RoPE, residuals)
+is fused for all of them alike.
 """
 
 from __future__ import annotations
@@ -76,6 +80,13 @@ def build_model(name: str, impl: str, tiny: bool, device: str, dtype: torch.dtyp
     return model
 
 
+def compile_layers(model) -> None:
+    """Each decoder layer under ``torch.compile`` (in place). The layers share their code, so
+    Dynamo compiles it once and reuses it for the others."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+
+
 def step_fn(model, opt, batch):
     out = model(input_ids=batch, labels=batch)
     out.loss.backward()
@@ -106,6 +117,8 @@ def _run(name, impl, args, batches, cuda) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = build_model(name, impl, args.tiny, device, dtype, args.seed)
+    if args.compile:
+        compile_layers(model)
     build_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     losses, times = [], []
@@ -159,6 +172,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="tiny 2-layer models on CPU, float32 (smoke test)")
+    ap.add_argument("--compile", action="store_true",
+                    help="each decoder layer under torch.compile, every implementation (warm-up compiles)")
     ap.add_argument("--out", default="out/bench-hf")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -184,9 +199,10 @@ def _main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "hf" + ("-tiny" if args.tiny else "")
+    stem = "hf" + ("-tiny" if args.tiny else "") + ("-compiled" if args.compile else "")
     log(f"transformers {transformers.__version__} on {env['device']}: {args.batch} x {args.seq} "
-        f"tokens/step, warm-up {args.warmup}, measured {args.steps}")
+        f"tokens/step, warm-up {args.warmup}, measured {args.steps}"
+        + (", decoder layers under torch.compile" if args.compile else ""))
     results = []
     for name in args.model:
         vocab = (TINY[name] if args.tiny else MODELS[name][1])["vocab_size"]
@@ -207,7 +223,8 @@ def _main(argv=None) -> int:
             (out / f"{stem}.json").write_text(json.dumps({"meta": {**env, **vars(args)}, "results": results},
                                                          indent=1))
             header = (f"Card: {env['device']}; torch {env['torch']}, triton {env['triton']}, transformers "
-                      f"{env['transformers']}; {env['date_utc']}; git {env['git']}\n\n"
+                      f"{env['transformers']}; {env['date_utc']}; git {env['git']}; decoder layers "
+                      f"{'under torch.compile' if args.compile else 'eager'}\n\n"
                       f"Command: `{env['command']}`\n\n")
             (out / f"{stem}.md").write_text(header + table)
     log("\n" + markdown(results))
