@@ -10,6 +10,9 @@ record CUDA events on XLA's stream there. Per call (median, us):
     gpu        entry event -> exit event on XLA's stream (the kernels the callback enqueued; GPU only)
     after      callback exit -> ``block_until_ready`` returns (the GPU finishing, XLA's completion)
     total      call start -> return
+    returned   call start -> the jitted call returns (GPU only, as are the next two)
+    drained    call start -> the last callback's exit event has completed (polled from the host)
+    ready      that event's completion -> ``block_until_ready`` returns (JAX's own completion)
 
 then torch-native's same call by wall clock (call + synchronize) and by CUDA events.
 
@@ -102,15 +105,32 @@ def main():
             out, vjp = jax.vjp(layer, x, r, u, d)
             return out, vjp(g)
         jitted = jax.jit(fwd_bwd)
-        call = lambda: jax.block_until_ready(jitted(*arrays, g_jax))
+        launch = lambda: jitted(*arrays, g_jax)
     else:
         jitted = jax.jit(layer)
-        call = lambda: jax.block_until_ready(jitted(*arrays))
+        launch = lambda: jitted(*arrays)
+    call = lambda: jax.block_until_ready(launch())
 
     for _ in range(10):
+        stamps.clear()
         call()
-    rows = {k: [] for k in ("dispatch", "host", "gpu", "after", "total")}
-    for _ in range(args.iters):
+    n_callbacks = len(stamps)
+    rows = {k: [] for k in ("dispatch", "host", "gpu", "after", "total", "returned", "drained", "ready")}
+    for i in range(args.iters):
+        if cuda and i % 2:  # every other call: where the wait after the last kernel goes
+            stamps.clear()
+            start = time.perf_counter()
+            result = launch()
+            returned = time.perf_counter()
+            while not (len(stamps) == n_callbacks and stamps[-1][2][1].query()):
+                time.sleep(0)  # (lets a callback on another thread take the GIL)
+            drained = time.perf_counter()
+            jax.block_until_ready(result)
+            end = time.perf_counter()
+            rows["returned"].append((returned - start) * 1e6)
+            rows["drained"].append((drained - start) * 1e6)
+            rows["ready"].append((end - drained) * 1e6)
+            continue
         stamps.clear()
         start = time.perf_counter()
         call()
