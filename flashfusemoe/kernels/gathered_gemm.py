@@ -146,8 +146,8 @@ def _up_glu_kernel(
                          E, stride_x, stride_we, stride_wn, TOP_K, ACT, SAVE_H, SAVE_A, USE_TMA, EVEN_K,
                          STORE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E)
     else:
-        _up_glu_tile(tl.program_id(0), x_ptr, w_ptr, w_desc, r2a_ptr, ends_ptr, h_ptr, a_ptr, h_desc, a_desc, R,
-                     D, F, E, stride_x, stride_we, stride_wn, TOP_K, ACT, SAVE_H, SAVE_A, USE_TMA, EVEN_K,
+        _up_glu_tile(tl.program_id(0), x_ptr, w_ptr, w_desc, r2a_ptr, ends_ptr, h_ptr, a_ptr, h_desc, a_desc,
+                     R, D, F, E, stride_x, stride_we, stride_wn, TOP_K, ACT, SAVE_H, SAVE_A, USE_TMA, EVEN_K,
                      STORE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E)
 
 
