@@ -686,7 +686,7 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                     consts.update(PERSISTENT=cfg["PERSISTENT"], STORE_TMA=cfg["STORE_TMA"])
                     sig.update({k: "constexpr" for k in consts})
                     specs.append((gth._up_glu_kernel, sig, consts))
-                    if use_tma and act == "swiglu" and save_h and save_a:  # the other schedules
+                    if use_tma and t == "bf16" and act == "swiglu" and save_h and save_a:  # other schedules
                         store_desc = f"tensordesc<{t}[{cfg['BLOCK_M']}, {cfg['BLOCK_N']}]>"
                         for persistent, store_tma in ((True, True), (True, False), (False, True)):
                             if (persistent, store_tma) == (cfg["PERSISTENT"], cfg["STORE_TMA"]):
