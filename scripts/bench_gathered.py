@@ -9,14 +9,10 @@ error of the new result against the current path's (||new - cur|| / ||cur||). ``
 ``gathered_mm`` + ``activation.glu_backward`` (the gathered GEMM without the fused epilogue). The
 backward summary names the fastest mix of current and new passes (the current ones need the
 x/dy scatter). ``--sweep`` then times tile configurations of each new kernel at the fine, seed
-and mid shapes (stops after ``--budget`` seconds in all). ``--up-schedules`` times only
-``up_proj_glu``'s schedules (one program per tile; the persistent grid; TMA stores of whole tiles;
-both), alternating over ``--rounds`` rounds, and checks each against the default bit for bit.
+and mid shapes (stops after ``--budget`` seconds in all).
 """
 
 import argparse
-import functools
-import statistics
 import sys
 import time
 
@@ -265,40 +261,6 @@ def _dgrad_shape(name, act, budget, t_start) -> bool:
     return True
 
 
-UP_SCHEDULES = {  # name -> config overrides of up_proj_glu's fixed one
-    "default": {},
-    "persistent": dict(PERSISTENT=True),
-    "tma-store": dict(STORE_TMA=True),
-    "persistent+tma-store": dict(PERSISTENT=True, STORE_TMA=True),
-    "p+t, 64x3": dict(PERSISTENT=True, STORE_TMA=True, BLOCK_K=64, num_stages=3),
-    "p+t, 32x4": dict(PERSISTENT=True, STORE_TMA=True, BLOCK_K=32, num_stages=4),
-}
-
-
-def up_schedules(shapes, act, rounds):
-    """``up_proj_glu``'s schedules, alternating, median of ``rounds`` medians; ms and TFLOP/s."""
-    print(f"\nup_proj_glu schedules, median of {rounds} alternating rounds (ms / TFLOP/s), "
-          "bit for bit against the default")
-    for name in shapes:
-        s = setup(SHAPES[name], act)
-        fl = flops(SHAPES[name])["fwd"]
-        args = (s["x"], s["w_up"], s["r2a"], s["ends"], s["K"], act)
-        calls = {k: functools.partial(gathered_gemm.up_proj_glu, *args, config=cfg or None)
-                 for k, cfg in UP_SCHEDULES.items()}
-        ref = calls["default"]()
-        same = {k: all(torch.equal(u, v) for u, v in zip(fn(), ref, strict=True)) for k, fn in calls.items()}
-        times = {k: [] for k in calls}
-        for _ in range(rounds):
-            for k, fn in calls.items():
-                times[k].append(bench(fn))
-        cells = [f"{k} {statistics.median(v):.3f} / {fl / statistics.median(v) / 1e9:.0f}"
-                 f"{'' if same[k] else ' NOT BITWISE'}" for k, v in times.items()]
-        print(f"{name:6} " + "; ".join(cells))
-        sys.stdout.flush()
-        del s, args, calls, ref
-        _empty_cache()
-
-
 def best_backward(t):
     """The fastest mix of current and new backward passes (ms, description): the current passes
     need the scatter of dy (dgrad, wgrad_down) and of x (wgrad_up)."""
@@ -336,8 +298,6 @@ def main():
     parser.add_argument("--dgrad", action="store_true", help="only the sorted_dgrad_glu tile sweep")
     parser.add_argument("--budget", type=float, default=200.0, help="seconds for the whole run incl. sweep")
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script (TRITON_INTERPRET=1)")
-    parser.add_argument("--up-schedules", action="store_true", help="only up_proj_glu's schedules")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of --up-schedules")
     args = parser.parse_args()
     if args.smoke:
         global DEVICE
@@ -360,10 +320,6 @@ def main():
         f"{'shape':6} {'pass':11} {'current ms':>10} {'new ms':>8} {'speedup':>7} {'new TF/s':>8}  "
         "rel err (new vs current)"
     )
-    if args.up_schedules:
-        up_schedules(args.shapes, args.act, args.rounds)
-        print(f"total {time.time() - t_start:.0f} s")
-        return
     if args.dgrad:
         dgrad_sweep(args.shapes, args.act, args.budget, t_start)
         print(f"total {time.time() - t_start:.0f} s")

@@ -106,8 +106,6 @@ def _up_glu_kernel(
     ends_ptr,
     h_ptr,
     a_ptr,
-    h_desc,
-    a_desc,
     R,
     D,
     F,
@@ -116,104 +114,69 @@ def _up_glu_kernel(
     stride_we,
     stride_wn,
     TOP_K,
-    num_tiles,
     ACT: tl.constexpr,
     SAVE_H: tl.constexpr,
     SAVE_A: tl.constexpr,
     USE_TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PERSISTENT: tl.constexpr,
-    STORE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Tiles ``0 .. num_tiles-1`` (``num_tiles = (cdiv(R, BLOCK_M) + E + 1) * cdiv(F, BLOCK_N)``),
-    N-tiles of one row tile adjacent: one per program, or with PERSISTENT a grid-stride loop over
-    them (one program per SM), so a tile's stores drain while the next tile's GEMM runs.
+    """Grid ``((cdiv(R, BLOCK_M) + E + 1) * cdiv(F, BLOCK_N),)``, N-tiles of one row tile adjacent.
 
     ``w`` is ``[E, 2F, D]`` with unit stride along D; ``w_desc`` its ``[E*2F, D]`` descriptor with
-    block ``[BLOCK_N, BLOCK_K]`` (USE_TMA). ``h`` ``[R, 2F]`` and ``a`` ``[R, F]`` contiguous; with
-    STORE_TMA (``F % BLOCK_N == 0``) ``h_desc`` / ``a_desc`` are their descriptors with block
-    ``[BLOCK_M, BLOCK_N]``, through which a tile whose rows all belong to its expert is stored
-    (the last, partial tile of an expert through masked stores: the rows past it are the next
-    expert's).
+    block ``[BLOCK_N, BLOCK_K]`` (USE_TMA). ``h`` ``[R, 2F]`` and ``a`` ``[R, F]`` contiguous.
     """
-    if PERSISTENT:
-        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-            _up_glu_tile(tile, x_ptr, w_ptr, w_desc, r2a_ptr, ends_ptr, h_ptr, a_ptr, h_desc, a_desc, R, D, F,
-                         E, stride_x, stride_we, stride_wn, TOP_K, ACT, SAVE_H, SAVE_A, USE_TMA, EVEN_K,
-                         STORE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E)
-    else:
-        _up_glu_tile(tl.program_id(0), x_ptr, w_ptr, w_desc, r2a_ptr, ends_ptr, h_ptr, a_ptr, h_desc, a_desc,
-                     R, D, F, E, stride_x, stride_we, stride_wn, TOP_K, ACT, SAVE_H, SAVE_A, USE_TMA, EVEN_K,
-                     STORE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_E)
-
-
-@triton.jit
-def _up_glu_tile(
-    tile, x_ptr, w_ptr, w_desc, r2a_ptr, ends_ptr, h_ptr, a_ptr, h_desc, a_desc, R, D, F, E, stride_x,
-    stride_we, stride_wn, TOP_K, ACT: tl.constexpr, SAVE_H: tl.constexpr, SAVE_A: tl.constexpr,
-    USE_TMA: tl.constexpr, EVEN_K: tl.constexpr, STORE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    """One tile of ``_up_glu_kernel``: ``BLOCK_M`` rows of one expert, ``BLOCK_N`` columns of
-    both the gate and the up half."""
+    pid = tl.program_id(0)
     tiles_n = tl.cdiv(F, BLOCK_N)
-    pid_m = tile // tiles_n
-    pid_n = tile % tiles_n
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
     expert, row0, row_end = _row_tile(ends_ptr, pid_m, R, E, BLOCK_M, BLOCK_E)
-    if row0 < row_end:
-        rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
-        ks = tl.arange(0, BLOCK_K)
-        n0 = pid_n * BLOCK_N
-        cols = n0 + tl.arange(0, BLOCK_N)
-        x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
-        w_row = expert.to(tl.int64) * stride_we
-        wg_ptrs = w_ptr + w_row + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
-        wu_ptrs = wg_ptrs + F * stride_wn
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_end = tl.where(expert < E, D, 0)  # the tail does no GEMM
-        for k0 in range(0, k_end, BLOCK_K):
-            if EVEN_K:
-                kmask = ks >= 0
-                xa = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
-            else:
-                kmask = (k0 + ks) < D
-                xa = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-            if USE_TMA:
-                wg = w_desc.load([expert * 2 * F + n0, k0])
-                wu = w_desc.load([expert * 2 * F + F + n0, k0])
-            else:
-                wmask = (cols < F)[:, None] & kmask[None, :]
-                wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
-                wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
-            acc_g = _dot_acc(xa, wg.T, acc_g)
-            acc_u = _dot_acc(xa, wu.T, acc_u)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
-
-        # h is rounded to the output dtype first and `a` computed from the rounded values, as the
-        # backward (which reads the stored or recomputed h) sees them.
-        g = acc_g.to(h_ptr.dtype.element_ty)
-        u = acc_u.to(h_ptr.dtype.element_ty)
-        if SAVE_A:
-            a = (_act(g.to(tl.float32), ACT) * u.to(tl.float32)).to(a_ptr.dtype.element_ty)
-        if STORE_TMA and row0 + BLOCK_M <= row_end:
-            if SAVE_H:
-                h_desc.store([row0, n0], g)
-                h_desc.store([row0, F + n0], u)
-            if SAVE_A:
-                a_desc.store([row0, n0], a)
+    if row0 >= row_end:
+        return
+    rows, in_rows, valid, asg, tok = _gathered_rows(r2a_ptr, row0, row_end, expert, E, TOP_K, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    x_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
+    w_row = expert.to(tl.int64) * stride_we
+    wg_ptrs = w_ptr + w_row + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    wu_ptrs = wg_ptrs + F * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.where(expert < E, D, 0)  # the tail does no GEMM
+    for k0 in range(0, k_end, BLOCK_K):
+        if EVEN_K:
+            kmask = ks >= 0
+            xa = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
         else:
-            if SAVE_H:
-                _store_rows(h_ptr, g, rows, in_rows, cols, F, 2 * F)
-                _store_rows(h_ptr + F, u, rows, in_rows, cols, F, 2 * F)
-            if SAVE_A:
-                _store_rows(a_ptr, a, rows, in_rows, cols, F, F)
+            kmask = (k0 + ks) < D
+            xa = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if USE_TMA:
+            wg = w_desc.load([expert * 2 * F + n0, k0])
+            wu = w_desc.load([expert * 2 * F + F + n0, k0])
+        else:
+            wmask = (cols < F)[:, None] & kmask[None, :]
+            wg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+        acc_g = _dot_acc(xa, wg.T, acc_g)
+        acc_u = _dot_acc(xa, wu.T, acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    # h is rounded to the output dtype first and `a` computed from the rounded values, as the
+    # backward (which reads the stored or recomputed h) sees them.
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    if SAVE_H:
+        _store_rows(h_ptr, g, rows, in_rows, cols, F, 2 * F)
+        _store_rows(h_ptr + F, u, rows, in_rows, cols, F, 2 * F)
+    if SAVE_A:
+        a = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+        _store_rows(a_ptr, a, rows, in_rows, cols, F, F)
 
 
 @fast_launch
@@ -580,8 +543,6 @@ def _config(kind: str, dtype: torch.dtype, F: int = 0, interpret: bool = INTERPR
     else:  # 7 stages (112 KiB) for the gathered x of the w_up gradient: 731 against 760 us at fine
         stages = 7 if kind == "wgrad_b" and large_smem else 5
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=stages)
-    if kind == "up":
-        cfg.update(PERSISTENT=False, STORE_TMA=False)
     if kind.startswith("dgrad"):  # 4 chunks: 40 bytes of spills at 128x128 (ptxas, sm_90a), 2.9 KB in one
         cfg["EPI_SPLIT"] = 4
     if kind.startswith("dgrad") or kind == "mm":
@@ -609,19 +570,6 @@ def _resolve_config(kind: str, dtype: torch.dtype, config: dict | None, F: int =
         cfg.update({k: v for k, v in config.items() if k != "tma"})
         tma = bool(config.get("tma", True))
     return cfg, tma
-
-
-def _num_programs(device: torch.device) -> int:
-    """Programs of a persistent grid: one per SM (3 under the interpreter, so that each program
-    loops over several tiles there too)."""
-    if INTERPRET or device.type != "cuda":
-        return 3
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.cache
@@ -775,25 +723,15 @@ def up_proj_glu(
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     use_tma = tma and w_up.is_contiguous() and _tma_ok(w_up)
     w_desc = TensorDescriptor(w_up.view(E * two_f, D), [E * two_f, D], [D, 1], [bn, bk]) if use_tma else None
-    h_arg = a if h is None else h
-    a_arg = h if a is None else a
-    store_tma = cfg["STORE_TMA"] and tma and F % bn == 0 and _tma_ok(h_arg, a_arg)
-    h_desc, a_desc = h_arg, a_arg
-    if store_tma:
-        h_desc = TensorDescriptor(h_arg, list(h_arg.shape), [h_arg.shape[1], 1], [bm, bn])
-        a_desc = TensorDescriptor(a_arg, list(a_arg.shape), [a_arg.shape[1], 1], [bm, bn])
-    num_tiles = _m_tiles(R, E, bm) * cdiv(F, bn)
-    grid = (min(num_tiles, _num_programs(x.device)) if cfg["PERSISTENT"] else num_tiles,)
+    grid = (_m_tiles(R, E, bm) * cdiv(F, bn),)
     _up_glu_kernel[grid](
         x,
         w_up,
         w_desc if use_tma else w_up,
         row_to_assign,
         expert_ends,
-        h_arg,
-        a_arg,
-        h_desc,
-        a_desc,
+        a if h is None else h,
+        h if a is None else a,
         R,
         D,
         F,
@@ -801,15 +739,14 @@ def up_proj_glu(
         x.stride(0),
         w_up.stride(0),
         w_up.stride(1),
-        top_k,
-        num_tiles,
+        TOP_K=top_k,
         ACT=code,
         SAVE_H=save_h,
         SAVE_A=save_a,
         USE_TMA=use_tma,
         EVEN_K=D % cfg["BLOCK_K"] == 0,
         BLOCK_E=_block_e(E),
-        **dict(cfg, STORE_TMA=store_tma),
+        **cfg,
     )
     return a, h
 

@@ -269,28 +269,6 @@ def test_up_proj_glu_tile_config_sweep(device):
     )
 
 
-@pytest.mark.parametrize("persistent, store_tma", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("act", ACTS)
-def test_up_proj_glu_schedules(persistent, store_tma, act, device):
-    """The persistent grid (3 programs under the interpreter, each looping over many tiles) and the
-    TMA stores of tiles whose rows all belong to their expert (the others masked) give the default
-    schedule's outputs bit for bit, with an empty expert, dropped rows, a tail, full and partial tiles.
-    (Two N-tiles over 3 programs: an expert's first tile may run before the previous expert's partial
-    one, so a partial tile stored whole would overwrite its rows.)"""
-    N, K, E, F = 37, 3, 6, 16
-    x, w_up, _ = _inputs(N, D_DIM, F, E, torch.float16, device)
-    r2a, ends, counts = _layout(N, K, E, routing="skew_empty", drop=0.1, tail=9, device=device)
-    tiles = dict(BLOCK_M=16, BLOCK_N=8, BLOCK_K=16)
-    assert F % tiles["BLOCK_N"] == 0 and any(c >= tiles["BLOCK_M"] for c in counts) and 0 in counts
-    a_ref, h_ref = gth.up_proj_glu(x, w_up, r2a, ends, K, act, config=tiles)
-    nan = dict(dtype=torch.float16, device=device)
-    a_out = torch.full((r2a.numel(), F), float("nan"), **nan)
-    h_out = torch.full((r2a.numel(), 2 * F), float("nan"), **nan)
-    a, h = _check_up(x, w_up, r2a, ends, counts, K, act, torch.float16, a_out=a_out, h_out=h_out,
-                     config=dict(tiles, PERSISTENT=persistent, STORE_TMA=store_tma))
-    assert torch.equal(a, a_ref) and torch.equal(h, h_ref)
-
-
 def test_up_proj_glu_bad_inputs(device):
     x, w_up, _ = _inputs(4, D_DIM, F_DIM, 2, torch.float32, device)
     r2a, ends, _ = _layout(4, 2, 2, device=device)
@@ -675,25 +653,18 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                         "ends_ptr": "*i32",
                         "h_ptr": f"*{t}",
                         "a_ptr": f"*{t}",
-                        "h_desc": f"*{t}",
-                        "a_desc": f"*{t}",
                     }
-                    names = ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn", "TOP_K", "num_tiles")
-                    sig.update({k: "i32" for k in names})
+                    sig.update(
+                        {
+                            k: "i32"
+                            for k in ("R", "D", "F", "E", "stride_x", "stride_we", "stride_wn", "TOP_K")
+                        }
+                    )
                     consts = {"ACT": ACTS.index(act), "SAVE_H": save_h, "SAVE_A": save_a, "USE_TMA": use_tma}
                     consts["EVEN_K"] = use_tma  # D % BLOCK_K == 0 is the common case; both compiled
                     consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
-                    consts.update(PERSISTENT=cfg["PERSISTENT"], STORE_TMA=cfg["STORE_TMA"])
                     sig.update({k: "constexpr" for k in consts})
                     specs.append((gth._up_glu_kernel, sig, consts))
-                    if use_tma and t == "bf16" and act == "swiglu" and save_h and save_a:  # other schedules
-                        store_desc = f"tensordesc<{t}[{cfg['BLOCK_M']}, {cfg['BLOCK_N']}]>"
-                        for persistent, store_tma in ((True, True), (True, False), (False, True)):
-                            if (persistent, store_tma) == (cfg["PERSISTENT"], cfg["STORE_TMA"]):
-                                continue
-                            descs = dict(h_desc=store_desc, a_desc=store_desc) if store_tma else {}
-                            specs.append((gth._up_glu_kernel, dict(sig, **descs),
-                                          dict(consts, PERSISTENT=persistent, STORE_TMA=store_tma)))
         for kind, acts in (("dgrad", ACTS), ("mm", (None,))):
             cfg = gth._config(kind, dtype, 256, interpret=False)
             desc = f"tensordesc<{t}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>" if use_tma else f"*{t}"
@@ -781,8 +752,6 @@ def test_aot_specs_cover_every_kernel():
     up = {(c["ACT"], c["SAVE_H"], c["SAVE_A"], c["USE_TMA"]) for k, _, c in specs if k is gth._up_glu_kernel}
     assert {(h, a) for _, h, a, _ in up} == {(True, True), (True, False), (False, True)}
     assert {act for act, *_ in up} == set(range(len(ACTS)))
-    schedules = {(c["PERSISTENT"], c["STORE_TMA"]) for k, _, c in specs if k is gth._up_glu_kernel}
-    assert schedules == {(p, s) for p in (False, True) for s in (False, True)}
     dgrad = {(c["ACT"], c["GLU"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
     assert dgrad == {(a, True) for a in range(len(ACTS))} | {(0, False)}
     dy_modes = {(c["DY_SORTED"], c["DY_TMA"]) for k, _, c in specs if k is gth._dgrad_glu_kernel}
