@@ -1,5 +1,8 @@
 """``FastLaunch``: repeat launches of a ``@triton.jit`` kernel without Triton's Python dispatch."""
 
+import ctypes
+import threading
+
 import torch
 import triton
 from triton import knobs
@@ -22,6 +25,47 @@ except ImportError:  # another Triton layout: FastLaunch keeps Triton's launcher
 # Launches kept per kernel before the table is cleared (a key holds raw int arguments, so every
 # new shape adds one).
 _MAX_SPECIALIZATIONS = 4096
+
+
+_thread = threading.local()  # .devices: the devices this thread has made sure of a CUDA context on
+
+
+def _ensure_context(device: int) -> None:
+    """Makes ``device``'s primary CUDA context current on this thread if no context is.
+
+    A thread that reaches a cached kernel before any CUDA runtime call of its own (torch's
+    autograd worker, when every kernel it runs was loaded on another thread) has no current
+    context; encoding a TMA descriptor there fails with "invalid device context" before Triton's
+    launcher would have set one. Checked once per thread and device."""
+    devices = getattr(_thread, "devices", None)
+    if devices is None:
+        devices = _thread.devices = set()
+    if device in devices:
+        return
+    devices.add(device)
+    driver = _libcuda()
+    if driver is None:
+        return
+    ctx = ctypes.c_void_p()
+    if driver.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or ctx.value:
+        return
+    handle = ctypes.c_int()
+    if driver.cuDeviceGet(ctypes.byref(handle), device) == 0 and \
+            driver.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), handle) == 0:
+        driver.cuCtxSetCurrent(ctx)
+
+
+_LIBCUDA: list = []
+
+
+def _libcuda():
+    """The CUDA driver library (ctypes), or None where it cannot be loaded."""
+    if not _LIBCUDA:
+        try:
+            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
+        except OSError:
+            _LIBCUDA.append(None)
+    return _LIBCUDA[0]
 
 
 def _hooks_installed() -> bool:
@@ -66,6 +110,7 @@ class FastLaunch:
                 self.fn[grid](*args, **kwargs)
             return
         device = torch._C._cuda_getDevice()
+        _ensure_context(device)
         # Ints by value (which fixes what Triton reads from them: == 1, % 16, width), tensors by
         # dtype, 16-byte alignment and device type, other arguments by type; then the keyword
         # arguments. Tensors reach the launcher as raw pointers, which spares it a data_ptr() call

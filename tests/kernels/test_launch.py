@@ -4,6 +4,7 @@ The CPU tests drive the dispatch logic with a stand-in for Triton's JIT function
 launches a real kernel through both paths.
 """
 
+import ctypes
 import threading
 import types
 
@@ -314,3 +315,41 @@ def test_launch_paths_agree_through_a_whole_step(monkeypatch, gemm):
     assert directs, "no kernel was launched directly"
     if torch.cuda.get_device_capability()[0] >= 9 and gemm != "grouped":
         assert any(d.descs and d.desc_cache for d in directs), "no descriptor took the direct launcher"
+
+
+@pytest.mark.gpu
+def test_launch_on_a_thread_without_a_cuda_context():
+    """A thread whose first CUDA work is a launch of a kernel loaded on another thread (torch's
+    autograd worker after the JAX bridge ran every kernel first, say) has no current CUDA context;
+    the launch makes the primary one current before encoding a new TMA descriptor there."""
+    from flashfusemoe.kernels import gathered_gemm
+
+    N, D, F, E, K = 64, 128, 128, 4, 2
+    g = torch.Generator(device="cuda").manual_seed(0)
+    src = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+    weights = [(torch.randn(E, D, F, device="cuda", generator=g) * D**-0.5).bfloat16() for _ in range(2)]
+    ids = torch.rand(N, E, device="cuda", generator=g).topk(K, dim=1).indices.to(torch.int32)
+    _, r2a, ends, _, _ = permute.expert_layout(ids, E)
+    outs = [torch.empty(r2a.numel(), F, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    gathered_gemm.gathered_mm(src, weights[0], r2a, ends, K, out=outs[0])  # compiled, loaded, cached here
+    torch.cuda.synchronize()
+    driver = launch._libcuda()
+    seen = {}
+
+    def on_new_thread():
+        ctx = ctypes.c_void_p()
+        driver.cuCtxGetCurrent(ctypes.byref(ctx))
+        seen["context before"] = ctx.value
+        try:  # a new weight address: its descriptor is encoded on this thread
+            gathered_gemm.gathered_mm(src, weights[1], r2a, ends, K, out=outs[1])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            seen["error"] = e
+
+    thread = threading.Thread(target=on_new_thread)
+    thread.start()
+    thread.join()
+    assert seen["context before"] is None, "the new thread already had a CUDA context: nothing tested"
+    assert "error" not in seen, seen.get("error")
+    torch.cuda.synchronize()
+    ref = gathered_gemm.gathered_mm(src, weights[1], r2a, ends, K)
+    assert torch.equal(outs[1], ref)
