@@ -353,3 +353,69 @@ def test_launch_on_a_thread_without_a_cuda_context():
     torch.cuda.synchronize()
     ref = gathered_gemm.gathered_mm(src, weights[1], r2a, ends, K)
     assert torch.equal(outs[1], ref)
+
+
+class FakeDriver:
+    """The four CUDA driver calls ``launch._ensure_context`` makes; ``current`` is the context."""
+
+    def __init__(self, current=None):
+        self.current, self.calls = current, []
+
+    def cuCtxGetCurrent(self, ptr):  # noqa: N802 (the driver's names)
+        self.calls.append("get")
+        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = self.current
+        return 0
+
+    def cuDeviceGet(self, ptr, ordinal):  # noqa: N802
+        self.calls.append(("device", ordinal))
+        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_int))[0] = 100 + ordinal
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, ptr, handle):  # noqa: N802
+        self.calls.append(("retain", handle.value))
+        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = 0xC0FFEE
+        return 0
+
+    def cuCtxSetCurrent(self, ctx):  # noqa: N802
+        self.calls.append(("set", ctx.value))
+        self.current = ctx.value
+        return 0
+
+
+def test_ensure_context_sets_the_primary_context_once_per_thread_and_device(monkeypatch):
+    driver = FakeDriver()
+    monkeypatch.setattr(launch, "_libcuda", lambda: driver)
+
+    def on_new_thread(devices):
+        for device in devices:
+            launch._ensure_context(device)
+
+    thread = threading.Thread(target=on_new_thread, args=([0, 0, 1],))
+    thread.start()
+    thread.join()
+    # device 0: no context, so the primary one is retained and made current; again: nothing; device
+    # 1: a context is current by then, so it is left alone
+    assert driver.calls == ["get", ("device", 0), ("retain", 100), ("set", 0xC0FFEE), "get"]
+    driver.calls.clear()
+    thread = threading.Thread(target=on_new_thread, args=([0],))  # another thread checks again
+    thread.start()
+    thread.join()
+    assert driver.calls == ["get"]
+
+
+def test_ensure_context_without_a_driver(monkeypatch):
+    """Where the driver library cannot be loaded the check does nothing (and raises nothing)."""
+    monkeypatch.setattr(launch, "_libcuda", lambda: None)
+    outcome = []
+
+    def on_new_thread():
+        try:
+            launch._ensure_context(0)
+            outcome.append("returned")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            outcome.append(e)
+
+    thread = threading.Thread(target=on_new_thread)
+    thread.start()
+    thread.join()
+    assert outcome == ["returned"]
