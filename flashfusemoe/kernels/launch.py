@@ -1,6 +1,7 @@
 """``FastLaunch``: repeat launches of a ``@triton.jit`` kernel without Triton's Python dispatch."""
 
 import ctypes
+import functools
 import threading
 
 import torch
@@ -27,7 +28,12 @@ except ImportError:  # another Triton layout: FastLaunch keeps Triton's launcher
 _MAX_SPECIALIZATIONS = 4096
 
 
-_thread = threading.local()  # .devices: the devices this thread has made sure of a CUDA context on
+class _ThreadState(threading.local):
+    def __init__(self):
+        self.devices: set[int] = set()  # the devices this thread has made sure of a CUDA context on
+
+
+_thread = _ThreadState()
 
 
 def _ensure_context(device: int) -> None:
@@ -37,12 +43,9 @@ def _ensure_context(device: int) -> None:
     autograd worker, when every kernel it runs was loaded on another thread) has no current
     context; encoding a TMA descriptor there fails with "invalid device context" before Triton's
     launcher would have set one. Checked once per thread and device."""
-    devices = getattr(_thread, "devices", None)
-    if devices is None:
-        devices = _thread.devices = set()
-    if device in devices:
+    if device in _thread.devices:
         return
-    devices.add(device)
+    _thread.devices.add(device)
     driver = _libcuda()
     if driver is None:
         return
@@ -55,17 +58,13 @@ def _ensure_context(device: int) -> None:
         driver.cuCtxSetCurrent(ctx)
 
 
-_LIBCUDA: list = []
-
-
+@functools.cache
 def _libcuda():
     """The CUDA driver library (ctypes), or None where it cannot be loaded."""
-    if not _LIBCUDA:
-        try:
-            _LIBCUDA.append(ctypes.CDLL("libcuda.so.1"))
-        except OSError:
-            _LIBCUDA.append(None)
-    return _LIBCUDA[0]
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
 
 
 def _hooks_installed() -> bool:
