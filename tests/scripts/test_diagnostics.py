@@ -42,6 +42,15 @@ def test_profile_hf_groups_a_step():
     assert " ms  other (elementwise, reductions, copies)" in out
 
 
+def test_profile_hf_experts_lists_gemm_ops():
+    pytest.importorskip("transformers")
+    out = run_on_cpu(["scripts/profile_hf.py", "--experts", "--model", "mixtral",
+                      "--impl", "grouped_mm", "flashfusemoe"])
+    for impl in ("grouped_mm", "flashfusemoe"):
+        assert f"mixtral experts / {impl} (N=32, D=32, E=4, K=2):" in out
+    assert "ms  aten::mm (" in out and " ms in all; by name:" in out
+
+
 def test_bench_experts_times_both_gemms():
     out = run_on_cpu(["scripts/bench_experts.py", "--shapes", "fine"])
     assert "fine     grouped   fwd+bwd" in out and "fine     gathered/grouped" in out
