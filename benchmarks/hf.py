@@ -15,7 +15,10 @@ the same weights (same seed) and batches, so first-step losses agree. Reported: 
 over the measured steps, tokens/s, peak allocated memory (``torch.cuda.max_memory_allocated``).
 ``--compile`` runs every implementation with each decoder layer under ``torch.compile`` (regional
 compilation; the warm-up steps compile), so the model's own elementwise work (RMSNorm, RoPE, residuals)
-is fused for all of them alike.
+is fused for all of them alike. ``--rounds 2`` runs the implementations again in the reverse order
+(and so on, alternating) and reports per implementation the median over all rounds' measured steps
+with each round's median beside it: the same GEMM can take 5-19% longer in one process than in the
+next (docs/benchmarks.md, fifteenth session), so a ratio from one order alone carries that spread.
 """
 
 from __future__ import annotations
@@ -142,9 +145,36 @@ def _run(name, impl, args, batches, cuda) -> dict:
     }
 
 
+def merge_rounds(results: list[dict]) -> list[dict]:
+    """One row per (model, implementation) over its rounds, in first-seen order: the median of every
+    round's measured steps, the largest peak, the first round's losses and each round's median
+    (``round_p50``); a failed round makes the row that failure."""
+    merged: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["model"], r["impl"])
+        m = merged.get(key)
+        if m is None:
+            merged[key] = m = {**r, "round_p50": []}
+            if r["status"] == "ok":
+                m["step_ms_all"] = []
+        if m["status"] != "ok":
+            continue
+        if r["status"] != "ok":
+            merged[key] = {**r, "round_p50": m["round_p50"]}
+            continue
+        m["step_ms_all"] = m["step_ms_all"] + r["step_ms_all"]
+        m["round_p50"].append(r["step_ms_p50"])
+        m["step_ms_p50"] = statistics.median(m["step_ms_all"])
+        m["tokens_per_s"] = r["tokens_per_s"] * r["step_ms_p50"] / m["step_ms_p50"]
+        if r["peak_gib"] is not None:
+            m["peak_gib"] = max(m["peak_gib"], r["peak_gib"])
+    return list(merged.values())
+
+
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | experts implementation | status | step ms (p50) | tokens/s | vs grouped_mm "
-             "| vs eager | peak GiB | first loss |", "|---|---|---|---|---|---|---|---|---|"]
+    results = merge_rounds(results)
+    lines = ["| model | experts implementation | status | step ms (p50) | per round | tokens/s "
+             "| vs grouped_mm | vs eager | peak GiB | first loss |", "|---" * 10 + "|"]
     for r in results:
         by_impl = {x["impl"]: x for x in results if x["model"] == r["model"] and x["status"] == "ok"}
 
@@ -154,11 +184,12 @@ def markdown(results: list[dict]) -> str:
 
         if r["status"] == "ok":
             peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-            lines.append(f"| {r['model']} | {r['impl']} | ok | {r['step_ms_p50']:.1f} "
+            rounds = " / ".join(f"{v:.1f}" for v in r["round_p50"])
+            lines.append(f"| {r['model']} | {r['impl']} | ok | {r['step_ms_p50']:.1f} | {rounds} "
                          f"| {r['tokens_per_s']:,.0f} | {ratio(BASELINE)} | {ratio('eager')} | {peak} "
                          f"| {r['losses'][0]:.4f} |")
         else:
-            lines.append(f"| {r['model']} | {r['impl']} | {r['status']} | - | - | - | - | - | - |")
+            lines.append(f"| {r['model']} | {r['impl']} | {r['status']} | - | - | - | - | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,11 +202,15 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="measured steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="passes over the implementations, every other one in reverse order")
     ap.add_argument("--tiny", action="store_true", help="tiny 2-layer models on CPU, float32 (smoke test)")
     ap.add_argument("--compile", action="store_true",
                     help="each decoder layer under torch.compile, every implementation (warm-up compiles)")
     ap.add_argument("--out", default="out/bench-hf")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.tiny:
         args.batch, args.seq, args.steps, args.warmup = 2, 16, 2, 1
     if not args.tiny and not torch.cuda.is_available():
@@ -209,9 +244,11 @@ def _main(argv=None) -> int:
         device = "cuda" if cuda else "cpu"
         batches = [torch.randint(3, vocab, (args.batch, args.seq), generator=gen).to(device)
                    for _ in range(args.warmup + args.steps)]
-        for impl in args.impl:
-            log(f"\n{name} / {impl}")
-            r = run_impl(name, impl, args, batches, cuda)
+        order = [(i, impl) for i in range(args.rounds)
+                 for impl in (args.impl if i % 2 == 0 else args.impl[::-1])]
+        for i, impl in order:
+            log(f"\n{name} / {impl}" + (f" (round {i + 1})" if args.rounds > 1 else ""))
+            r = {**run_impl(name, impl, args, batches, cuda), "round": i}
             results.append(r)
             if r["status"] == "ok":
                 peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
