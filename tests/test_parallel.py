@@ -81,8 +81,11 @@ def _problem(case: dict, W: int, seed: int, dtype):
         "w_down": rnd(E, D, F) / F**0.5,
         "g": rnd(sum(ns), D),
     }
-    if case.get("identical_tokens"):  # every weight ties: capacity keeps the lowest global tokens
-        p["x"] = p["x"][:1].expand_as(p["x"]).clone()
+    if case.get("identical_tokens"):  # every weight ties: capacity keeps the lowest global tokens.
+        # Quarter-integer x and router weights make every logit exact, so the ties hold whatever
+        # order a kernel sums in (the interpreter's dot rounds identical rows differently).
+        p["x"] = ((p["x"][:1] * 4).round() / 4).expand_as(p["x"]).clone()
+        p["router_weight"] = (p["router_weight"] * 4).round() / 4
     if case.get("shared"):
         p["shared_w_up"] = rnd(2 * F, D) / D**0.5
         p["shared_w_down"] = rnd(D, F) / F**0.5
