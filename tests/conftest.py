@@ -13,7 +13,10 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import fast_interpreter  # noqa: E402
 import pytest  # noqa: E402
+
+fast_interpreter.install()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

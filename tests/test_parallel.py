@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fast_interpreter import install as install_fast_interpreter
 
 import flashfusemoe
 from flashfusemoe import parallel
@@ -54,6 +55,7 @@ def _env(**values):
 
 
 def _init(rank: int, W: int, port: int):
+    install_fast_interpreter()  # (a spawned rank does not run conftest)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
                             timeout=datetime.timedelta(seconds=60))
 

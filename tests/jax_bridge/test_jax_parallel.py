@@ -41,7 +41,11 @@ def test_ep_shard_map_matches_single_device():
 def _main() -> int:
     import zlib
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import fast_interpreter
     import jax
+
+    fast_interpreter.install()
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
