@@ -41,7 +41,7 @@ def test_ep_shard_map_matches_single_device():
 def _main() -> int:
     import zlib
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, for fast_interpreter
     import fast_interpreter
     import jax
 
