@@ -58,6 +58,7 @@ TORCH_IMPLS = (
     "ffmoe-gathered",
     "ffmoe-fused_dgrad",
     "ffmoe-auto",
+    "ffmoe-graphed",
 )
 # The bridge's custom-call mechanism per implementation: None is the process default
 # (``jax_bridge.callback.USE_FFI``: ``buffer_callback`` unless FLASHFUSEMOE_JAX_FFI=1), True
@@ -390,6 +391,12 @@ def build_torch_impl(impl: str, p: Problem, cfg):
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K, gemm=gemm)), ""
     if impl == "ffmoe-auto":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K)), "gemm='auto'"
+    if impl == "ffmoe-graphed":
+        # Captured once on the first input set; a call copies x into the graph's input (the
+        # weights keep their addresses) and replays forward, then backward, as one graph each.
+        graphed = torch.cuda.make_graphed_callables(
+            lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K), (p.xs[0], *p.weights()))
+        return graphed, "gemm='auto' under torch.cuda.make_graphed_callables"
     raise ValueError(f"unknown torch implementation {impl!r}")
 
 
@@ -427,6 +434,9 @@ def measure_torch(impl: str, p: Problem, cfg, cuda: bool) -> dict:
 def _measure_cuda_extras(res: dict, fn, p: Problem, cfg) -> None:
     weights = p.weights()
     leaves = [p.xs[0], *weights]
+    if res["impl"] == "ffmoe-graphed":  # its buffers live in the graphs' pool, allocated at capture
+        _count_launches_and_syncs(res, fn, leaves, p, cfg)
+        return
     # Saved for backward: what the autograd graph holds once the output itself is freed. The graph
     # is kept through a view's node: the Python object of a custom autograd.Function's node (what
     # out.grad_fn gives for the fused op) does not keep the graph alive, and its saved tensors go
@@ -450,6 +460,10 @@ def _measure_cuda_extras(res: dict, fn, p: Problem, cfg) -> None:
     res["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / MIB
     del out, grads
     _free()
+    _count_launches_and_syncs(res, fn, leaves, p, cfg)
+
+
+def _count_launches_and_syncs(res: dict, fn, leaves: list, p: Problem, cfg) -> None:
     res["launches_fwd"] = count_cuda_kernels(lambda: fn(*leaves))
     if not cfg.fwd_only:
         out = fn(*leaves)
@@ -702,7 +716,7 @@ def environment(device: str, module: str = "benchmarks.layer") -> dict:
     return env
 
 
-def select_impls(requested: list[str], p_E: int) -> list[tuple[str, str | None]]:
+def select_impls(requested: list[str], p_E: int, cuda: bool) -> list[tuple[str, str | None]]:
     """``[(impl, skip_reason or None)]`` in run order."""
     explicit = "all" not in requested
     chosen = IMPLS if not explicit else [i for i in IMPLS if i in requested]
@@ -714,6 +728,8 @@ def select_impls(requested: list[str], p_E: int) -> list[tuple[str, str | None]]
                 f"not run by default for E > {COMPILED_REFERENCE_MAX_E} (its loop breaks the graph per "
                 "expert; compile takes minutes): pass --impl reference-compiled"
             )
+        if impl == "ffmoe-graphed" and not cuda:
+            skip = "CUDA graphs need a GPU"
         out.append((impl, skip))
     return out
 
@@ -821,7 +837,7 @@ def _main(argv=None) -> int:
     )
     for phase, phase_impls in phases:
         for name, shape in shapes.items():
-            todo = [(i, s) for i, s in select_impls(cfg.impl, shape[3]) if i in phase_impls]
+            todo = [(i, s) for i, s in select_impls(cfg.impl, shape[3], cuda) if i in phase_impls]
             if not todo and phase != "torch":
                 continue
             try:
