@@ -242,7 +242,10 @@ REFERENCE_CASES = {
             bias=True,
         ),
     ),
-    "bf16-default": (torch.bfloat16, (64, 32, 16), {}),
+    # 512 tokens: a token whose two experts' outputs project almost equally on its output gradient
+    # carries a large relative error in bf16 (the routing-weight gradient is their difference), and
+    # with 64 tokens one such token could take the router gradient's Frobenius error past 1e-2.
+    "bf16-default": (torch.bfloat16, (512, 32, 16), {}),
 }
 
 
