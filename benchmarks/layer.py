@@ -392,10 +392,12 @@ def build_torch_impl(impl: str, p: Problem, cfg):
     if impl == "ffmoe-auto":
         return (lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K)), "gemm='auto'"
     if impl == "ffmoe-graphed":
-        # Captured once on the first input set; a call copies x into the graph's input (the
-        # weights keep their addresses) and replays forward, then backward, as one graph each.
+        # The sample arguments become the graphs' inputs: a call copies x into its own (a clone of
+        # the first input set, so the sets stay as they are; the weights keep their addresses) and
+        # replays forward, then backward, as one graph each.
+        sample_x = p.xs[0].detach().clone().requires_grad_(True)
         graphed = torch.cuda.make_graphed_callables(
-            lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K), (p.xs[0], *p.weights()))
+            lambda x, r, u, d: flashfusemoe.fused_moe(x, r, u, d, K), (sample_x, *p.weights()))
         return graphed, "gemm='auto' under torch.cuda.make_graphed_callables"
     raise ValueError(f"unknown torch implementation {impl!r}")
 
