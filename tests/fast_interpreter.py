@@ -31,13 +31,21 @@ def _is_patched(obj, name: str) -> bool:
 
 
 def _type_key(ty):
-    """A hashable key that identifies a scalar or pointer type, or None."""
+    """A hashable key that identifies a scalar, pointer or block type, or None."""
     if type(ty) is tl.dtype:
         return ty.name
     if type(ty) is tl.pointer_type:
         element = _type_key(ty.element_ty)
         return None if element is None else ("ptr", element, ty.address_space, ty.const)
+    if type(ty) is tl.block_type:
+        return _block_key(ty.element_ty, ty.shape)
     return None
+
+
+def _block_key(element_ty, shape):
+    """``_type_key`` of ``tl.block_type(element_ty, shape)``, without building it."""
+    element = _type_key(element_ty)
+    return None if element is None else (element, *(getattr(d, "value", d) for d in shape))
 
 
 def _cache_types(interpreter) -> bool:
@@ -55,13 +63,12 @@ def _cache_types(interpreter) -> bool:
     np_dtypes: dict = {}
 
     def block_type(element_ty, shape):
-        key = _type_key(element_ty)
-        if key is None:
-            return tl.block_type(element_ty, shape)
-        key = (key, *(getattr(d, "value", d) for d in shape))
+        key = _block_key(element_ty, shape)
         try:
-            ty = blocks.get(key)
+            ty = None if key is None else blocks.get(key)
         except TypeError:  # an unhashable dimension
+            key = None
+        if key is None:
             return tl.block_type(element_ty, shape)
         if ty is None:
             ty = blocks[key] = tl.block_type(element_ty, shape)
@@ -116,11 +123,7 @@ def _share_tensor_shapes() -> bool:
     derived: dict = {}  # type key -> (numel, shape, dtype)
 
     def tensor_init(self, handle, type):
-        if type.__class__ is tl.block_type:
-            key = _type_key(type.element_ty)
-            key = None if key is None else (key, *type.shape)
-        else:
-            key = _type_key(type)
+        key = _type_key(type)  # (a block type's shape holds ints)
         parts = derived.get(key)
         if parts is None:
             shape = type.shape if type.is_block() else ()
@@ -144,14 +147,14 @@ def install() -> bool:
         from triton.runtime import interpreter
     except ImportError:
         return False
-    cached = _cache_types(interpreter)
-    cached = _share_tensor_shapes() or cached
+    changed = _cache_types(interpreter)
+    changed = _share_tensor_shapes() or changed
     original = getattr(interpreter, "_patch_lang", None)
     scope_cls = getattr(interpreter, "_LangPatchScope", None)
     if original is None or scope_cls is None or getattr(original, "skips_redundant", False):
-        return cached
+        return changed
     if list(inspect.signature(original).parameters) != ["fn"]:
-        return cached
+        return changed
 
     lang_modules: dict = {}  # id(globals) -> (globals, their size, the language modules among them)
 
