@@ -3,7 +3,7 @@
 from flashfusemoe.config import MoEOptions
 from flashfusemoe.core import CapacityOverflowError
 from flashfusemoe.experts import moe_experts
-from flashfusemoe.functional import aux_losses, calibrate_max_tokens, fused_moe, moe
+from flashfusemoe.functional import aux_losses, calibrate_max_tokens, fused_moe, moe, update_expert_bias
 from flashfusemoe.layer import MoELayer
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "fused_moe",
     "moe",
     "moe_experts",
+    "update_expert_bias",
 ]
 __version__ = "0.1.0"

@@ -466,6 +466,20 @@ def check_aux_shapes(logits_shape: tuple, tokens_shape: tuple, score_func) -> No
         raise ValueError(f"tokens_per_expert must be [E={logits_shape[1]}], got shape {tokens_shape}")
 
 
+def check_bias_update_args(bias_shape: tuple, bias_dtype: str, tokens_shape: tuple, rate) -> None:
+    """``update_expert_bias``' arguments: ``expert_bias`` ``[E]`` float32/float64, ``tokens_per_expert``
+    ``[E]``, ``rate`` a finite float > 0 (dtype names as ``dtype_name`` gives them)."""
+    if len(bias_shape) != 1 or bias_shape[0] < 1:
+        raise ValueError(f"expert_bias must be [E] with E >= 1, got shape {bias_shape}")
+    if bias_dtype not in ("float32", "float64"):
+        raise TypeError(f"expert_bias must be float32 or float64, got {bias_dtype}")
+    if tokens_shape != bias_shape:
+        raise ValueError(
+            f"tokens_per_expert must be [E={bias_shape[0]}] like expert_bias, got shape {tokens_shape}"
+        )
+    check_finite("rate", rate)
+
+
 def validate_aux_inputs(logits, tokens_per_expert, score_func) -> None:
     """Checks the arguments of ``aux_losses``."""
     for name, t in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):

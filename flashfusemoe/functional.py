@@ -1,4 +1,5 @@
-"""Public functional API: ``fused_moe``, the auxiliary losses and ``calibrate_max_tokens``."""
+"""Public functional API: ``fused_moe``, the auxiliary losses, ``update_expert_bias`` and
+``calibrate_max_tokens``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from flashfusemoe import core, ops
 from flashfusemoe.config import (
     MoEOptions,
     autocast_dtype,
+    check_bias_update_args,
     check_bool,
     check_finite,
     check_has_data,
     check_int,
+    dtype_name,
     make_options,
     signature_with_options,
     validate_aux_inputs,
@@ -112,6 +115,36 @@ def aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func
     """
     validate_aux_inputs(logits, tokens_per_expert, score_func)
     return _aux_losses(logits, tokens_per_expert, score_func)
+
+
+def update_expert_bias(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float
+                       ) -> torch.Tensor:
+    """One step of aux-loss-free load balancing (DeepSeek-V3), in place: each expert's selection
+    bias moves by ``rate`` towards balance, ``expert_bias[e] += rate * sign(mean - load[e])``.
+
+    ``expert_bias`` [E] float32/float64 (``MoELayer.expert_bias``, the ``expert_bias`` of
+    ``fused_moe``); ``tokens_per_expert`` [E] integer or floating, the loads seen since the last
+    update (``aux["tokens_per_expert"]``, or a sum of them); ``rate`` a float > 0. Overloaded
+    experts go down by ``rate``, underloaded ones up, those exactly at the mean stay. The sign is
+    taken of ``sum(load) - E * load[e]`` in float64, exact for integer loads below 2**53. No host
+    sync, no autograd. Returns ``expert_bias``.
+    """
+    for name, t in (("expert_bias", expert_bias), ("tokens_per_expert", tokens_per_expert)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tokens_per_expert.is_complex() or tokens_per_expert.dtype == torch.bool:
+        raise TypeError(
+            f"tokens_per_expert must be integer or floating, got {dtype_name(tokens_per_expert.dtype)}"
+        )
+    check_bias_update_args(tuple(expert_bias.shape), dtype_name(expert_bias.dtype),
+                           tuple(tokens_per_expert.shape), rate)
+    if tokens_per_expert.device != expert_bias.device:
+        raise ValueError(f"tokens_per_expert is on {tokens_per_expert.device} but expert_bias is on "
+                         f"{expert_bias.device}")
+    with torch.no_grad():
+        loads = tokens_per_expert.to(torch.float64)
+        direction = torch.sign(loads.sum() - loads.numel() * loads).to(expert_bias.dtype)
+        return expert_bias.add_(direction, alpha=rate)
 
 
 def _aux_losses(logits: torch.Tensor, tokens_per_expert: torch.Tensor, score_func: str) -> dict:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashfusemoe.config import FLOAT_DTYPES, LayerConfig, check_bool, signature_with_options
-from flashfusemoe.functional import make_aux, moe_outputs
+from flashfusemoe.config import FLOAT_DTYPES, LayerConfig, check_bool, check_finite, signature_with_options
+from flashfusemoe.functional import make_aux, moe_outputs, update_expert_bias
 from flashfusemoe.kernels.activation import ACT_TORCH
 
 
@@ -44,7 +44,7 @@ class MoELayer(nn.Module):
     Parameters: ``router_weight [E, D]``, ``w_up [E, 2F, D]``, ``w_down [E, D, F]``; with shared
     experts ``shared_w_up [2Fs, D]``, ``shared_w_down [D, Fs]`` and, with ``shared_expert_gate``,
     ``shared_gate_weight [1, D]``. ``use_expert_bias`` adds an fp32 buffer ``expert_bias [E]``
-    (selection only; update it yourself for aux-loss-free balancing).
+    (selection only, no gradient; ``update_expert_bias(rate)`` moves it towards balanced loads).
 
     ``forward(x, return_aux=False)`` returns ``out`` or ``(out, aux)``. ``last_routing_stats``
     gives the last call's ``tokens_per_expert [E]``, ``load_cv`` and ``dropped_tokens`` as device
@@ -155,6 +155,31 @@ class MoELayer(nn.Module):
     def reset_accumulated_routing_stats(self) -> None:
         self.accumulated_loads.zero_()
         self.accumulated_dropped.zero_()
+
+    def update_expert_bias(self, rate: float, *, group: Any = None) -> None:
+        """One step of aux-loss-free balancing (``flashfusemoe.update_expert_bias``) on the loads
+        since the last update: the running sums when ``accumulate_routing_stats`` is on (then
+        reset), else the last call's. ``group``: a process group whose ranks see different tokens
+        (data parallel); their loads are summed first, so every rank makes the same update (with
+        ``ep_group`` alone the loads already are the EP group's). No host sync; call it under the
+        same conditions on every rank of ``group``, e.g. after each optimizer step."""
+        if self.expert_bias is None:
+            raise ValueError("update_expert_bias needs the layer built with use_expert_bias=True")
+        check_finite("rate", rate)
+        if self.accumulate_routing_stats:
+            loads = self.accumulated_loads.clone()
+        elif self._last_loads is not None:
+            loads = self._last_loads.clone()
+        else:
+            raise ValueError("update_expert_bias: no loads yet (no forward call since the layer was built; "
+                             "or set accumulate_routing_stats = True)")
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(loads, group=group)
+        update_expert_bias(self.expert_bias, loads, rate)
+        if self.accumulate_routing_stats:
+            self.reset_accumulated_routing_stats()
 
     def extra_repr(self) -> str:
         o = self.options

@@ -28,6 +28,6 @@ except ModuleNotFoundError as e:  # only jax or jaxlib missing; any other error 
     raise missing_extra(e) from e
 
 from jax_bridge.experts import moe_experts  # noqa: E402
-from jax_bridge.ops import aux_losses, fused_moe  # noqa: E402
+from jax_bridge.ops import aux_losses, fused_moe, update_expert_bias  # noqa: E402
 
-__all__ = ["aux_losses", "fused_moe", "moe_experts"]
+__all__ = ["aux_losses", "fused_moe", "moe_experts", "update_expert_bias"]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import flashfusemoe
+import jax_bridge
 from jax_bridge import missing_extra
 
 try:
@@ -44,7 +45,8 @@ class FusedMoE(nnx.Module):
     ``w_down [E, D, F]``; with shared experts ``shared_w_up [2Fs, D]``, ``shared_w_down [D, Fs]``
     and, with ``shared_expert_gate``, ``shared_gate_weight [1, D]``, all ``nnx.Param``
     initialised ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. ``use_expert_bias`` adds
-    ``expert_bias``, an fp32 ``ExpertBias [E]`` of zeros (not trained; update it yourself).
+    ``expert_bias``, an fp32 ``ExpertBias [E]`` of zeros (not trained; ``update_expert_bias`` moves
+    it towards balanced loads).
 
     ``__call__(x, return_aux=False)``: ``x [..., D]`` -> ``out`` or ``(out, aux)``, ``aux`` as
     ``flashfusemoe.fused_moe``'s. ``ep_axis``: expert parallelism inside ``shard_map`` over that
@@ -104,6 +106,13 @@ class FusedMoE(nnx.Module):
                 raise TypeError(f"{name} must be real, got dtype {jnp.asarray(value).dtype}")
         for name, value in params.items():
             getattr(self, name)[...] = jnp.asarray(value, current[name].dtype)
+
+    def update_expert_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:
+        """One step of aux-loss-free balancing on ``tokens_per_expert`` [E] (``aux["tokens_per_expert"]``
+        of the calls since the last update, summed): ``jax_bridge.update_expert_bias`` in place."""
+        if self.expert_bias is None:
+            raise ValueError("update_expert_bias needs the module built with use_expert_bias=True")
+        self.expert_bias[...] = jax_bridge.update_expert_bias(self.expert_bias[...], tokens_per_expert, rate)
 
     def __call__(self, x: jax.Array, return_aux: bool = False
                  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:

@@ -22,6 +22,7 @@ from flashfusemoe import core
 from flashfusemoe.config import (
     MoEOptions,
     check_aux_shapes,
+    check_bias_update_args,
     check_bool,
     make_options,
     signature_with_options,
@@ -88,6 +89,27 @@ def aux_losses(logits: jax.Array, tokens_per_expert: jax.Array, score_func: str)
         raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
     check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
     return _aux_losses(logits, tokens_per_expert, score_func)
+
+
+def update_expert_bias(expert_bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
+    """``flashfusemoe.update_expert_bias``, pure: returns ``expert_bias + rate * sign(mean - load)``.
+
+    ``expert_bias`` [E] float32/float64, ``tokens_per_expert`` [E] integer or floating, ``rate`` a
+    float > 0. The sign is taken of ``sum(load) - E * load[e]`` in float64 under
+    ``jax_enable_x64``, else float32: equal to the torch function's (bit for bit) while the loads
+    sum below 2**53, or 2**24 in float32.
+    """
+    for name, a in (("expert_bias", expert_bias), ("tokens_per_expert", tokens_per_expert)):
+        if not isinstance(a, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
+    if not (jnp.issubdtype(tokens_per_expert.dtype, jnp.integer)
+            or jnp.issubdtype(tokens_per_expert.dtype, jnp.floating)):
+        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
+    check_bias_update_args(tuple(expert_bias.shape), jnp.dtype(expert_bias.dtype).name,
+                           tuple(tokens_per_expert.shape), rate)
+    loads = jnp.asarray(tokens_per_expert).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    direction = jnp.sign(loads.sum() - loads.shape[0] * loads).astype(expert_bias.dtype)
+    return expert_bias + jnp.asarray(rate, expert_bias.dtype) * direction
 
 
 def _aux_losses(logits, tokens_per_expert, score_func: str) -> dict:

@@ -282,3 +282,56 @@ def test_gathered_float32_adversarial_routing(routing, gemm):
         assert int(fused[1]["dropped_tokens"]) > 0
     else:
         assert fused[1]["tokens_per_expert"].tolist() == [0, 0, 0, 0, 40, 0]
+
+
+def _loads_around(mean: int, E: int) -> torch.Tensor:
+    """E loads averaging exactly ``mean``, some of them at the mean, shuffled."""
+    half = torch.randint(-3, 4, (E // 2,))
+    half[0] = 0
+    return (mean + torch.cat([half, -half]))[torch.randperm(E)]
+
+
+def _sign_rule(loads: torch.Tensor) -> list[int]:
+    """The direction of each expert's step, in exact integer arithmetic."""
+    values = [int(v) for v in loads.tolist()]
+    total, E = sum(values), len(values)
+    return [(total > E * v) - (total < E * v) for v in values]
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loads_dtype, mean", [(torch.int32, 5), (torch.int64, 5), (torch.float32, 5),
+                                               (torch.int64, 2**40)])  # 2**40: exact beyond float32
+def test_update_expert_bias_follows_the_sign_rule(bias_dtype, loads_dtype, mean):
+    E, rate = 16, 0.0375
+    loads = _loads_around(mean, E).to(loads_dtype)
+    direction = _sign_rule(loads)
+    assert 0 in direction and 1 in direction and -1 in direction  # every branch is exercised
+    bias = torch.randn(E, dtype=bias_dtype)
+    before = bias.clone()
+    result = flashfusemoe.update_expert_bias(bias, loads, rate)
+    assert result is bias  # in place
+    assert torch.equal(bias, before + rate * torch.tensor(direction, dtype=bias_dtype))
+
+
+@pytest.mark.parametrize("bias, loads, rate, exc, match", [
+    ([0.0, 0.0], torch.ones(2), 0.1, TypeError, "expert_bias must be a torch.Tensor"),
+    (torch.zeros(2), [1, 2], 0.1, TypeError, "tokens_per_expert must be a torch.Tensor"),
+    (torch.zeros(2, dtype=torch.bfloat16), torch.ones(2), 0.1, TypeError,
+     "expert_bias must be float32 or float64"),
+    (torch.zeros(2, 2), torch.ones(2, 2), 0.1, ValueError, r"expert_bias must be \[E\]"),
+    (torch.zeros(0), torch.ones(0), 0.1, ValueError, r"expert_bias must be \[E\] with E >= 1"),
+    (torch.zeros(3), torch.ones(2), 0.1, ValueError, r"tokens_per_expert must be \[E=3\]"),
+    (torch.zeros(2), torch.ones(2, dtype=torch.bool), 0.1, TypeError,
+     "tokens_per_expert must be integer or floating"),
+    (torch.zeros(2), torch.ones(2), 0.0, ValueError, "rate=0.0 must be a finite number > 0"),
+    (torch.zeros(2), torch.ones(2), -0.1, ValueError, "rate=-0.1 must be a finite number > 0"),
+    (torch.zeros(2), torch.ones(2), float("nan"), ValueError, "rate=nan must be a finite number > 0"),
+    (torch.zeros(2), torch.ones(2), True, TypeError, "rate must be a float, got bool"),
+    (torch.zeros(2), torch.ones(2), "0.1", TypeError, "rate must be a float, got str"),
+])
+def test_update_expert_bias_rejects_bad_arguments(bias, loads, rate, exc, match):
+    before = bias.clone() if isinstance(bias, torch.Tensor) else None
+    with pytest.raises(exc, match=match):
+        flashfusemoe.update_expert_bias(bias, loads, rate)
+    if before is not None:
+        assert torch.equal(bias, before)  # nothing changed

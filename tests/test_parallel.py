@@ -191,6 +191,7 @@ def _cases_worker(rank: int, W: int, port: int, cases: list, seed: int, dtype_na
     try:
         if bad_inputs:
             _bad_inputs(rank)
+            _expert_bias_update_sums_the_group(rank, W)
         dtype = getattr(torch, dtype_name)
         for i, case in enumerate(cases):
             try:
@@ -200,6 +201,29 @@ def _cases_worker(rank: int, W: int, port: int, cases: list, seed: int, dtype_na
                                      f"{traceback.format_exc()}") from e
     finally:
         dist.destroy_process_group()
+
+
+def _expert_bias_update_sums_the_group(rank: int, W: int) -> None:
+    """Data-parallel replicas: ``update_expert_bias(rate, group=...)`` steps every rank's bias by
+    the loads of all ranks' tokens. Rank r's tokens all pick expert r, so each rank alone would
+    step differently from the group."""
+    E = 2 * W
+    layer = flashfusemoe.MoELayer(D, F, E, 1, use_expert_bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router_weight.zero_()
+        layer.router_weight[rank, 0] = 1.0
+    x = torch.zeros(3 + rank, D, dtype=torch.float64)
+    x[:, 0] = 1.0
+    layer(x)
+    loads = layer.last_routing_stats["tokens_per_expert"]
+    assert loads.tolist() == [3 + rank if e == rank else 0 for e in range(E)], loads
+    every = [torch.zeros_like(loads) for _ in range(W)]
+    dist.all_gather(every, loads)
+    total = sum(every)
+    layer.update_expert_bias(0.25, group=dist.group.WORLD)
+    expected = flashfusemoe.update_expert_bias(torch.zeros(E), total, 0.25)
+    assert torch.equal(layer.expert_bias, expected), (rank, layer.expert_bias, expected)
+    assert not torch.equal(expected, flashfusemoe.update_expert_bias(torch.zeros(E), loads, 0.25))
 
 
 def _bias_to_rank(E: int, W: int, target: int) -> torch.Tensor:

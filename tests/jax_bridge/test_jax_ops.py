@@ -637,3 +637,31 @@ def test_shape_error_names_x_when_x_disagrees():
     x, *weights = [to_jax(t) for t in problem(torch.float32)[0]]
     with pytest.raises(ValueError, match=rf"^x has D={D - 1} but router_weight, w_up and w_down have D={D}"):
         jax_bridge.fused_moe(x[:, :-1], *weights, K)
+
+
+@pytest.mark.parametrize("mean", [5, 2**18])
+def test_update_expert_bias_bit_identical_to_torch(mean):
+    """Equal to the torch function bit for bit (float32 bias, int32 loads around an exact mean, some at
+    it), eagerly and under jit; the torch function is checked against the sign rule in test_functional."""
+    E, rate = 16, 0.0375
+    half = torch.randint(-3, 4, (E // 2,))
+    half[0] = 0
+    loads = ((mean + torch.cat([half, -half]))[torch.randperm(E)]).to(torch.int32)
+    bias = torch.randn(E)
+    expected = flashfusemoe.update_expert_bias(bias.clone(), loads, rate)
+    assert not torch.equal(expected, bias)
+    for fn in (jax_bridge.update_expert_bias, jax.jit(jax_bridge.update_expert_bias, static_argnums=2)):
+        got = fn(to_jax(bias), jnp.asarray(loads.numpy()), rate)
+        assert got.dtype == jnp.float32
+        assert torch.equal(to_torch(got).cpu(), expected)
+
+
+def test_update_expert_bias_rejects_what_torch_rejects():
+    with pytest.raises(TypeError, match="expert_bias must be float32 or float64, got bfloat16"):
+        jax_bridge.update_expert_bias(jnp.zeros(2, jnp.bfloat16), jnp.ones(2), 0.1)
+    with pytest.raises(ValueError, match=r"tokens_per_expert must be \[E=3\] like expert_bias"):
+        jax_bridge.update_expert_bias(jnp.zeros(3), jnp.ones(2), 0.1)
+    with pytest.raises(ValueError, match="rate=0 must be a finite number > 0"):
+        jax_bridge.update_expert_bias(jnp.zeros(2), jnp.ones(2), 0)
+    with pytest.raises(TypeError, match="tokens_per_expert must be a jax.Array"):
+        jax_bridge.update_expert_bias(jnp.zeros(2), [1, 2], 0.1)

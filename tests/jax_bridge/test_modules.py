@@ -432,3 +432,20 @@ def test_compare_table_flags_broken_bounds():
     broken = {pair for pair, *_, ok in compare.compare(results, "f32") if not ok}
     assert broken == {"jax-ref vs torch-ref", "bridge vs jax-ref", "bridge vs torch-native"}
     assert not [r for r in compare.compare(results, "bf16") if not r[-1] and "native" not in r[0]]
+
+
+def test_nnx_update_expert_bias_matches_the_torch_layer():
+    """The same loads give the NNX module's bias the torch layer's update; without a bias: ValueError."""
+    layer = flashfusemoe.MoELayer(16, 8, 4, 1, use_expert_bias=True)
+    module = jnnx.FusedMoE.from_torch(layer)
+    x = torch.randn(10, 16)
+    layer(x)
+    loads = layer.last_routing_stats["tokens_per_expert"]
+    _, aux = module(jnp.asarray(x.numpy()), return_aux=True)
+    assert np.array_equal(np.asarray(aux["tokens_per_expert"]), loads.numpy())
+    layer.update_expert_bias(0.125)
+    module.update_expert_bias(aux["tokens_per_expert"], 0.125)
+    assert np.array_equal(np.asarray(module.expert_bias[...]), layer.expert_bias.numpy())
+    assert np.any(layer.expert_bias.numpy() != 0)
+    with pytest.raises(ValueError, match="use_expert_bias=True"):
+        jnnx.FusedMoE(16, 8, 4, 1, rngs=nnx.Rngs(0)).update_expert_bias(aux["tokens_per_expert"], 0.1)
