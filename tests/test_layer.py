@@ -159,19 +159,24 @@ def test_update_expert_bias_balances_a_skewed_router():
 
 
 def test_update_expert_bias_uses_the_accumulated_loads_and_resets_them():
-    layer, x = _skewed_layer(4, 1, 12)
+    """Two calls, 6 tokens on expert 0 then 2 on expert 1: the sum [6, 2, 0, 0] steps expert 0 down,
+    leaves expert 1 (at the mean) and raises 2 and 3; the last call alone would raise expert 0."""
+    layer = flashfusemoe.MoELayer(4, 8, 4, 1, use_expert_bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router_weight.copy_(torch.eye(4, dtype=torch.float64) * torch.tensor([[1.0], [1.0], [0], [0]]))
     layer.accumulate_routing_stats = True
-    loads = []
-    for xs in (x, torch.randn(7, 16, dtype=torch.float64)):
-        layer(xs)
-        loads.append(layer.last_routing_stats["tokens_per_expert"].clone())
-    expected = flashfusemoe.update_expert_bias(torch.zeros(4), loads[0] + loads[1], 0.5)
-    assert not torch.equal(expected, flashfusemoe.update_expert_bias(torch.zeros(4), loads[1], 0.5))
+    eye = torch.eye(4, dtype=torch.float64)
+    layer(eye[0].repeat(6, 1))
+    layer(eye[1].repeat(2, 1))
+    assert layer.last_routing_stats["tokens_per_expert"].tolist() == [0, 2, 0, 0]
     layer.update_expert_bias(0.5)
-    assert torch.equal(layer.expert_bias, expected)
+    assert layer.expert_bias.tolist() == [-0.5, 0.0, 0.5, 0.5]
     assert int(layer.accumulated_loads.abs().sum()) == 0 and int(layer.accumulated_dropped) == 0
     layer.update_expert_bias(0.5)  # nothing seen since: no load above or below the mean
-    assert torch.equal(layer.expert_bias, expected)
+    assert layer.expert_bias.tolist() == [-0.5, 0.0, 0.5, 0.5]
+    layer.accumulate_routing_stats = False  # the last call's loads [0, 2, 0, 0]
+    layer.update_expert_bias(0.5)
+    assert layer.expert_bias.tolist() == [0.0, -0.5, 1.0, 1.0]
 
 
 def test_update_expert_bias_errors():
