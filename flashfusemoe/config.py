@@ -480,17 +480,36 @@ def check_bias_update_args(bias_shape: tuple, bias_dtype: str, tokens_shape: tup
     check_finite("rate", rate)
 
 
-def validate_aux_inputs(logits, tokens_per_expert, score_func) -> None:
-    """Checks the arguments of ``aux_losses``."""
-    for name, t in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
+def _check_tensors_and_loads(named: dict) -> None:
+    """Every entry a torch.Tensor, ``named["tokens_per_expert"]`` integer or floating, and all on
+    the first entry's device (checked by the caller after the shapes)."""
+    for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    loads = named["tokens_per_expert"]
+    if loads.is_complex() or loads.dtype == torch.bool:
+        raise TypeError(f"tokens_per_expert must be integer or floating, got {loads.dtype}")
+
+
+def _check_loads_device(tokens_per_expert, other_name: str, other) -> None:
+    if tokens_per_expert.device != other.device:
+        raise ValueError(
+            f"tokens_per_expert is on {tokens_per_expert.device} but {other_name} is on {other.device}"
+        )
+
+
+def validate_aux_inputs(logits, tokens_per_expert, score_func) -> None:
+    """Checks the arguments of ``aux_losses``."""
+    _check_tensors_and_loads({"logits": logits, "tokens_per_expert": tokens_per_expert})
     if not logits.is_floating_point():
         raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
-    if tokens_per_expert.is_complex() or tokens_per_expert.dtype == torch.bool:
-        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
     check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
-    if tokens_per_expert.device != logits.device:
-        raise ValueError(
-            f"tokens_per_expert is on {tokens_per_expert.device} but logits is on {logits.device}"
-        )
+    _check_loads_device(tokens_per_expert, "logits", logits)
+
+
+def validate_bias_update_inputs(expert_bias, tokens_per_expert, rate) -> None:
+    """Checks the arguments of ``update_expert_bias``."""
+    _check_tensors_and_loads({"expert_bias": expert_bias, "tokens_per_expert": tokens_per_expert})
+    check_bias_update_args(tuple(expert_bias.shape), dtype_name(expert_bias.dtype),
+                           tuple(tokens_per_expert.shape), rate)
+    _check_loads_device(tokens_per_expert, "expert_bias", expert_bias)

@@ -13,15 +13,14 @@ from flashfusemoe import core, ops
 from flashfusemoe.config import (
     MoEOptions,
     autocast_dtype,
-    check_bias_update_args,
     check_bool,
     check_finite,
     check_has_data,
     check_int,
-    dtype_name,
     make_options,
     signature_with_options,
     validate_aux_inputs,
+    validate_bias_update_inputs,
     validate_inputs,
     validate_router_inputs,
 )
@@ -129,18 +128,7 @@ def update_expert_bias(expert_bias: torch.Tensor, tokens_per_expert: torch.Tenso
     taken of ``sum(load) - E * load[e]`` in float64, exact for integer loads below 2**53. No host
     sync, no autograd. Returns ``expert_bias``.
     """
-    for name, t in (("expert_bias", expert_bias), ("tokens_per_expert", tokens_per_expert)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tokens_per_expert.is_complex() or tokens_per_expert.dtype == torch.bool:
-        raise TypeError(
-            f"tokens_per_expert must be integer or floating, got {dtype_name(tokens_per_expert.dtype)}"
-        )
-    check_bias_update_args(tuple(expert_bias.shape), dtype_name(expert_bias.dtype),
-                           tuple(tokens_per_expert.shape), rate)
-    if tokens_per_expert.device != expert_bias.device:
-        raise ValueError(f"tokens_per_expert is on {tokens_per_expert.device} but expert_bias is on "
-                         f"{expert_bias.device}")
+    validate_bias_update_inputs(expert_bias, tokens_per_expert, rate)
     with torch.no_grad():
         loads = tokens_per_expert.to(torch.float64)
         direction = torch.sign(loads.sum() - loads.numel() * loads).to(expert_bias.dtype)

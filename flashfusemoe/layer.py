@@ -166,16 +166,14 @@ class MoELayer(nn.Module):
         if self.expert_bias is None:
             raise ValueError("update_expert_bias needs the layer built with use_expert_bias=True")
         check_finite("rate", rate)
-        if self.accumulate_routing_stats:
-            loads = self.accumulated_loads.clone()
-        elif self._last_loads is not None:
-            loads = self._last_loads.clone()
-        else:
+        loads = self.accumulated_loads if self.accumulate_routing_stats else self._last_loads
+        if loads is None:
             raise ValueError("update_expert_bias: no loads yet (no forward call since the layer was built; "
                              "or set accumulate_routing_stats = True)")
         if group is not None:
             import torch.distributed as dist
 
+            loads = loads.clone()  # summed in place
             dist.all_reduce(loads, group=group)
         update_expert_bias(self.expert_bias, loads, rate)
         if self.accumulate_routing_stats:

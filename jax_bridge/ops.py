@@ -77,16 +77,21 @@ def moe(x, router_weight, w_up, w_down, options: MoEOptions, *, expert_bias=None
     return out, aux
 
 
-def aux_losses(logits: jax.Array, tokens_per_expert: jax.Array, score_func: str) -> dict[str, jax.Array]:
-    """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
-    for name, a in (("logits", logits), ("tokens_per_expert", tokens_per_expert)):
+def _check_arrays_and_loads(named: dict) -> None:
+    """Every entry an array, ``named["tokens_per_expert"]`` integer or floating."""
+    for name, a in named.items():
         if not isinstance(a, (jax.Array, np.ndarray)):
             raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
+    dtype = named["tokens_per_expert"].dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"tokens_per_expert must be integer or floating, got {dtype}")
+
+
+def aux_losses(logits: jax.Array, tokens_per_expert: jax.Array, score_func: str) -> dict[str, jax.Array]:
+    """Load-balance and z losses from router logits [N, E], as ``flashfusemoe.aux_losses``."""
+    _check_arrays_and_loads({"logits": logits, "tokens_per_expert": tokens_per_expert})
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
-    if not (jnp.issubdtype(tokens_per_expert.dtype, jnp.integer)
-            or jnp.issubdtype(tokens_per_expert.dtype, jnp.floating)):
-        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
     check_aux_shapes(tuple(logits.shape), tuple(tokens_per_expert.shape), score_func)
     return _aux_losses(logits, tokens_per_expert, score_func)
 
@@ -99,12 +104,7 @@ def update_expert_bias(expert_bias: jax.Array, tokens_per_expert: jax.Array, rat
     ``jax_enable_x64``, else float32: equal to the torch function's (bit for bit) while the loads
     sum below 2**53, or 2**24 in float32.
     """
-    for name, a in (("expert_bias", expert_bias), ("tokens_per_expert", tokens_per_expert)):
-        if not isinstance(a, (jax.Array, np.ndarray)):
-            raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
-    if not (jnp.issubdtype(tokens_per_expert.dtype, jnp.integer)
-            or jnp.issubdtype(tokens_per_expert.dtype, jnp.floating)):
-        raise TypeError(f"tokens_per_expert must be integer or floating, got {tokens_per_expert.dtype}")
+    _check_arrays_and_loads({"expert_bias": expert_bias, "tokens_per_expert": tokens_per_expert})
     check_bias_update_args(tuple(expert_bias.shape), jnp.dtype(expert_bias.dtype).name,
                            tuple(tokens_per_expert.shape), rate)
     loads = jnp.asarray(tokens_per_expert).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
