@@ -16,9 +16,19 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import layer, plot, train  # noqa: E402
 
-# Interpreted kernels cost seconds per call: leave out ffmoe-auto (it is "grouped" on CPU) and
-# ffmoe-bmm-2x (the code path of ffmoe-bmm-cal with another max_tokens).
-IMPLS = [i for i in layer.IMPLS if i not in ("ffmoe-auto", "ffmoe-bmm-2x")]
+# Interpreted kernels cost seconds per call: leave out ffmoe-auto (it is "grouped" on CPU),
+# ffmoe-bmm-2x (the code path of ffmoe-bmm-cal with another max_tokens) and ffmoe-gathered /
+# ffmoe-fused_dgrad (the code path of ffmoe-grouped with another gemm=; their kernels have their
+# own tests).
+SAME_PATH_AS_GROUPED = ("ffmoe-gathered", "ffmoe-fused_dgrad")
+IMPLS = [i for i in layer.IMPLS if i not in ("ffmoe-auto", "ffmoe-bmm-2x", *SAME_PATH_AS_GROUPED)]
+
+
+def test_left_out_impls_name_real_gemm_choices():
+    from flashfusemoe import MoEOptions
+
+    for impl in SAME_PATH_AS_GROUPED:
+        assert MoEOptions(top_k=2, gemm=impl.removeprefix("ffmoe-")).gemm == impl.removeprefix("ffmoe-")
 
 
 def test_layer_tiny_runs_and_writes_results(tmp_path):

@@ -467,12 +467,13 @@ def test_weight_grad(gather, dtype, device):
 @pytest.mark.parametrize("K", [1, 8])
 def test_weight_grad_routing_and_out(gather, K, device):
     """One expert holding every row (> 2 chunks of 32 rows: full TMA chunks + a partial one),
-    E = 256 with the rest empty, written into a NaN-filled caller buffer."""
+    E = 256 with the rest empty, written into a NaN-filled caller buffer. Widths 24 and 20 (masked,
+    one 32-wide interpreter tile each) keep it to one program per expert."""
     N, E = 11, 256
     r2a, ends, counts = _layout(N, K, E, routing="one_expert", device=device)
     R = r2a.numel()
-    tok = torch.randn(N, D_DIM, dtype=torch.float64).to(torch.float16).to(device)
-    rows = torch.randn(R, 2 * F_DIM, dtype=torch.float64).to(torch.float16).to(device)
+    tok = torch.randn(N, 24, dtype=torch.float64).to(torch.float16).to(device)
+    rows = torch.randn(R, 20, dtype=torch.float64).to(torch.float16).to(device)
     a, b = (tok, rows) if gather == "a" else (rows, tok)
     out = torch.full((E, a.shape[1], b.shape[1]), float("nan"), dtype=torch.float16, device=device)
     got = _check_wgrad(a, b, r2a, ends, counts, K, gather, torch.float16, out=out)
