@@ -7,7 +7,9 @@ Gradients are those of the single-device layer on the gathered batch.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # before importing jax
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:  # added to the user's, before importing jax
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=4".strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -64,8 +64,11 @@ def test_aux_loss_gradients(variant, aux_key):
     assert torch.count_nonzero(fused[2][1]) > 0
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradcheck_each_variant(variant):
+# Finite differences on a subset: every variant's gradients already equal the autograd reference's
+# (test_variant_matches_reference); these four cover no-norm + scaling, sigmoid, bias, groups, capacity.
+@pytest.mark.parametrize("variant", ["softmax", "sigmoid-no-norm-scaled", "sigmoid-bias-groups",
+                                     "capacity-sigmoid-bias"])
+def test_gradcheck_variant(variant):
     options = _options(variant, 8)
     x, r, u, d = far_from_ties(N=6, D=8, F=4, E=8, top_k=2, options=options)
     leaves = [t.clone().requires_grad_(True) for t in (x, r, u, d)]

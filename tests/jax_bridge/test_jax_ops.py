@@ -17,6 +17,7 @@ import torch
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from cpu_subprocess import with_xla_flags  # noqa: E402
 from moe_cases import GRAD_NAMES, random_moe, rel_err  # noqa: E402
 
 import flashfusemoe  # noqa: E402
@@ -457,7 +458,7 @@ def test_shard_map_data_parallel_in_subprocess():
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=with_xla_flags(os.environ, "--xla_force_host_platform_device_count=4"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]),
     )

@@ -22,9 +22,11 @@ W, D, F, N = 4, 8, 6, 6  # N tokens per device
 def test_ep_shard_map_matches_single_device():
     pytest.importorskip("jax")
     import torch
+    from cpu_subprocess import with_xla_flags
 
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={W}", TRITON_INTERPRET="1",
+    flags = with_xla_flags(os.environ, f"--xla_force_host_platform_device_count={W}")
+    env = dict(os.environ, XLA_FLAGS=flags, TRITON_INTERPRET="1",
                JAX_PLATFORMS="cpu", FFMOE_EP_SEED=str(torch.initial_seed() % (1 << 30)),
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
