@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def with_xla_flags(env, *flags: str) -> str:
-    """``env["XLA_FLAGS"]`` with ``flags`` appended (each only if absent)."""
+    """``env["XLA_FLAGS"]`` with ``flags`` appended (each only if absent). XLA takes a flag's last
+    value, so an appended flag overrides the same flag already set with another value."""
     current = env.get("XLA_FLAGS", "")
     return " ".join([current, *(f for f in flags if f not in current.split())]).strip()
 
