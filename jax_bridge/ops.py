@@ -45,8 +45,10 @@ def fused_moe(x: jax.Array, router_weight: jax.Array, w_up: jax.Array, w_down: j
     expert_bias [E] float32/float64 (selection only, zero gradient); ``top_k`` and ``options``:
     ``MoEOptions``' fields. Returns ``out`` shaped like x, or ``(out, aux)`` with
     ``aux = {load_balance_loss, z_loss, tokens_per_expert [E] int32, dropped_tokens [] int32}``;
-    the losses are differentiable. ``ep_axis``: inside ``shard_map``, the mesh axis of expert
-    parallelism; w_up/w_down then hold this device's E/W experts (``jax_bridge.parallel``).
+    the losses are differentiable, computed by JAX ops from the op's logits (equal to torch's to
+    float rounding, not bit for bit; everything else is bit-identical to torch-native).
+    ``ep_axis``: inside ``shard_map``, the mesh axis of expert parallelism; w_up/w_down then hold
+    this device's E/W experts (``jax_bridge.parallel``).
     """
     options = make_options(top_k, options, "fused_moe")
     return moe(x, router_weight, w_up, w_down, options, expert_bias=expert_bias, return_aux=return_aux,
