@@ -8,27 +8,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from moe_cases import rel_err
+from moe_cases import check_against_reference, experts_reference, grads_of, rel_err
 
 import flashfusemoe
 from flashfusemoe import CapacityOverflowError, moe_experts
 from flashfusemoe.experts import experts_forward_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def experts_reference(x, ids, weights, w_up, w_down, activation="swiglu"):
-    """In float64, one expert at a time: out[n] = sum_k w[n, k] * down_e(act(gate_e x[n]) * up_e x[n])."""
-    acts = {"swiglu": F.silu, "geglu": F.gelu, "relu2": lambda g: F.relu(g) ** 2}
-    f = w_up.shape[1] // 2
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for e in range(w_up.shape[0]):
-        n, k = (ids == e).nonzero(as_tuple=True)
-        h = x[n].double() @ w_up[e].double().T
-        y = (acts[activation](h[:, :f]) * h[:, f:]) @ w_down[e].double().T
-        out = out.index_add(0, n, weights[n, k].double()[:, None] * y)
-    return out
 
 
 def problem(N, D, F_, E, K, dtype, ids=None, weights=None):
@@ -41,34 +27,6 @@ def problem(N, D, F_, E, K, dtype, ids=None, weights=None):
     if weights is None:
         weights = torch.rand(N, K, dtype=dtype, device=DEVICE)
     return x, ids.to(DEVICE), weights, w_up, w_down
-
-
-def grads_of(fn, x, ids, weights, w_up, w_down, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weights, w_up, w_down)]
-    out = fn(leaves[0], ids, *leaves[1:])
-    grads = [None] * 4
-    if out.requires_grad:  # (the reference with no tokens does not depend on its inputs)
-        grads = torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype), allow_unused=True)
-    return out.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-
-
-def check_against_reference(x, ids, weights, w_up, w_down, tol, **kw):
-    grad_out = torch.randn(x.shape, dtype=torch.float64)
-    out, grads = grads_of(lambda *a: moe_experts(*a, **kw), x, ids, weights, w_up, w_down, grad_out)
-    activation = kw.get("activation", "swiglu")
-    inputs64 = (t.cpu().double() if t.is_floating_point() else t.cpu()
-                for t in (x, ids, weights, w_up, w_down))
-    ref_out, ref_grads = grads_of(lambda x_, i, w, u, d: experts_reference(x_, i, w, u, d, activation),
-                                  *inputs64, grad_out)
-    assert out.dtype == x.dtype and out.shape == x.shape
-    errors = {"out": rel_err(out, ref_out)}
-    names = ("x", "topk_weights", "w_up", "w_down")
-    for name, g, r, t in zip(names, grads, ref_grads, (x, weights, w_up, w_down)):
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        errors[f"grad_{name}"] = rel_err(g, r)
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
-    return grads
 
 
 def _ids(rows):
