@@ -1,6 +1,7 @@
 """Shared helpers: random MoE problems, fused-vs-reference runs, error measures."""
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,60 @@ def assert_close(fused, reference, tol, what=""):
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"{what}: relative errors above {tol}: {bad}"
     return errors
+
+
+# ---- Random configurations --------------------------------------------------------------
+
+
+GEMMS = ("auto", "grouped", "gathered", "fused_dgrad", "bmm")
+
+
+def case_rng(case: int) -> random.Random:
+    """A generator for one parametrized case, from the test's torch seed (``FFMOE_SEED`` replays
+    it) and the case index, so the cases of one run differ."""
+    return random.Random(f"{int(torch.randint(2**31, ()))}-{case}")
+
+
+def _draw_shape(rng: random.Random) -> tuple[int, int, int, int]:
+    """(N, D, F, E): down to no tokens, one expert and width-1 experts."""
+    return (rng.choice([0, 1, 2, 7, 33]), rng.choice([1, 8, 24]), rng.choice([1, 5, 16]),
+            rng.choice([1, 2, 3, 8, 12]))
+
+
+def _draw_expert_options(rng: random.Random) -> dict:
+    return dict(activation=rng.choice(["swiglu", "geglu", "relu2"]), gemm=rng.choice(GEMMS),
+                recompute=rng.random() < 0.3)
+
+
+def draw_moe_config(rng: random.Random, bias_dtype=torch.float32) -> tuple[tuple, dict]:
+    """``((N, D, F, E, top_k), options)`` for ``fused_moe``: top_k from 1 to E, every activation,
+    ``gemm`` and routing option (scaling, a selection bias, expert groups), capacity, recompute."""
+    N, D, F, E = _draw_shape(rng)
+    K = rng.randint(1, E)
+    options = _draw_expert_options(rng)
+    options.update(score_func=rng.choice(["softmax", "sigmoid"]), norm_topk_prob=rng.random() < 0.5)
+    if rng.random() < 0.3:
+        options["routed_scaling_factor"] = rng.choice([0.5, 2.5])
+    if rng.random() < 0.3:
+        options["expert_bias"] = 0.1 * torch.randn(E, dtype=bias_dtype)
+    groups = [g for g in range(2, E + 1) if E % g == 0]
+    if groups and rng.random() < 0.4:
+        n_group = rng.choice(groups)
+        topk_group = rng.randint(1, n_group)
+        if topk_group * (E // n_group) >= K:
+            options.update(n_group=n_group, topk_group=topk_group)
+    if rng.random() < 0.3:
+        options["capacity_factor"] = rng.choice([0.5, 1.0, 1.5])
+    return (N, D, F, E, K), options
+
+
+def draw_experts_config(rng: random.Random) -> tuple[tuple, torch.Tensor, dict]:
+    """``((N, D, F, E, K), topk_ids, options)`` for ``moe_experts``: ids drawn with repeats (a row
+    may name an expert twice; K up to 2E), int32 or int64."""
+    N, D, F, E = _draw_shape(rng)
+    K = rng.randint(1, 2 * E)
+    ids = torch.randint(0, E, (N, K), dtype=rng.choice([torch.int32, torch.int64]))
+    return (N, D, F, E, K), ids, _draw_expert_options(rng)
 
 
 # ---- moe_experts: given routing ------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from moe_cases import case_rng, draw_experts_config  # noqa: E402
 
 import flashfusemoe  # noqa: E402
 import jax_bridge  # noqa: E402
@@ -55,9 +56,17 @@ def assert_bit_identical(torch_results, jax_results):
     (out, grads), (j_out, j_grads) = torch_results, jax_results
     names = ("out", "x", "topk_weights", "w_up", "w_down")
     for name, t, a in zip(names, (out, *grads), (j_out, *j_grads)):
-        got = to_torch(a, t.dtype)
+        t, got = t.detach(), to_torch(a, t.dtype)
         diff = float((got.double() - t.double()).abs().max()) if t.numel() else 0.0
-        assert torch.equal(got, t.detach()), f"{name}: max diff {diff}"
+        assert torch.equal(got, t), f"{name}: max diff {diff}"
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_bit_identical_random_config(case):
+    """A random draw (``moe_cases.draw_experts_config``: ids with repeats, K up to 2E), float32."""
+    (N, D, F, E, K), ids, options = draw_experts_config(case_rng(case))
+    tensors = problem(N, D, F, E, K, torch.float32, ids=ids.to(TORCH_DEVICE, torch.int32))
+    assert_bit_identical(*run_both(*tensors, **options))
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])

@@ -18,7 +18,7 @@ import torch
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from cpu_subprocess import with_xla_flags  # noqa: E402
-from moe_cases import GRAD_NAMES, random_moe, rel_err  # noqa: E402
+from moe_cases import GRAD_NAMES, case_rng, draw_moe_config, random_moe, rel_err, run_with_grads  # noqa: E402
 
 import flashfusemoe  # noqa: E402
 import jax_bridge  # noqa: E402
@@ -144,6 +144,34 @@ def test_bit_identical_to_torch(case):
     for name, gj, gt in zip(GRAD_NAMES, grads_j, grads_t):
         assert gj.dtype == JAX_DTYPES[dtype]
         assert_equal(gj, gt, f"grad_{name}")
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_bit_identical_random_config(case):
+    """A random draw of shapes and options (``moe_cases.draw_moe_config``), float32: the output, the
+    routing counts and every gradient equal torch-native's bit for bit."""
+    (n, d, f, e, k), options = draw_moe_config(case_rng(case))
+    bias = options.pop("expert_bias", None)
+    if options["gemm"] == "bmm" and "capacity_factor" not in options:  # static layout: room for every row
+        options["max_tokens_per_expert"] = max(n, 1)
+    what = f"N={n} D={d} F={f} E={e} K={k} {options} bias={bias is not None}"
+    tensors = random_moe(n, d, f, e, dtype=torch.float32, device=TORCH_DEVICE)
+    g = torch.randn_like(tensors[0])
+    bias = None if bias is None else bias.to(TORCH_DEVICE)
+    out_t, aux_t, grads_t = run_with_grads(
+        lambda *t: flashfusemoe.fused_moe(*t, k, expert_bias=bias, return_aux=True, **options), tensors, g)
+
+    def bridge(*a):
+        out, aux = jax_bridge.fused_moe(*a, k, return_aux=True, **bridge_options(options, bias))
+        return out, (aux["tokens_per_expert"], aux["dropped_tokens"])
+
+    out_j, (loads_j, dropped_j), (grads_j,) = jit_vjp(bridge, [to_jax(t) for t in tensors], [to_jax(g)],
+                                                       has_aux=True)
+    assert_equal(out_j, out_t, f"{what} out")
+    for name, gj, gt in zip(GRAD_NAMES, grads_j, grads_t):
+        assert_equal(gj, gt, f"{what} grad_{name}")
+    assert np.array_equal(np.asarray(loads_j), aux_t["tokens_per_expert"].cpu().numpy()), what
+    assert int(dropped_j) == int(aux_t["dropped_tokens"]), what
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "gathered", "fused_dgrad"])
