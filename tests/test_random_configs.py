@@ -2,14 +2,16 @@
 
 The other tests take each option through chosen cases; these draw a fresh combination per case
 from the test's seed (``FFMOE_SEED`` replays one): shapes down to N=0 and E=1, top_k up to E,
-every activation, ``gemm`` and routing option, capacity, recompute. float64 on both sides, so the
-kernels (the interpreter on CPU) must match the reference in the output, the routing counts and
-every gradient to 1e-9 relative.
+every activation, ``gemm`` and routing option, capacity, recompute; for ``moe_experts`` ids with
+repeats; for ``MoELayer`` shared experts, their gate and the aux losses. float64 on both sides, so
+the kernels (the interpreter on CPU) must match the reference in the output, the routing counts and
+every gradient to 1e-9 relative. (``tests/jax_bridge`` runs the same draws through the bridge.)
 """
 
 import pytest
 import torch
 from moe_cases import (
+    REFERENCE_OPTIONS,
     assert_close,
     case_rng,
     check_against_reference,
@@ -17,7 +19,11 @@ from moe_cases import (
     draw_moe_config,
     fused_and_reference,
     random_moe,
+    rel_err,
 )
+
+import flashfusemoe
+from flashfusemoe.reference import moe_reference
 
 TOL64 = 1e-9
 
@@ -46,3 +52,49 @@ def test_moe_experts_random_config(case):
     weights = torch.rand(N, K, dtype=torch.float64)
     check_against_reference(x, ids, weights, w_up, w_down, TOL64, f"N={N} D={D} F={F} E={E} K={K} {options}",
                             **options)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_layer_random_config(case):
+    """``MoELayer`` with a random draw, a shared expert (none, one or two, gated or not), a selection
+    bias buffer and a leading batch dim, against ``moe_reference`` on the same parameters: the
+    output and the gradient of every parameter for a loss with both aux losses in it."""
+    rng = case_rng(case)
+    (N, D, F, E, K), options = draw_moe_config(rng, torch.float64)
+    bias = options.pop("expert_bias", None)
+    shared = rng.choice([0, 1, 2])
+    gate = shared > 0 and rng.random() < 0.5
+    layer = flashfusemoe.MoELayer(D, F, E, K, use_expert_bias=bias is not None, num_shared_experts=shared,
+                                  shared_expert_gate=gate, dtype=torch.float64, **options)
+    if bias is not None:
+        layer.expert_bias.copy_(bias)
+    x = torch.randn(*rng.choice([(N,), (2, N)]), D, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    what = f"N={N} D={D} F={F} E={E} K={K} {options} shared={shared} gate={gate} bias={bias is not None}"
+    params = dict(layer.named_parameters())
+
+    def grads(out, aux):
+        loss = (out * grad_out).sum()
+        if N:  # (no tokens: the losses are 0 here, and the reference's means over nothing are NaN)
+            loss = loss + 0.3 * aux["load_balance_loss"] + 0.7 * aux["z_loss"]
+        if not loss.requires_grad:  # the reference with no tokens and no shared expert
+            return out.detach(), aux, dict.fromkeys(params)
+        return out.detach(), aux, dict(zip(params, torch.autograd.grad(loss, list(params.values()),
+                                                                         allow_unused=True)))
+
+    fused = grads(*layer(x, return_aux=True))
+    ref_options = {k: v for k, v in options.items() if k in REFERENCE_OPTIONS}
+    shared_weights = {n: p for n, p in params.items() if n.startswith("shared_")}
+    ref_bias = layer.expert_bias if bias is not None else None
+    ref = grads(*moe_reference(x, layer.router_weight, layer.w_up, layer.w_down, K, expert_bias=ref_bias,
+                               return_aux=True, **ref_options, **shared_weights))
+    errors = {"out": rel_err(fused[0], ref[0])}
+    for name, g in fused[2].items():
+        r = ref[2][name]
+        errors[f"grad_{name}"] = rel_err(torch.zeros_like(params[name]) if g is None else g,
+                                         torch.zeros_like(params[name]) if r is None else r)
+    for key in ("load_balance_loss", "z_loss"):
+        value = fused[1][key].detach()
+        errors[key] = rel_err(value, ref[1][key].detach()) if N else abs(float(value))  # (0 with no tokens)
+    assert all(e <= TOL64 for e in errors.values()), f"{what}: {errors}"
+    assert torch.equal(fused[1]["tokens_per_expert"].long(), ref[1]["tokens_per_expert"].long()), what
