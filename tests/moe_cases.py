@@ -141,10 +141,16 @@ def _draw_expert_options(rng: random.Random) -> dict:
 
 
 def draw_moe_config(rng: random.Random, bias_dtype=torch.float32) -> tuple[tuple, dict]:
-    """``((N, D, F, E, top_k), options)`` for ``fused_moe``: top_k from 1 to E, every activation,
-    ``gemm`` and routing option (scaling, a selection bias, expert groups), capacity, recompute."""
+    """``((N, D, F, E, top_k), options)`` for ``fused_moe``: top_k from 1 to E and
+    ``draw_options``."""
     N, D, F, E = _draw_shape(rng)
     K = rng.randint(1, E)
+    return (N, D, F, E, K), draw_options(rng, E, K, bias_dtype)
+
+
+def draw_options(rng: random.Random, E: int, K: int, bias_dtype=torch.float32) -> dict:
+    """``fused_moe`` options for E experts and top_k=K: every activation, ``gemm`` and routing option
+    (scaling, a selection bias ``expert_bias`` [E], expert groups), capacity, recompute."""
     options = _draw_expert_options(rng)
     options.update(score_func=rng.choice(["softmax", "sigmoid"]), norm_topk_prob=rng.random() < 0.5)
     if rng.random() < 0.3:
@@ -159,7 +165,7 @@ def draw_moe_config(rng: random.Random, bias_dtype=torch.float32) -> tuple[tuple
             options.update(n_group=n_group, topk_group=topk_group)
     if rng.random() < 0.3:
         options["capacity_factor"] = rng.choice([0.5, 1.0, 1.5])
-    return (N, D, F, E, K), options
+    return options
 
 
 def draw_experts_config(rng: random.Random) -> tuple[tuple, torch.Tensor, dict]:

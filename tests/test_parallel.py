@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fast_interpreter import install as install_fast_interpreter
+from moe_cases import case_rng, draw_options
 
 import flashfusemoe
 from flashfusemoe import parallel
@@ -175,7 +176,7 @@ def _run_case(rank: int, W: int, case: dict, seed: int, dtype) -> None:
         share = aux[key].detach().clone().reshape(1)
         dist.all_reduce(share, group=group)
         close(share[0], res[1][key].detach(), f"{key} (summed over ranks)")
-    if case.get("kw", {}).get("capacity_factor"):  # capacity really drops, so selection is tested
+    if case.get("kw", {}).get("capacity_factor") and not case.get("random"):  # the designed cases drop
         assert int(res[1]["dropped_tokens"]) > 0, name
     if want_aux and "expect_empty_rank" in case:  # the adversarial case really is adversarial
         loads = res[1]["tokens_per_expert"].view(W, El).sum(1)
@@ -262,23 +263,44 @@ def _cases(W: int, full: bool) -> list:
             dict(name="capacity, all to rank 0", E=2 * W, K=2, ns=[n] * W, aux=True,
                  bias=_bias_to_rank(2 * W, W, 0), kw=dict(capacity_factor=1.0)),
             dict(name="all ranks N=0 but one", E=2 * W, K=2, ns=[0] * (W - 1) + [3], aux=True),
+            dict(name="every rank N=0", E=2 * W, K=2, ns=[0] * W, aux=True),
             dict(name="bmm experts, recompute", E=2 * W, K=2, ns=[n] * W, aux=True,
                  kw=dict(gemm="bmm", recompute=True)),
         ]
     return cases
 
 
+def _random_cases(W: int, count: int) -> list:
+    """``count`` draws of ``moe_cases.draw_options`` on E = W, 2W or 3W experts, with a shared
+    expert or not and per-rank token counts down to 0 (equal counts in capacity mode)."""
+    cases = []
+    for i in range(count):
+        rng = case_rng(i)
+        E = W * rng.choice([1, 2, 3])
+        K = rng.randint(1, E)
+        kw = draw_options(rng, E, K)
+        bias = kw.pop("expert_bias", None)
+        if "capacity_factor" in kw:
+            ns = [rng.choice([3, 7])] * W
+        else:  # (not all 0: the float32 run's reference has nothing to differentiate then)
+            ns = [rng.choice([0, 3, 7]) for _ in range(W - 1)] + [rng.choice([3, 7])]
+            rng.shuffle(ns)
+        cases.append(dict(name=f"random {i}: E={E} K={K} ns={ns} {kw} bias={bias is not None}", E=E, K=K,
+                          ns=ns, aux=True, kw=kw, bias=bias, shared=rng.random() < 0.3, random=True))
+    return cases
+
+
 @pytest.mark.parametrize("W", [2, 4])
 def test_ep_matches_single_process_float64(W):
     """W=2 also runs the bad inputs (each must raise on every rank, before or at the first collective)."""
-    spawn(_cases_worker, W, _cases(W, full=W == 2), torch.initial_seed() % (1 << 30), "float64", W == 2,
-          interpret=False)
+    spawn(_cases_worker, W, _cases(W, full=W == 2) + _random_cases(W, 2), torch.initial_seed() % (1 << 30),
+          "float64", W == 2, interpret=False)
 
 
 def test_ep_matches_reference_kernels_float32():
     """The Triton kernels (interpreted) on W=2 ranks; W=4 runs the same code on the torch path above."""
     seed = torch.initial_seed() % (1 << 30)
-    spawn(_cases_worker, 2, _cases(2, full=False), seed, "float32", interpret=True)
+    spawn(_cases_worker, 2, _cases(2, full=False) + _random_cases(2, 1), seed, "float32", interpret=True)
 
 
 # ---------------------------------------------------------------------------------------------
