@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import flashfusemoe
+from flashfusemoe.config import ACTIVATIONS, GEMMS, SCORE_FUNCS
 from flashfusemoe.kernels import permute, routing
 from flashfusemoe.reference import moe_reference
 
@@ -120,9 +121,6 @@ def assert_close(fused, reference, tol, what=""):
 # ---- Random configurations --------------------------------------------------------------
 
 
-GEMMS = ("auto", "grouped", "gathered", "fused_dgrad", "bmm")
-
-
 def case_rng(case: int) -> random.Random:
     """A generator for one parametrized case, from the test's torch seed (``FFMOE_SEED`` replays
     it) and the case index, so the cases of one run differ."""
@@ -136,8 +134,7 @@ def _draw_shape(rng: random.Random) -> tuple[int, int, int, int]:
 
 
 def _draw_expert_options(rng: random.Random) -> dict:
-    return dict(activation=rng.choice(["swiglu", "geglu", "relu2"]), gemm=rng.choice(GEMMS),
-                recompute=rng.random() < 0.3)
+    return dict(activation=rng.choice(ACTIVATIONS), gemm=rng.choice(GEMMS), recompute=rng.random() < 0.3)
 
 
 def draw_moe_config(rng: random.Random, bias_dtype=torch.float32) -> tuple[tuple, dict]:
@@ -152,7 +149,7 @@ def draw_options(rng: random.Random, E: int, K: int, bias_dtype=torch.float32) -
     """``fused_moe`` options for E experts and top_k=K: every activation, ``gemm`` and routing option
     (scaling, a selection bias ``expert_bias`` [E], expert groups), capacity, recompute."""
     options = _draw_expert_options(rng)
-    options.update(score_func=rng.choice(["softmax", "sigmoid"]), norm_topk_prob=rng.random() < 0.5)
+    options.update(score_func=rng.choice(SCORE_FUNCS), norm_topk_prob=rng.random() < 0.5)
     if rng.random() < 0.3:
         options["routed_scaling_factor"] = rng.choice([0.5, 2.5])
     if rng.random() < 0.3:

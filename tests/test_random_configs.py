@@ -74,13 +74,15 @@ def test_layer_random_config(case):
     params = dict(layer.named_parameters())
 
     def grads(out, aux):
+        """(out, aux, {parameter name: gradient}), a zero gradient where the loss does not reach it."""
         loss = (out * grad_out).sum()
         if N:  # (no tokens: the losses are 0 here, and the reference's means over nothing are NaN)
             loss = loss + 0.3 * aux["load_balance_loss"] + 0.7 * aux["z_loss"]
-        if not loss.requires_grad:  # the reference with no tokens and no shared expert
-            return out.detach(), aux, dict.fromkeys(params)
-        return out.detach(), aux, dict(zip(params, torch.autograd.grad(loss, list(params.values()),
-                                                                         allow_unused=True)))
+        found = [None] * len(params)
+        if loss.requires_grad:  # (not for the reference with no tokens and no shared expert)
+            found = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return out.detach(), aux, {name: torch.zeros_like(p) if g is None else g
+                                   for (name, p), g in zip(params.items(), found)}
 
     fused = grads(*layer(x, return_aux=True))
     ref_options = {k: v for k, v in options.items() if k in REFERENCE_OPTIONS}
@@ -89,10 +91,7 @@ def test_layer_random_config(case):
     ref = grads(*moe_reference(x, layer.router_weight, layer.w_up, layer.w_down, K, expert_bias=ref_bias,
                                return_aux=True, **ref_options, **shared_weights))
     errors = {"out": rel_err(fused[0], ref[0])}
-    for name, g in fused[2].items():
-        r = ref[2][name]
-        errors[f"grad_{name}"] = rel_err(torch.zeros_like(params[name]) if g is None else g,
-                                         torch.zeros_like(params[name]) if r is None else r)
+    errors.update({f"grad_{name}": rel_err(g, ref[2][name]) for name, g in fused[2].items()})
     for key in ("load_balance_loss", "z_loss"):
         value = fused[1][key].detach()
         errors[key] = rel_err(value, ref[1][key].detach()) if N else abs(float(value))  # (0 with no tokens)
