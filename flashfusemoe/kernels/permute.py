@@ -742,6 +742,20 @@ def _combine_rows_torch(rows, assign_to_row, top_k, weights, addend, acc_dtype):
     return acc
 
 
+def combine_blocks(d: int, num_experts: int, fp64: bool = False) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_D, BLOCK_E, num_warps)`` of ``_combine_rows_kernel`` for width ``d``, with
+    the router term when ``num_experts`` > 0 (its dot in fp64 when ``fp64``)."""
+    if num_experts == 0:
+        return (*row_blocks(d, _COMBINE_ELEMS, 256), 1, 4)
+    # The router term's [BLOCK_N, BLOCK_E] x [BLOCK_E, BLOCK_D] dot: wider tiles and 8 warps were
+    # faster (docs/benchmarks.md, "Measurements behind code choices"). Its tiles are at least 16
+    # wide. Its operands take 2 * (BLOCK_N + BLOCK_D) * BLOCK_E * itemsize bytes of shared memory
+    # (sm_90, Triton 3.6), at most 227 KiB: so at most 128 rows, and BLOCK_E 32 in fp64.
+    block_n, block_d = row_blocks(max(d, 16), 2 * _COMBINE_ELEMS, 256)
+    block_e = min(32 if fp64 else 64, max(16, next_power_of_2(num_experts)))
+    return min(max(block_n, 16), 128), block_d, block_e, 8
+
+
 def combine_rows(
     rows: torch.Tensor,
     assign_to_row: torch.Tensor,
@@ -779,13 +793,8 @@ def combine_rows(
         acc = _combine_rows_torch(rows, assign_to_row, top_k, weights, addend, acc_dtype)
         return deliver(acc.to(out_dtype), out, "out")
     out = out_buffer(out, (n, d), out_dtype, dev, "out")
-    # With the router term each program also runs a [BLOCK_N, E] x [E, BLOCK_D] dot: wider tiles
-    # and 8 warps were faster (docs/benchmarks.md, "Measurements behind code choices").
-    elems, warps = (_COMBINE_ELEMS, 4) if addend is None else (2 * _COMBINE_ELEMS, 8)
-    block_n, block_d = row_blocks(d, elems, 256)
     num_experts = 0 if addend is None else addend[0].shape[1]
-    if addend is not None:  # tl.dot tiles are at least 16 wide
-        block_n, block_d = max(block_n, 16), max(block_d, 16)
+    block_n, block_d, block_e, warps = combine_blocks(d, num_experts, fp64)
     grid = (cdiv(n, block_n), cdiv(d, block_d))
     _combine_rows_kernel[grid](
         rows,
@@ -807,7 +816,7 @@ def combine_rows(
         and addend[0].dtype == addend[1].dtype,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        BLOCK_E=min(64, max(16, next_power_of_2(max(num_experts, 1)))),
+        BLOCK_E=block_e,
         num_warps=warps,
     )
     return out

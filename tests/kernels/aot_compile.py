@@ -1,7 +1,8 @@
 """Compile every kernel listed in ``aot_specs.SPECS`` for sm_90.
 
 Run in a process without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``).
-Prints one line per kernel; exits 1 if any failed, or if a module's launched kernel has no spec.
+Prints one line per kernel; exits 1 if any failed, needs more shared memory than one sm_90 program
+may have, or if a module's launched kernel has no spec.
 """
 
 import importlib
@@ -21,6 +22,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import flashfusemoe.kernels as kernels_pkg  # noqa: E402
+
+SM90_MAX_SHARED = 232448  # bytes of shared memory one program (CTA) may use on sm_90 (227 KiB)
 
 
 def _test_side_specs(name: str):
@@ -56,6 +59,9 @@ def main(only=()) -> int:
                 )
                 if not compiled.asm["ptx"]:
                     raise RuntimeError("no PTX")
+                if compiled.metadata.shared > SM90_MAX_SHARED:  # would raise OutOfResources at launch
+                    raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, "
+                                       f"sm_90 allows {SM90_MAX_SHARED}: {constexprs}")
                 print(f"ok   {name}")
             except Exception:
                 failed += 1

@@ -94,8 +94,14 @@ def _permute() -> list:
             )
         acc = TRITON_DTYPES[compute_dtype(dtype)]
         sixteen = dtype in (torch.bfloat16, torch.float16)
-        block_n, block_d = row_blocks(4096, permute._COMBINE_ELEMS, 256)
-        for has_w, has_router in ((True, False), (False, True), (False, False), (True, True)):
+        # The wrapper's own tiles (combine_blocks); narrow rows too where the router term's dot
+        # stages its operands in shared memory (fp32 and fp64: largest).
+        cases = [(4096, has_w, has_router) for has_w in (True, False) for has_router in (False, True)]
+        if not sixteen:
+            cases += [(d, has_w, True) for d in (1, 24) for has_w in (True, False)]
+        for d, has_w, has_router in cases:
+            block_n, block_d, block_e, _ = permute.combine_blocks(d, 128 if has_router else 0,
+                                                                 dtype == torch.float64)
             consts = {
                 "K": 8,
                 "HAS_W": has_w,
@@ -103,9 +109,9 @@ def _permute() -> list:
                 "FP64": dtype == torch.float64,
                 "ROUTER_TF32": sixteen,
                 "ROUTER_16BIT": has_router and sixteen,
-                "BLOCK_N": max(block_n, 16),
+                "BLOCK_N": block_n,
                 "BLOCK_D": block_d,
-                "BLOCK_E": 64,
+                "BLOCK_E": block_e,
             }
             specs.append(
                 spec(

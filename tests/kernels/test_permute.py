@@ -174,7 +174,7 @@ def ref_combine(rows, assign_to_row, k, weights, router=None):
     return out, scale, router_scale
 
 
-def check_combine(out, want, scale, router_scale, acc_dtype):
+def check_combine(out, want, scale, router_scale, acc_dtype, roundings=24):
     """Accumulating K products and E router products costs at most about 2(K + E) roundings of
     the accumulator (eps each) relative to the sum of |terms|: 24 eps covers K + E <= 11. A 16-bit
     output adds one final rounding below one ulp (truncation in the interpreter): 2^-7 relative for
@@ -184,7 +184,7 @@ def check_combine(out, want, scale, router_scale, acc_dtype):
     err = (out.cpu().double() - want).abs()
     # 16-bit outputs take the router term's products in tf32 (10-bit mantissa): 2^-10 each
     tf32 = 2.0**-10 if out.dtype in (torch.bfloat16, torch.float16) else 0.0
-    bound = 24 * eps * scale + rel_out * want.abs() + tf32 * router_scale
+    bound = roundings * eps * scale + rel_out * want.abs() + tf32 * router_scale
     assert bool((err <= bound).all()), (err - bound).max()
 
 
@@ -207,6 +207,21 @@ def test_combine_rows(backend, device, dtype, m, with_weights, with_router):
     check_combine(out, *ref_combine(rows, assign_to_row, k, weights, router), acc)
     again = permute.combine_rows(rows, assign_to_row, k, **kw)
     assert torch.equal(out, again)  # deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 24, 300])
+def test_combine_rows_router_term_many_experts(backend, device, dtype, d):
+    """The router term's tiles at narrow and wide rows with 70 experts (on a GPU, tiles chosen for
+    fp32 once needed more shared memory than a program has in fp64, and at d=1 in fp32)."""
+    n, k, e = 41, 3, 70
+    assign_to_row, row_to_assign, *_ = layout_for(n, k, e, 0, device)
+    rows = torch.randn(row_to_assign.numel(), d, dtype=dtype, device=device)
+    weights = torch.rand(n, k, dtype=dtype, device=device)
+    router = (torch.randn(n, e, dtype=dtype, device=device), torch.randn(e, d, dtype=dtype, device=device))
+    out = permute.combine_rows(rows, assign_to_row, k, weights=weights, logit_grad=router[0],
+                               router_weight=router[1])
+    check_combine(out, *ref_combine(rows, assign_to_row, k, weights, router), dtype, roundings=2 * (k + e))
 
 
 def test_combine_rows_out_dtype_and_empty(backend, device):
