@@ -47,7 +47,28 @@ def register() -> None:
     """Registers ``"flashfusemoe"`` in transformers' ``ExpertsInterface`` (all its instances)."""
     from transformers.integrations import moe
 
+    _transformers_symbols()
     type(moe.ALL_EXPERTS_FUNCTIONS).register(NAME, experts_forward)
+
+
+_symbols = None
+
+
+def _transformers_symbols() -> tuple:
+    """``(default _apply_gate or None, SiLU classes, GELU classes, ReLU^2 classes)`` of the
+    installed transformers. Looked up once, by ``register()``: under ``torch.compile`` the
+    experts function then reads a global instead of tracing imports, which Dynamo rejects for
+    transformers' lazy modules (transformers 5.17: "Bad import result")."""
+    global _symbols
+    if _symbols is None:
+        from transformers import activations
+        from transformers.integrations import moe
+
+        silu = tuple(c for c in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if c is not None)
+        gelu = tuple(c for c in (getattr(activations, "GELUActivation", None),) if c is not None)
+        relu2 = tuple(c for c in (getattr(activations, "ReLUSquaredActivation", None),) if c is not None)
+        _symbols = (getattr(moe, "_default_apply_gate", None), silu, gelu, relu2)
+    return _symbols
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -61,19 +82,10 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
                        activation=activation, check_ids=False, distinct_ids=True)
 
 
-def _activation_classes():
-    from transformers import activations
-
-    silu = tuple(c for c in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if c is not None)
-    gelu = tuple(c for c in (getattr(activations, "GELUActivation", None),) if c is not None)
-    relu2 = tuple(c for c in (getattr(activations, "ReLUSquaredActivation", None),) if c is not None)
-    return silu, gelu, relu2
-
-
 def activation_of(act_fn) -> str:
     """Our GLU activation for a transformers ``act_fn``: SiLU -> "swiglu", erf GELU -> "geglu",
     ReLU^2 -> "relu2"; anything else raises ``UnsupportedModelError``."""
-    silu, gelu, relu2 = _activation_classes()
+    _, silu, gelu, relu2 = _transformers_symbols()
     if isinstance(act_fn, silu) or act_fn is F.silu:
         return "swiglu"
     if isinstance(act_fn, nn.GELU) and act_fn.approximate == "none":
@@ -105,9 +117,7 @@ def check_experts_module(experts: nn.Module) -> str:
         value = getattr(experts, flag, False if flag in optional else None)
         if value is not wanted:
             raise UnsupportedModelError(f"{name}: {what} ({flag}={value}) are not supported by flashfusemoe")
-    from transformers.integrations import moe
-
-    default_gate = getattr(moe, "_default_apply_gate", None)
+    default_gate = _transformers_symbols()[0]
     gate = getattr(type(experts), "_apply_gate", default_gate)
     if default_gate is None or gate is not default_gate:
         raise UnsupportedModelError(
