@@ -7,7 +7,9 @@ the packages of the interpreter running the tests (no 2 GB download); to the ven
 is installed torch like any other.
 """
 
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,34 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: no check, the test runs
+    tomllib = None
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
+
+
+def _missing_requirements() -> list[str]:
+    """What ``make demo`` would install (the core requirements and the test, jax and bench extras)
+    that this interpreter lacks. The tests forbid downloads (``PIP_NO_INDEX``), so they need none."""
+    if tomllib is None:
+        return []
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in ("test", "jax", "bench")
+                                      for r in project["optional-dependencies"][extra]]
+    missing = []
+    for req in reqs:
+        if ";" in req and "platform_system == 'Linux'" in req and sys.platform != "linux":
+            continue
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def _user_venv(path: Path) -> Path:
@@ -43,6 +70,8 @@ def _activated(venv: Path) -> dict:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.skipif(bool(_missing_requirements()), reason=f"needs {_missing_requirements()} installed "
+                    "(downloads are off in this test)")
 def test_make_demo_in_an_activated_venv_with_torch(tmp_path):
     user = _user_venv(tmp_path / "user-venv")
     env = _activated(user)
