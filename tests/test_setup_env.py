@@ -48,6 +48,9 @@ def _missing_requirements() -> list[str]:
     return missing
 
 
+MISSING = _missing_requirements()
+
+
 def _user_venv(path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
     site = subprocess.run([str(path / "bin" / "python"), "-c",
@@ -70,8 +73,7 @@ def _activated(venv: Path) -> dict:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-@pytest.mark.skipif(bool(_missing_requirements()), reason=f"needs {_missing_requirements()} installed "
-                    "(downloads are off in this test)")
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {MISSING} installed (downloads are off in this test)")
 def test_make_demo_in_an_activated_venv_with_torch(tmp_path):
     user = _user_venv(tmp_path / "user-venv")
     env = _activated(user)
