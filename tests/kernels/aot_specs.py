@@ -1,4 +1,6 @@
-"""What ``aot_compile.py`` compiles: ``(kernel, signature, constexprs)`` for every launched kernel.
+"""What ``aot_compile.py`` compiles: ``(kernel, signature, constexprs[, options])`` for every launched
+kernel, ``options`` the launch's ``num_warps`` / ``num_stages`` / ``maxnreg`` where they are not Triton's
+defaults (they set the shared memory the check in ``aot_compile.py`` sees).
 
 Signatures are derived from each kernel's own parameters (``spec``): parameters given a value in
 ``constexprs`` are compile-time constants, ``*_ptr`` parameters point to the case's dtype, the rest
@@ -43,8 +45,14 @@ def _parameters(kernel) -> list[tuple[str, bool]]:
     return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(fn).parameters.items()]
 
 
-def spec(kernel, constexprs: dict, dtype: torch.dtype = torch.bfloat16, **types) -> tuple:
-    """``(kernel, signature, constexprs)``, the signature derived from the kernel's parameters."""
+def launch_options(cfg: dict) -> dict:
+    """The launch options in a wrapper's configuration dict."""
+    return {k: cfg[k] for k in ("num_warps", "num_stages", "maxnreg") if k in cfg}
+
+
+def spec(kernel, constexprs: dict, dtype: torch.dtype = torch.bfloat16, options: dict | None = None,
+         **types) -> tuple:
+    """``(kernel, signature, constexprs, options)``, the signature derived from the kernel's parameters."""
     signature = {}
     for name, is_constexpr in _parameters(kernel):
         if name in types:
@@ -57,7 +65,7 @@ def spec(kernel, constexprs: dict, dtype: torch.dtype = torch.bfloat16, **types)
             signature[name] = "*" + TRITON_DTYPES[dtype]
         else:
             signature[name] = "i32"
-    return kernel, signature, constexprs
+    return kernel, signature, constexprs, options or {}
 
 
 def _permute() -> list:
@@ -100,8 +108,8 @@ def _permute() -> list:
         if not sixteen:
             cases += [(d, has_w, True) for d in (1, 24) for has_w in (True, False)]
         for d, has_w, has_router in cases:
-            block_n, block_d, block_e, _ = permute.combine_blocks(d, 128 if has_router else 0,
-                                                                 dtype == torch.float64)
+            block_n, block_d, block_e, warps = permute.combine_blocks(d, 128 if has_router else 0,
+                                                                     dtype == torch.float64)
             consts = {
                 "K": 8,
                 "HAS_W": has_w,
@@ -118,6 +126,7 @@ def _permute() -> list:
                     permute._combine_rows_kernel,
                     consts,
                     dtype,
+                    {"num_warps": warps},
                     assign_to_row_ptr="*i32",
                     weights_ptr="*" + (acc if has_w else TRITON_DTYPES[dtype]),
                     logit_grad_ptr="*" + (acc if has_router and not sixteen else TRITON_DTYPES[dtype]),
@@ -220,6 +229,7 @@ def _routing() -> list:
                     routing._route_fwd_kernel,
                     consts,
                     dtype,
+                    launch_options(cfg),
                     ids_ptr="*i32",
                     counts_ptr="*i32",
                     scale="fp64",
@@ -260,9 +270,11 @@ def _grouped_gemm() -> list:
         blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
         for unit_stride in ("stride_bk", "stride_bn"):  # trans_b=True / trans_b=False
             consts = {"stride_ak": 1, "stride_on": 1, unit_stride: 1, **blocks, "BLOCK_E": 64}
-            specs.append(spec(grouped_gemm._grouped_mm_kernel, consts, dtype, ends_ptr="*i32"))
+            specs.append(spec(grouped_gemm._grouped_mm_kernel, consts, dtype, launch_options(cfg),
+                              ends_ptr="*i32"))
         consts = {"stride_am": 1, "stride_bn": 1, "stride_on": 1, **blocks}
-        specs.append(spec(grouped_gemm._grouped_wgrad_kernel, consts, dtype, ends_ptr="*i32"))
+        specs.append(spec(grouped_gemm._grouped_wgrad_kernel, consts, dtype, launch_options(cfg),
+                          ends_ptr="*i32"))
         for n in (256, 1408) if dtype in (torch.bfloat16, torch.float16) else ():  # both tile shapes
             cfg = grouped_gemm._tma_config(n, interpret=False)
             bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -273,6 +285,7 @@ def _grouped_gemm() -> list:
                         grouped_gemm._grouped_wgrad_tma_kernel,
                         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                         dtype,
+                        launch_options(cfg),
                         ends_ptr="*i32",
                         out_ptr=f"*{out_t}",
                         a_desc=f"tensordesc<{name}[{bk}, {bm}]>",

@@ -633,7 +633,7 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
     """The kernel variants the wrappers launch for ``dtype`` on a GPU, with the module's fixed
     configurations (``gth._config``, each F-dependent choice): TMA and pointer weights (16-bit),
     every activation, each output combination."""
-    from aot_specs import TRITON_DTYPES
+    from aot_specs import TRITON_DTYPES, launch_options
 
     t = TRITON_DTYPES[dtype]
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT", "N_ACC")
@@ -670,7 +670,7 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                     consts["EVEN_K"] = use_tma  # D % BLOCK_K == 0 is the common case; both compiled
                     consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
                     sig.update({k: "constexpr" for k in consts})
-                    specs.append((gth._up_glu_kernel, sig, consts))
+                    specs.append((gth._up_glu_kernel, sig, consts, launch_options(cfg)))
         for kind, acts in (("dgrad", ACTS), ("mm", (None,))):
             cfg = gth._config(kind, dtype, 256, interpret=False)
             desc = f"tensordesc<{t}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>" if use_tma else f"*{t}"
@@ -695,18 +695,21 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 consts.update({k: cfg[k] for k in blocks if k in cfg}, BLOCK_E=128)
                 consts.setdefault("EPI_SPLIT", 1)
                 sig.update({k: "constexpr" for k in consts})
-                specs.append((gth._dgrad_glu_kernel, sig, consts))
+                specs.append((gth._dgrad_glu_kernel, sig, consts, launch_options(cfg)))
                 if act == "swiglu":  # sorted_dgrad_glu (dy in expert order, TMA rows where allowed): the
                     # prologue differs, the epilogue is the one compiled above for every activation
                     sorted_sig = dict(sig, dy_desc=f"tensordesc<{t}[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>"
                                       if use_tma else f"*{t}")
                     sorted_consts = dict(consts, DY_SORTED=True, DY_TMA=use_tma)
-                    specs.append((gth._dgrad_glu_kernel, sorted_sig, sorted_consts))
+                    sorted_cfg = gth._config("dgrad_sorted", dtype, 256, interpret=False)
+                    specs.append(
+                        (gth._dgrad_glu_kernel, sorted_sig, sorted_consts, launch_options(sorted_cfg)))
                 if act == "swiglu":  # the other chunkings and accumulator counts
                     for n_acc, split in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2)):
                         if (n_acc, split) != (cfg["N_ACC"], cfg.get("EPI_SPLIT", 1)):
                             specs.append(
-                                (gth._dgrad_glu_kernel, sig, dict(consts, N_ACC=n_acc, EPI_SPLIT=split))
+                                (gth._dgrad_glu_kernel, sig, dict(consts, N_ACC=n_acc, EPI_SPLIT=split),
+                                 launch_options(cfg))
                             )
         for gather_a, idx64 in ((True, False), (False, False), (True, True), (False, True)):
             cfg = gth._config("wgrad_a" if gather_a else "wgrad_b", dtype, interpret=False)
@@ -733,12 +736,12 @@ def _aot_kernel_specs(dtype: torch.dtype) -> list[tuple]:
                 consts = {"GATHER_A": gather_a, "SORTED_TMA": use_tma, "IDX64": idx64, "EVEN_MN": not idx64}
                 consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
                 sig.update({k: "constexpr" for k in consts})
-                specs.append((gth._gathered_wgrad_kernel, sig, consts))
+                specs.append((gth._gathered_wgrad_kernel, sig, consts, launch_options(cfg)))
     return specs
 
 
 def aot_specs() -> list:
-    """``(kernel, signature, constexprs)`` of every gathered-GEMM kernel variant, for
+    """``(kernel, signature, constexprs, options)`` of every gathered-GEMM kernel variant, for
     tests/kernels/aot_compile.py (this module has no ``AOT_SPECS`` of its own)."""
     return [
         spec for dtype in (torch.bfloat16, torch.float16, torch.float32) for spec in _aot_kernel_specs(dtype)
