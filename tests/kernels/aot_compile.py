@@ -49,14 +49,14 @@ def main(only=()) -> int:
         if missing:
             print(f"FAIL {mod_info.name}: no AOT spec for {missing}")
             failed += 1
-        for i, (kernel, signature, constexprs, *options) in enumerate(specs):
+        for i, (kernel, signature, constexprs, options) in enumerate(specs):
             fn = jit_function(kernel)
             name = f"{mod_info.name}.{fn.__name__}[{i}]"
             try:
                 compiled = triton.compile(
                     ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                     target=GPUTarget("cuda", 90, 32),
-                    options=options[0] if options else None,
+                    options=options,
                 )
                 if not compiled.asm["ptx"]:
                     raise RuntimeError("no PTX")

@@ -1,4 +1,4 @@
-"""What ``aot_compile.py`` compiles: ``(kernel, signature, constexprs[, options])`` for every launched
+"""What ``aot_compile.py`` compiles: ``(kernel, signature, constexprs, options)`` for every launched
 kernel, ``options`` the launch's ``num_warps`` / ``num_stages`` / ``maxnreg`` where they are not Triton's
 defaults (they set the shared memory the check in ``aot_compile.py`` sees).
 
