@@ -9,7 +9,6 @@ is installed torch like any other.
 
 import importlib.metadata
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 try:
     import tomllib
@@ -37,14 +37,13 @@ def _missing_requirements() -> list[str]:
     reqs = project["dependencies"] + [r for extra in ("test", "jax", "bench")
                                       for r in project["optional-dependencies"][extra]]
     missing = []
-    for req in reqs:
-        if ";" in req and "platform_system == 'Linux'" in req and sys.platform != "linux":
+    for req in map(Requirement, reqs):
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
-        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
         try:
-            importlib.metadata.version(name)
+            importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError:
-            missing.append(name)
+            missing.append(req.name)
     return missing
 
 
