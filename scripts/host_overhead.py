@@ -4,17 +4,24 @@
     PYTHONPATH=. python scripts/host_overhead.py --stub     # no GPU needed
     PYTHONPATH=. python scripts/host_overhead.py --compare  # launch paths, one process
     PYTHONPATH=. python scripts/host_overhead.py --sample   # where a step's host time goes
+    PYTHONPATH=. python scripts/host_overhead.py --floor    # autograd's own cost for our interface
 
 On a GPU it prints the fwd+bwd time, the host's enqueue time per step and a profile. ``--stub``
 runs the GPU path's Python on CPU instead: Triton's interpreter is selected (so every wrapper
-takes its Triton branch) and each kernel launch is replaced by a no-op, so what is timed is the
-package's own host work (checks, allocations, autograd) without the kernels. Compare two
+takes its Triton branch) and ``FastLaunch`` runs its own repeat-launch path (key, cache lookup)
+up to the compiled kernel's C launcher, which is a no-op, as are the CUDA device and stream
+queries; so what is timed is the package's own host work (checks, allocations, autograd,
+``FastLaunch``) without Triton's launcher and the kernels. Compare two
 checkouts by running it in each, one after the other, on an otherwise idle machine.
 
 ``--compare`` times the three launch paths in one process, alternating: ``triton`` (Triton's own
 dispatch), ``fast`` (``FastLaunch`` through Triton's Python launcher) and ``direct`` (``FastLaunch``
 calling the C launcher itself); per path the host's enqueue time, the synced fwd+bwd per call
 and the pipelined one (``do_bench``), then each kernel's host time per launch on each path.
+
+``--floor`` times, beside the real step, an ``autograd.Function`` with the layer's interface (four
+leaves in; output, logits and two integer tensors out, each allocated with ``torch.empty``; four
+gradients back) that launches nothing: the host cost of autograd and allocation alone.
 """
 
 import argparse
@@ -35,6 +42,7 @@ def main():
     parser.add_argument("--profile", type=int, default=25, help="cProfile rows to print (0: none)")
     parser.add_argument("--compare", action="store_true", help="the launch paths, alternating (GPU)")
     parser.add_argument("--sample", action="store_true", help="stack samples of 300 steps")
+    parser.add_argument("--floor", action="store_true", help="an autograd.Function that launches nothing")
     args = parser.parse_args()
     if args.stub:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, at import
@@ -44,8 +52,8 @@ def main():
     from flashfusemoe.kernels.launch import FastLaunch
     from flashfusemoe.profiling import median_ms
 
+    direct_launches = stub_launches(FastLaunch) if args.stub else None
     if args.stub:
-        FastLaunch.launch = lambda self, grid, launch_args, kwargs: None
         torch.set_num_threads(1)
     N, D, F, E, K = args.shape or ((64, 32, 32, 8, 2) if args.stub else (8192, 1024, 1536, 8, 2))
     device, dtype = ("cpu", torch.float32) if args.stub else ("cuda", torch.bfloat16)
@@ -67,6 +75,14 @@ def main():
     if args.sample:
         sample_stacks(step, sync)
         return
+    if args.floor:
+        empty_step = empty_function_step(leaves, grad_out, K)
+        for name, fn in (("fused_moe fwd+bwd", step), ("launch-free autograd.Function fwd+bwd", empty_step)):
+            for _ in range(5):
+                fn()
+            sync()
+            print(f"host time per {name} call (median of 50): {_host_us(fn, sync, 50):.1f} us")
+        return
     if not args.stub:
         print(f"fwd+bwd median: {median_ms(step, warmup=5, iters=20):.3f} ms")
     for name, fn in (("forward", forward), ("fwd+bwd", step)):
@@ -80,6 +96,10 @@ def main():
             host.append((time.perf_counter() - t0) * 1e6)
             sync()
         print(f"host time per {name} call (median of {len(host)}): {sorted(host)[len(host) // 2]:.1f} us")
+    if direct_launches is not None:
+        before = len(direct_launches)
+        step()
+        print(f"FastLaunch repeat launches per fwd+bwd (stubbed C launcher): {len(direct_launches) - before}")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -135,6 +155,68 @@ def sample_stacks(step, sync, steps: int = 300, top: int = 40) -> None:
         print(f"-- {title}")
         for name, count in counts.most_common(top):
             print(f"{count:6d} {100 * count / max(total, 1):5.1f}%  {name}")
+
+
+def stub_launches(fast_launch_cls) -> list:
+    """``FastLaunch`` on CPU: its repeat-launch path runs; compiling and launching are no-ops.
+
+    Returns the list that each stubbed C-launcher call appends its kernel's grid to."""
+    import inspect
+    import types
+
+    import torch
+
+    from flashfusemoe.kernels import launch
+
+    torch._C._cuda_getDevice = lambda: 0
+    torch._C._cuda_getCurrentRawStream = lambda device: 0
+    launch._ensure_context = lambda device: None
+    direct_launches = []
+    launch._direct_launcher = lambda compiled, descs: (
+        lambda grid, stream, args, trailing: direct_launches.append(grid))
+    fake_compiled = types.SimpleNamespace(run=None, function=None, packed_metadata=None)
+
+    class NoCompile:  # the kernel's parameters (name, default), no compile
+        def __init__(self, fn):
+            self.params = list(inspect.signature(fn.fn).parameters.values())
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: fake_compiled
+
+    original_launch = fast_launch_cls.launch
+
+    def launch_stubbed(self, grid, args, kwargs):
+        if not isinstance(self.fn, NoCompile):
+            self.fn = NoCompile(self.fn)
+        return original_launch(self, grid, args, kwargs)
+
+    fast_launch_cls.enabled = True
+    fast_launch_cls.launch = launch_stubbed
+    return direct_launches
+
+
+def empty_function_step(leaves, grad_out, top_k: int):
+    """fwd+bwd of an ``autograd.Function`` with the fused layer's inputs and outputs and no kernels."""
+    import torch
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, router_weight, w_up, w_down):
+            n, e = x.shape[0], router_weight.shape[0]
+            out, logits = torch.empty_like(x), torch.empty(n, e, device=x.device, dtype=x.dtype)
+            counts = torch.empty(e, device=x.device, dtype=torch.int32)
+            dropped = torch.empty((), device=x.device, dtype=torch.int32)
+            ids = torch.empty(n, top_k, device=x.device, dtype=torch.int32)
+            ctx.save_for_backward(x, router_weight, w_up, w_down, logits, ids)
+            ctx.mark_non_differentiable(counts, dropped)
+            ctx.set_materialize_grads(False)
+            return out, logits, counts, dropped
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_logits, *unused):
+            return tuple(torch.empty_like(t) for t in ctx.saved_tensors[:4])
+
+    return lambda: torch.autograd.grad(Empty.apply(*leaves)[0], leaves, grad_out)
 
 
 def _set_path(path: str) -> None:

@@ -27,6 +27,15 @@ def test_bridge_latency_on_the_ffi_call():
 def test_host_overhead_stub():
     out = run_on_cpu(["scripts/host_overhead.py", "--stub", "--profile", "0"])
     assert "host time per fwd+bwd call" in out
+    # FastLaunch's own repeat-launch path ran (only the C launcher is stubbed)
+    launches = int(out.split("FastLaunch repeat launches per fwd+bwd (stubbed C launcher): ")[1].split()[0])
+    assert launches >= 8
+
+
+def test_host_overhead_floor_times_a_launch_free_function():
+    out = run_on_cpu(["scripts/host_overhead.py", "--stub", "--floor"])
+    assert "host time per fused_moe fwd+bwd call" in out
+    assert "host time per launch-free autograd.Function fwd+bwd call" in out
 
 
 def test_host_overhead_samples_stacks():
