@@ -10,6 +10,7 @@ from moe_cases import case_rng, draw_experts_config  # noqa: E402
 
 import flashfusemoe  # noqa: E402
 import jax_bridge  # noqa: E402
+from flashfusemoe.experts import make_experts_plan  # noqa: E402
 
 TORCH_DEVICE = "cuda" if jax.default_backend() == "gpu" else "cpu"
 JAX_DTYPES = {torch.float32: jnp.float32, torch.bfloat16: jnp.bfloat16}
@@ -66,7 +67,24 @@ def test_bit_identical_random_config(case):
     """A random draw (``moe_cases.draw_experts_config``: ids with repeats, K up to 2E), float32."""
     (N, D, F, E, K), ids, options = draw_experts_config(case_rng(case))
     tensors = problem(N, D, F, E, K, torch.float32, ids=ids.to(TORCH_DEVICE, torch.int32))
+    most = int(torch.bincount(ids.flatten().long(), minlength=E).max())
+    if options["gemm"] == "bmm" and most > make_experts_plan("bmm", N, K, E).rows_per_expert:
+        # An expert overflows the padded layout: torch grows it (one host sync); the bridge, inside
+        # jax.jit, cannot, and raises rather than dropping rows.
+        with pytest.raises(jax.errors.JaxRuntimeError, match="CapacityOverflowError: gemm='bmm'"):
+            run_both(*tensors, **options)
+        return
     assert_bit_identical(*run_both(*tensors, **options))
+
+
+def test_bmm_overflow_raises_from_the_callback():
+    """Expert 2 gets 3 assignments where the padded layout holds 2 (twice the mean load): torch
+    grows the layout, the bridge inside jax.jit raises ``CapacityOverflowError``, dropping nothing."""
+    ids = torch.tensor([[6, 2, 6, 7], [1, 2, 1, 2]], dtype=torch.int32, device=TORCH_DEVICE)
+    tensors = problem(2, 8, 4, 8, 4, torch.float32, ids=ids)
+    assert make_experts_plan("bmm", 2, 4, 8).rows_per_expert == 2
+    with pytest.raises(jax.errors.JaxRuntimeError, match="CapacityOverflowError: gemm='bmm'"):
+        run_both(*tensors, gemm="bmm")
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
