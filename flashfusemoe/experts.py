@@ -38,7 +38,8 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor, *,
                 activation: str = "swiglu", gemm: str = "auto", recompute: bool = False,
-                check_ids: bool = True, distinct_ids: bool = False) -> Tensor:
+                check_ids: bool = True, distinct_ids: bool = False,
+                max_tokens_per_expert: int | None = None) -> Tensor:
     """GLU experts on given routing: ``out[n] = sum_k topk_weights[n, k] * expert_{topk_ids[n, k]}(x[n])``.
 
     x [N, D]; topk_ids [N, K] int32/int64 in [0, E); topk_weights [N, K] floating; w_up [E, 2F, D]
@@ -64,12 +65,16 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor,
       ``torch.compile`` an overflow raises ``CapacityOverflowError``). "auto": "gathered" for
       experts of width F <= ``GATHERED_MAX_FFN``, else "fused_dgrad" for D <=
       ``FUSED_DGRAD_MAX_D_MODEL``, else "grouped" (the rule of ``fused_moe``).
+    - ``max_tokens_per_expert``: with ``gemm="bmm"``, the padded layout's rows per expert instead of
+      twice the mean load (``N * K`` never overflows; the JAX bridge, which cannot grow the layout,
+      needs it where routing may be skewed).
     - ``recompute``: recompute the pre-activation in backward instead of saving it.
     Under torch autocast, x and the expert weights are cast to its dtype (float32 weights inside the
     op, and their gradients come back in float32, as in ``fused_moe``).
     """
     options, plan = experts_plan(x, topk_ids, topk_weights, w_up, w_down, activation=activation, gemm=gemm,
-                                 recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
+                                 recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids,
+                                 max_tokens_per_expert=max_tokens_per_expert)
     check_has_data("x", x)
     dtype = autocast_dtype(x)
     if dtype is not None:
@@ -133,7 +138,7 @@ def validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, *, autocast
 
 
 def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, recompute, check_ids,
-                 distinct_ids=False):
+                 distinct_ids=False, max_tokens_per_expert=None):
     """Validates ``moe_experts``' arguments; returns ``(MoEOptions, core.Plan)``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
@@ -144,14 +149,19 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
     check_bool("distinct_ids", distinct_ids)
     autocast = isinstance(x, torch.Tensor) and autocast_dtype(x) is not None
     N, D, E, F, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
-    options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute)
-    return options, make_experts_plan(options.resolved_gemm(D, F), N, K, E)
+    options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute,
+                         max_tokens_per_expert=max_tokens_per_expert)
+    return options, make_experts_plan(options.resolved_gemm(D, F), N, K, E, max_tokens_per_expert)
 
 
-def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int) -> core.Plan:
+def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int,
+                      max_tokens_per_expert: int | None = None) -> core.Plan:
     """The plan of a resolved ``gemm``: "grouped", "gathered" and "fused_dgrad" the dropless layout;
-    "bmm" padded to twice the mean load, at most N*K."""
+    "bmm" padded to ``max_tokens_per_expert`` rows per expert, by default twice the mean load, at
+    most N*K."""
     if gemm == "bmm":
+        if max_tokens_per_expert is not None:
+            return core.Plan("bmm", max_tokens_per_expert)
         mean = -(-num_tokens * top_k // num_experts)
         return core.Plan("bmm", max(1, min(num_tokens * top_k, 2 * mean)))
     return core.Plan(gemm)

@@ -34,19 +34,23 @@ _ID_DTYPES = (jnp.int32, jnp.int64)
 
 def moe_experts(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, w_up: jax.Array,
                 w_down: jax.Array, *, activation: str = "swiglu", gemm: str = "auto", recompute: bool = False,
-                check_ids: bool = True, distinct_ids: bool = False) -> jax.Array:
+                check_ids: bool = True, distinct_ids: bool = False,
+                max_tokens_per_expert: int | None = None) -> jax.Array:
     """GLU experts on given routing, as ``flashfusemoe.moe_experts``, on JAX arrays.
 
     x [N, D]; topk_ids [N, K] int32 (int64 with x64 on) in [0, E); topk_weights [N, K] floating;
     w_up [E, 2F, D] (rows 0:F gate, F:2F up); w_down [E, D, F]. Returns ``out`` [N, D] of x's
     dtype; differentiable in x, topk_weights, w_up and w_down (topk_ids gets no cotangent).
+    With ``gemm="bmm"`` the padded layout cannot grow inside XLA: an expert with more rows than
+    ``max_tokens_per_expert`` (default twice the mean load) raises ``CapacityOverflowError``.
     """
     standins = {name: _standin(name, a) for name, a in
                 (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights), ("w_up", w_up),
                  ("w_down", w_down))}
     try:
         options, plan = experts_plan(*standins.values(), activation=activation, gemm=gemm,
-                                     recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids)
+                                     recompute=recompute, check_ids=check_ids, distinct_ids=distinct_ids,
+                                     max_tokens_per_expert=max_tokens_per_expert)
     except (TypeError, ValueError) as e:
         raise type(e)(str(e).replace(", device meta", "").replace("torch.", "")) from None
     args = _align_varying(*(jnp.asarray(a) for a in (x, topk_ids, topk_weights, w_up, w_down)))

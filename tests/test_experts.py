@@ -12,7 +12,7 @@ from moe_cases import check_against_reference, experts_reference, grads_of, rel_
 
 import flashfusemoe
 from flashfusemoe import CapacityOverflowError, moe_experts
-from flashfusemoe.experts import experts_forward_op
+from flashfusemoe.experts import experts_forward_op, experts_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,7 +99,6 @@ def test_auto_resolves_by_expert_width_and_d_model():
     """"auto" runs "gathered" up to GATHERED_MAX_FFN, above it "fused_dgrad" up to
     FUSED_DGRAD_MAX_D_MODEL and "grouped" beyond, as fused_moe does."""
     from flashfusemoe.config import FUSED_DGRAD_MAX_D_MODEL, GATHERED_MAX_FFN
-    from flashfusemoe.experts import experts_plan
 
     f_big, d_big = GATHERED_MAX_FFN + 1, FUSED_DGRAD_MAX_D_MODEL + 8
     for d, f, expected in ((8, GATHERED_MAX_FFN, "gathered"), (d_big, GATHERED_MAX_FFN, "gathered"),
@@ -149,6 +148,23 @@ def test_bmm_grows_when_an_expert_overflows_and_raises_in_a_trace():
         experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 4, False, True, False)
 
 
+def test_bmm_max_tokens_per_expert_sizes_the_padded_layout():
+    # Expert 5 takes 12 of 16 assignments: room for 12 rows needs no growth, even in a trace.
+    ids = _ids([[5, 1]] * 6 + [[5, 2]] * 6 + [[3, 4]] * 4)
+    x, ids, weights, w_up, w_down = problem(16, 16, 8, 8, 2, torch.float64, ids=ids)
+    _, plan = experts_plan(x, ids, weights, w_up, w_down, activation="swiglu", gemm="bmm", recompute=False,
+                           check_ids=True, max_tokens_per_expert=12)
+    assert plan.rows_per_expert == 12
+    check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm="bmm", max_tokens_per_expert=12)
+    out = experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 12, False, True, False)[0]
+    torch.testing.assert_close(out, moe_experts(x, ids, weights, w_up, w_down, gemm="grouped"), rtol=1e-12,
+                               atol=1e-12)
+    # Too small: eager grows it (same result), a trace raises.
+    check_against_reference(x, ids, weights, w_up, w_down, 1e-12, gemm="bmm", max_tokens_per_expert=3)
+    with pytest.raises(CapacityOverflowError):
+        experts_forward_op(x, ids, weights, w_up, w_down, "swiglu", False, "bmm", 11, False, True, False)
+
+
 @pytest.mark.parametrize("bad", [-1, 6, 1 << 40])
 def test_out_of_range_ids_raise(bad):
     x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
@@ -194,7 +210,11 @@ def test_bad_arguments_name_the_argument(change, error, match):
 @pytest.mark.parametrize("kw, match", [({"activation": "gelu"}, "activation='gelu'"),
                                        ({"gemm": "dense"}, "gemm="),
                                        ({"check_ids": 1}, "check_ids must be a bool"),
-                                       ({"distinct_ids": None}, "distinct_ids must be a bool")])
+                                       ({"distinct_ids": None}, "distinct_ids must be a bool"),
+                                       ({"max_tokens_per_expert": 0}, "max_tokens_per_expert=0 must be >= 1"),
+                                       ({"max_tokens_per_expert": 2.0}, "max_tokens_per_expert must be an"),
+                                       ({"max_tokens_per_expert": 4, "gemm": "grouped"},
+                                        "max_tokens_per_expert=4 sizes the padded layout of gemm='bmm'")])
 def test_bad_options(kw, match):
     x, ids, weights, w_up, w_down = problem(4, 16, 8, 6, 2, torch.float64)
     with pytest.raises((ValueError, TypeError), match=match):

@@ -85,6 +85,16 @@ def test_bmm_overflow_raises_from_the_callback():
     assert make_experts_plan("bmm", 2, 4, 8).rows_per_expert == 2
     with pytest.raises(jax.errors.JaxRuntimeError, match="CapacityOverflowError: gemm='bmm'"):
         run_both(*tensors, gemm="bmm")
+    # Sized for it, the bridge runs, bit-identical to torch.
+    assert_bit_identical(*run_both(*tensors, gemm="bmm", max_tokens_per_expert=3))
+
+
+def test_bad_max_tokens_per_expert_names_the_argument():
+    x, ids, weights, w_up, w_down = (to_jax(t) for t in problem(4, 8, 4, 6, 2, torch.float32))
+    with pytest.raises(ValueError, match="max_tokens_per_expert=0 must be >= 1"):
+        jax_bridge.moe_experts(x, ids, weights, w_up, w_down, gemm="bmm", max_tokens_per_expert=0)
+    with pytest.raises(ValueError, match="max_tokens_per_expert=4 sizes the padded layout of gemm='bmm'"):
+        jax_bridge.moe_experts(x, ids, weights, w_up, w_down, gemm="grouped", max_tokens_per_expert=4)
 
 
 @pytest.mark.parametrize("gemm", ["grouped", "bmm"])
