@@ -151,7 +151,7 @@ def experts_plan(x, topk_ids, topk_weights, w_up, w_down, *, activation, gemm, r
     N, D, E, F, K = validate_experts_inputs(x, topk_ids, topk_weights, w_up, w_down, autocast=autocast)
     options = MoEOptions(top_k=K, activation=activation, gemm=gemm, recompute=recompute,
                          max_tokens_per_expert=max_tokens_per_expert)
-    return options, make_experts_plan(options.resolved_gemm(D, F), N, K, E, max_tokens_per_expert)
+    return options, make_experts_plan(options.resolved_gemm(D, F), N, K, E, options.max_tokens_per_expert)
 
 
 def make_experts_plan(gemm: str, num_tokens: int, top_k: int, num_experts: int,

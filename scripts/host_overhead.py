@@ -52,8 +52,9 @@ def main():
     from flashfusemoe.kernels.launch import FastLaunch
     from flashfusemoe.profiling import median_ms
 
-    direct_launches = stub_launches(FastLaunch) if args.stub else None
+    direct_launches = None
     if args.stub:
+        direct_launches = stub_launches(FastLaunch)
         torch.set_num_threads(1)
     N, D, F, E, K = args.shape or ((64, 32, 32, 8, 2) if args.stub else (8192, 1024, 1536, 8, 2))
     device, dtype = ("cpu", torch.float32) if args.stub else ("cuda", torch.bfloat16)
